@@ -1,0 +1,84 @@
+"""Public kernel entry points: the layers and the engine call these, never a backend directly.
+
+Dispatch (per call, from the tensors and the environment):
+- USERLLM_KERNELS=torch   -> the PyTorch reference (llm.kernels.reference), anywhere;
+- USERLLM_KERNELS=triton  -> the Triton kernels, also on CPU tensors (tests run them under
+                             TRITON_INTERPRET=1);
+- unset / "auto"          -> Triton when the tensors are on CUDA, the reference otherwise.
+
+Both backends are also exported by name (`*_triton`, `*_torch`) so tests and benchmarks can
+compare them. Cache layout everywhere: [num_blocks, block_size, num_kv_heads, head_dim].
+
+Cross-attention decode (query token -> the request's user-token K/V in the cross pool) is the
+same computation without a causal mask, so the engine calls `paged_decode_attention` with the
+cross block tables and cross lens; `cross_decode_attention` is that call under its own name.
+A cross length of 0 (a request without user tokens) returns zeros on both backends.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llm.kernels.reference import gather_kv, paged_decode_attention_torch, write_kv_torch
+
+__all__ = [
+    "write_kv", "write_kv_torch", "write_kv_triton",
+    "paged_decode_attention", "paged_decode_attention_torch", "paged_decode_attention_triton",
+    "cross_decode_attention", "gather_kv", "backend_for",
+]
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """'triton' or 'torch' for an op whose tensors live where `t` does."""
+    choice = os.environ.get("USERLLM_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in _BACKENDS:
+        raise ValueError(f"USERLLM_KERNELS must be one of {_BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if t.is_cuda else "torch"
+    return choice
+
+
+def write_kv_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
+    # Imported on first use: CPU-only installs without triton still get the reference path.
+    from llm.kernels.kv_write import write_kv_triton as impl
+    impl(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                  num_splits: int | None = None) -> torch.Tensor:
+    from llm.kernels.paged_decode import paged_decode_attention_triton as impl
+    return impl(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """In place: k_cache/v_cache slot slot_mapping[i] <- k[i], v[i] ([N, Hkv, D]); -1 skips."""
+    if backend_for(k_cache) == "triton":
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        write_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """q [S, Hq, D] (one token per sequence) over its first context_lens[s] cached tokens.
+
+    block_tables [S, max_blocks] int32 (-1 padded), context_lens [S] int32. GQA when Hq is a
+    multiple of Hkv. Returns [S, Hq, D] in q's dtype; context_len 0 -> zeros.
+    """
+    if backend_for(q) == "triton":
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens,
+                                             scale)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def cross_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           cross_block_tables: torch.Tensor, cross_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """Decode-time cross-attention to user tokens held in the cross pool (no causal mask:
+    every user token is visible). Exactly paged_decode_attention over the cross blocks."""
+    return paged_decode_attention(q, k_cache, v_cache, cross_block_tables, cross_lens, scale)
