@@ -1,0 +1,199 @@
+"""Triton paged-attention decode, split-KV ("flash decoding").
+
+Decode has one query token per sequence, so a program per (sequence, head) leaves the GPU idle
+when the batch is small and the context long. We also split each sequence's pages into
+NUM_SPLITS ranges:
+
+  pass 1, grid (S, Hkv, NUM_SPLITS): a program takes the GROUP q heads that share one kv head
+          (GQA: K/V are loaded once for the group), walks its range of pages a tile at a time
+          with an online softmax (running max m, running sum l, fp32 accumulator), and writes
+          its normalised partial output and log-sum-exp;
+  pass 2, grid (S, Hq): combines the splits, weighting each by exp(lse_split - lse_max).
+
+With one split, pass 1 writes the final output and pass 2 is skipped. Scores are kept in log2
+units (q is pre-scaled by scale * log2(e)) so the kernel uses exp2. Everything is shape-derived
+on the host (no .item() on device data), so the call can be captured in a CUDA graph as long as
+the block-table width is fixed.
+
+Masking: tokens at positions >= context_len, pages past the sequence's last page, and -1 block
+entries are never loaded; a context_len of 0 gives an all-zero output (cross-attention for a
+request without user tokens), never NaN.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from llm.kernels.reference import _check_decode
+
+LOG2E = 1.4426950408889634
+MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it buys
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale, pages_per_split, max_pages,
+    stride_q_seq, stride_q_head,
+    stride_c_block, stride_c_tok, stride_c_head,
+    stride_bt_seq,
+    stride_o_seq, stride_o_head,
+    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGES_PER_TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    TILE: tl.constexpr = PAGES_PER_TILE * BLOCK_SIZE
+
+    context_len = tl.load(context_lens_ptr + seq)
+    num_pages = tl.minimum((context_len + BLOCK_SIZE - 1) // BLOCK_SIZE, max_pages)
+    page_start = split * pages_per_split
+    page_end = tl.minimum(page_start + pages_per_split, num_pages)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_PAD)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    q_head = kv_head * GROUP + g
+    q = tl.load(q_ptr + seq * stride_q_seq + q_head[:, None] * stride_q_head + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q = q * qk_scale  # scale * log2(e): scores in log2 units
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+    t = tl.arange(0, TILE)
+    in_page = t % BLOCK_SIZE
+    for tile_page in range(page_start, page_end, PAGES_PER_TILE):
+        page = tile_page + t // BLOCK_SIZE
+        page_ok = page < page_end
+        block = tl.load(block_tables_ptr + seq * stride_bt_seq + page, mask=page_ok,
+                        other=-1).to(tl.int64)
+        pos = page * BLOCK_SIZE + in_page
+        valid = page_ok & (block >= 0) & (pos < context_len)
+        row = block * stride_c_block + in_page * stride_c_tok + kv_head * stride_c_head
+        kv_mask = valid[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_PAD, TILE]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile stays 0
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        m = m_new
+
+    has = l > 0.0
+    o = acc / tl.where(has, l, 1.0)[:, None]  # no tokens -> zeros
+    o_mask = g_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        dst = out_ptr + seq * stride_o_seq + q_head[:, None] * stride_o_head + d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        # partial buffers: out [S, Hq, NUM_SPLITS, HEAD_PAD], lse [S, Hq, NUM_SPLITS], fp32
+        part = (seq * NUM_Q_HEADS + q_head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_PAD + d[None, :], o, mask=o_mask)
+        lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=g_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    stride_o_seq, stride_o_head,
+    NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_PAD)
+    sp_ok = sp < NUM_SPLITS
+    part = (seq * NUM_Q_HEADS + head) * NUM_SPLITS + sp
+    lse = tl.load(part_lse_ptr + part, mask=sp_ok, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp2(lse - top)  # empty splits weigh 0
+    o = tl.load(part_out_ptr + part[:, None] * HEAD_PAD + d[None, :],
+                mask=sp_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    total = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + d,
+             res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_pages: int, block_size: int,
+                      device: torch.device) -> int:
+    """From shapes only: enough splits to fill the GPU when S * Hkv is small, never splits
+    shorter than MIN_TOKENS_PER_SPLIT tokens of the longest possible context."""
+    by_length = triton.cdiv(max_pages * block_size, MIN_TOKENS_PER_SPLIT)
+    target_programs = 2 * _sm_count(device.index or 0) if device.type == "cuda" else 64
+    by_occupancy = triton.cdiv(target_programs, max(1, num_seqs * num_kv_heads))
+    return max(1, min(by_length, by_occupancy, MAX_SPLITS))
+
+
+def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                  scale: float, num_splits: int | None = None,
+                                  pages_per_tile: int | None = None) -> torch.Tensor:
+    """Same contract as reference.paged_decode_attention_torch; num_splits / pages_per_tile
+    override the heuristics (tests use them to cover several split counts)."""
+    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    s, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    assert block_size & (block_size - 1) == 0, f"block_size must be a power of 2, got {block_size}"
+    assert q.stride(2) == 1, "q's head_dim must be contiguous"
+    out = torch.empty_like(q)
+    max_pages = block_tables.shape[1]
+    if s == 0:
+        return out
+    if max_pages == 0:
+        return out.zero_()
+    block_tables = block_tables.contiguous()
+    context_lens = context_lens.contiguous()
+    group = hq // hkv
+    head_pad = triton.next_power_of_2(d)
+    if pages_per_tile is None:
+        pages_per_tile = max(1, 32 // block_size)  # ~32 tokens a tile bounds the registers
+    if num_splits is None:
+        num_splits = choose_num_splits(s, hkv, max_pages, block_size, q.device)
+    # Split ranges in whole tiles; recompute the count so no split is empty by construction.
+    pages_per_split = triton.cdiv(triton.cdiv(max_pages, num_splits), pages_per_tile) * pages_per_tile
+    num_splits = triton.cdiv(max_pages, pages_per_split)
+    if num_splits > 1:
+        part_out = torch.empty(s, hq, num_splits, head_pad, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(s, hq, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
+    _paged_decode_kernel[(s, hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        scale * LOG2E, pages_per_split, max_pages,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        NUM_Q_HEADS=hq, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+        HEAD_DIM=d, HEAD_PAD=head_pad,
+        BLOCK_SIZE=block_size, PAGES_PER_TILE=pages_per_tile, NUM_SPLITS=num_splits,
+    )
+    if num_splits > 1:
+        _combine_splits_kernel[(s, hq)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            NUM_Q_HEADS=hq, HEAD_DIM=d, HEAD_PAD=head_pad,
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )
+    return out
