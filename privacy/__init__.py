@@ -1,0 +1,26 @@
+"""Envelope encryption, key-encryption keys and keyed hashes. Imports nothing of ours."""
+from privacy.envelope import (
+    FORMAT_VERSION,
+    DataKeyCipher,
+    DecryptionError,
+    associated_data,
+    new_data_key,
+)
+from privacy.hashing import KeyedHasher, sha256_hex
+from privacy.kek import KekDirectory, KekProvider, LocalKek, WrappedKey, kek_from_env, parse_kek_entries
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DataKeyCipher",
+    "DecryptionError",
+    "associated_data",
+    "new_data_key",
+    "KeyedHasher",
+    "sha256_hex",
+    "KekDirectory",
+    "KekProvider",
+    "LocalKek",
+    "WrappedKey",
+    "kek_from_env",
+    "parse_kek_entries",
+]
