@@ -30,8 +30,8 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.
     """Contiguous copies of each sequence's first context_lens[s] cached tokens.
 
     Returns K, V [S, L, Hkv, D] (L = max_len or max(context_lens)) in the cache's dtype and a
-    bool mask [S, L] that is True for real tokens. Padded positions read block 0 but are masked;
-    -1 block-table entries are never dereferenced as such.
+    bool mask [S, L] that is True for real tokens; padded positions are zeros. -1 block-table
+    entries past a sequence's length are never dereferenced.
     """
     num_blocks, block_size, hkv, d = k_cache.shape
     s = block_tables.shape[0]
@@ -46,7 +46,10 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.
     slots = torch.where(valid, block_ids * block_size + pos % block_size, 0)
     k = k_cache.view(num_blocks * block_size, hkv, d)[slots]  # [S, L, Hkv, D]
     v = v_cache.view(num_blocks * block_size, hkv, d)[slots]
-    return k, v, valid
+    # A pool made with torch.empty can hold NaN/inf in slots nobody wrote; padded positions
+    # read such slots, and 0 * NaN is NaN, so they are zeroed rather than only masked.
+    pad = ~valid[:, :, None, None]
+    return k.masked_fill(pad, 0), v.masked_fill(pad, 0), valid
 
 
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,0 +1,228 @@
+"""Triton paged decode vs the PyTorch reference, and the reference vs dense SDPA.
+
+Every pool starts full of NaN (torch.empty memory at its worst): a kernel that lets a masked or
+unwritten slot into a result fails loudly. On a GPU machine run with TRITON_INTERPRET=0 to
+compile the kernels for real; the CPU cases then skip, the CUDA cases run.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm.kernels.ops import (
+    backend_for,
+    cross_decode_attention,
+    gather_kv,
+    paged_decode_attention,
+    paged_decode_attention_torch,
+    paged_decode_attention_triton,
+    write_kv,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def need_triton_on(device: str) -> None:
+    """Triton runs CPU tensors only in the interpreter; on a GPU machine run the suite with
+    TRITON_INTERPRET=0 to compile the kernels for real (the CPU cases then skip)."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+
+def empty_pool(num_blocks, block_size, hkv, d, dtype, device):
+    """A pool full of NaN: like torch.empty memory at its worst. Any kernel that lets an
+    unwritten or masked slot leak into a result shows up as NaN."""
+    shape = (num_blocks, block_size, hkv, d)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return k_cache, k_cache.clone()
+
+
+def paged_case(lens, block_size, hkv, d, dtype, device, seed=0, spare_cols=2, spare_blocks=3):
+    """Random dense K/V per sequence, written to randomly placed blocks of a NaN pool.
+
+    Returns (k_cache, v_cache, block_tables [S, W] int32 -1 padded, context_lens [S] int32,
+    dense [(K [L, Hkv, D], V [L, Hkv, D]) per sequence]).
+    """
+    g = torch.Generator().manual_seed(seed)
+    pages = [(n + block_size - 1) // block_size for n in lens]
+    num_blocks = sum(pages) + spare_blocks
+    width = max(pages + [0]) + spare_cols
+    order = torch.randperm(num_blocks, generator=g)
+    k_cache, v_cache = empty_pool(num_blocks, block_size, hkv, d, dtype, device)
+    block_tables = torch.full((len(lens), width), -1, dtype=torch.int32)
+    dense, used = [], 0
+    for s, (n, p) in enumerate(zip(lens, pages)):
+        blocks = order[used:used + p]
+        used += p
+        block_tables[s, :p] = blocks.to(torch.int32)
+        k = torch.randn(n, hkv, d, generator=g).to(dtype)
+        v = torch.randn(n, hkv, d, generator=g).to(dtype)
+        pos = torch.arange(n)
+        slots = blocks[pos // block_size] * block_size + pos % block_size
+        flat = (num_blocks * block_size, hkv, d)
+        k_cache.view(flat)[slots.to(device)] = k.to(device)
+        v_cache.view(flat)[slots.to(device)] = v.to(device)
+        dense.append((k.to(device), v.to(device)))
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    return k_cache, v_cache, block_tables.to(device), context_lens.to(device), dense
+
+
+def tolerance(dtype):
+    return {torch.float32: dict(atol=1e-5, rtol=1e-5),
+            torch.float16: dict(atol=2e-3, rtol=2e-3),
+            torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}[dtype]
+
+
+def dense_attention(q, dense, scale):
+    """The oracle's oracle: SDPA over contiguous K/V, one sequence at a time, fp32."""
+    outs = []
+    for s, (k, v) in enumerate(dense):
+        hq, d = q.shape[1:]
+        if k.shape[0] == 0:
+            outs.append(torch.zeros(hq, d, device=q.device))
+            continue
+        group = hq // k.shape[1]
+        kk = k.float().transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, L, D]
+        vv = v.float().transpose(0, 1).repeat_interleave(group, dim=0)
+        o = F.scaled_dot_product_attention(q[s].float()[:, None, :], kk, vv, scale=scale)
+        outs.append(o[:, 0, :])
+    return torch.stack(outs)
+
+
+LENS = [7, 16, 1, 33, 20]  # partial last blocks, an exact multiple, a single token
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_reference_matches_dense_sdpa(device, group):
+    hkv, d, bs = 2, 16, 8
+    k_cache, v_cache, bt, cl, dense = paged_case(LENS + [0], bs, hkv, d, torch.float32, device)
+    q = torch.randn(len(dense), hkv * group, d, device=device)
+    out = paged_decode_attention_torch(q, k_cache, v_cache, bt, cl, scale=d ** -0.5)
+    want = dense_attention(q, dense, d ** -0.5)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert out[-1].abs().max() == 0  # context_len 0 -> zeros
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_kv_returns_contiguous_sequences(device):
+    k_cache, v_cache, bt, cl, dense = paged_case([5, 12, 0], 4, 2, 16, torch.float32, device)
+    k, v, valid = gather_kv(k_cache, v_cache, bt, cl)
+    assert k.shape == (3, 12, 2, 16) and valid.sum(1).tolist() == [5, 12, 0]
+    for s, (dk, dv) in enumerate(dense):
+        n = dk.shape[0]
+        assert torch.equal(k[s, :n], dk) and torch.equal(v[s, :n], dv)
+        assert k[s, n:].abs().sum() == 0 and v[s, n:].abs().sum() == 0  # padding is 0, not NaN
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_triton_decode_matches_reference(device, dtype, group, num_splits):
+    need_triton_on(device)
+    hkv, d, bs = 2, 16, 4
+    k_cache, v_cache, bt, cl, dense = paged_case(LENS, bs, hkv, d, dtype, device, seed=group)
+    q = torch.randn(len(LENS), hkv * group, d, device=device).to(dtype)
+    scale = d ** -0.5
+    got = paged_decode_attention_triton(q, k_cache, v_cache, bt, cl, scale, num_splits=num_splits)
+    want = paged_decode_attention_torch(q, k_cache, v_cache, bt, cl, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got, want, **tolerance(dtype))
+    torch.testing.assert_close(got.float(), dense_attention(q, dense, scale), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits,pages_per_tile", [(1, 1), (2, 2), (5, 1), (32, 2)])
+def test_triton_decode_long_context_split_counts(device, num_splits, pages_per_tile):
+    """More pages than one tile, splits that do and do not divide the pages evenly, and more
+    splits than pages (the count is trimmed so no split is empty)."""
+    need_triton_on(device)
+    hkv, d, bs = 1, 32, 8
+    lens = [150, 3, 64]
+    k_cache, v_cache, bt, cl, dense = paged_case(lens, bs, hkv, d, torch.float32, device)
+    q = torch.randn(len(lens), 3 * hkv, d, device=device)  # group 3: padded to 4 in the kernel
+    got = paged_decode_attention_triton(q, k_cache, v_cache, bt, cl, 0.2,
+                                        num_splits=num_splits, pages_per_tile=pages_per_tile)
+    torch.testing.assert_close(got, paged_decode_attention_torch(q, k_cache, v_cache, bt, cl, 0.2),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_decode_odd_head_dim_and_strided_q(device):
+    """head_dim 24 (not a power of 2) and q as a slice of a fused qkv projection."""
+    need_triton_on(device)
+    hkv, d, bs, hq = 2, 24, 16, 4
+    k_cache, v_cache, bt, cl, dense = paged_case([17, 40, 9], bs, hkv, d, torch.float32, device)
+    qkv = torch.randn(3, (hq + 2 * hkv) * d, device=device)
+    q = qkv[:, : hq * d].view(3, hq, d)
+    assert not q.is_contiguous()
+    got = paged_decode_attention_triton(q, k_cache, v_cache, bt, cl, d ** -0.5, num_splits=2)
+    torch.testing.assert_close(got, dense_attention(q, dense, d ** -0.5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_cross_style_zero_lengths_give_zeros(device, backend, num_splits, monkeypatch):
+    """Cross-attention use: user-token K/V per request, some requests have none (length 0 and
+    an all -1 block-table row); a batch where nobody has user tokens at all."""
+    if backend == "triton":
+        need_triton_on(device)
+    monkeypatch.setenv("USERLLM_KERNELS", backend)
+    hkv, d, bs, hq = 2, 16, 4, 4
+    lens = [0, 6, 0, 13]
+    k_cache, v_cache, bt, cl, dense = paged_case(lens, bs, hkv, d, torch.float32, device)
+    q = torch.randn(len(lens), hq, d, device=device)
+    if backend == "triton":
+        out = paged_decode_attention_triton(q, k_cache, v_cache, bt, cl, 0.25, num_splits=num_splits)
+    else:
+        out = cross_decode_attention(q, k_cache, v_cache, bt, cl, 0.25)
+    assert not out.isnan().any()
+    assert out[0].abs().max() == 0 and out[2].abs().max() == 0
+    torch.testing.assert_close(out, dense_attention(q, dense, 0.25), atol=1e-5, rtol=1e-5)
+
+    nobody = torch.zeros(len(lens), dtype=torch.int32, device=device)
+    empty_tables = torch.full_like(bt, -1)
+    out = cross_decode_attention(q, k_cache, v_cache, empty_tables, nobody, 0.25)
+    assert out.abs().max() == 0 and not out.isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dispatch_follows_device_and_environment(device, monkeypatch):
+    t = torch.zeros(1, device=device)
+    monkeypatch.delenv("USERLLM_KERNELS", raising=False)
+    assert backend_for(t) == ("triton" if device == "cuda" else "torch")
+    monkeypatch.setenv("USERLLM_KERNELS", "torch")
+    assert backend_for(t) == "torch"
+    monkeypatch.setenv("USERLLM_KERNELS", "triton")
+    assert backend_for(t) == "triton"
+    monkeypatch.setenv("USERLLM_KERNELS", "cuda-please")
+    with pytest.raises(ValueError, match="USERLLM_KERNELS"):
+        backend_for(t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_entry_points_agree_across_backends(device, monkeypatch):
+    """paged_decode_attention / write_kv under each forced backend give the same cache and
+    output (fp32, GQA 3:1 as in SmolLM2)."""
+    need_triton_on(device)
+    hkv, d, bs, hq = 1, 16, 4, 3
+    lens = [5, 11]
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("USERLLM_KERNELS", backend)
+        k_cache, v_cache, bt, cl, _ = paged_case(lens, bs, hkv, d, torch.float32, device, seed=7)
+        # decode step: each sequence appends one token at position len, then attends over len+1
+        new_k = torch.randn(2, hkv, d, generator=torch.Generator().manual_seed(1)).to(device)
+        new_v = torch.randn(2, hkv, d, generator=torch.Generator().manual_seed(2)).to(device)
+        pos = cl.long()
+        slots = bt.long().gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+        write_kv(new_k, new_v, k_cache, v_cache, slots)
+        q = torch.randn(2, hq, d, generator=torch.Generator().manual_seed(3)).to(device)
+        results[backend] = paged_decode_attention(q, k_cache, v_cache, bt, cl + 1, 0.25)
+    torch.testing.assert_close(results["triton"], results["torch"], atol=1e-5, rtol=1e-5)
+    assert not results["torch"].isnan().any()
