@@ -1,0 +1,337 @@
+"""The synchronous engine: requests in, one scheduled forward per `step()`, outputs out.
+
+    engine = Engine.from_pretrained(path, kv_cache_bytes=1 << 30)
+    rid = engine.add_request([{"role": "user", "content": "Hi"}], sampling=SamplingParams())
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+Bad input (empty prompt, wrong user-token width, too long for the context or the pool) raises
+ValueError in add_request before anything is queued, so the engine keeps serving the others.
+Every public method holds one lock: AsyncEngine steps from a worker thread while the event loop
+adds and cancels requests.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import threading
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llm.engine.block_manager import BlockManager, CrossBlockManager, user_salt
+from llm.engine.detokenizer import Detokenizer
+from llm.engine.kv_cache import KVCache, PoolShape
+from llm.engine.model_runner import ModelRunner
+from llm.engine.sampling_params import SamplingParams
+from llm.engine.scheduler import Scheduler
+from llm.engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
+
+Prompt = str | list[int] | list[dict]
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    block_size: int = 16
+    # Self-attention pool budget; None: 1 GiB on CPU, half the free memory on CUDA.
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
+    max_user_tokens: int = 32  # K limit per request; sizes the cross pool
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_user_tokens < 1:
+            raise ValueError(f"max_user_tokens must be >= 1, got {self.max_user_tokens}")
+
+
+def _default_kv_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 1 << 30
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer, config: EngineConfig | None = None, *,
+                 eos_token_ids: Seq[int] | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_config = mc = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self.user_dim = mc.user_dim if mc.cross_layer_indices else None
+        self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None
+                                 else _eos_ids(tokenizer))
+
+        bs = config.block_size
+        self_shape = PoolShape(mc.num_layers, mc.num_kv_heads, mc.head_dim, bs, self.dtype)
+        budget = config.kv_cache_bytes or _default_kv_bytes(self.device)
+        num_blocks = self_shape.blocks_for_bytes(budget)
+        cross_shape, num_cross_blocks = None, 0
+        if self.user_dim is not None:
+            cross_shape = PoolShape(len(mc.cross_layer_indices), mc.cross_heads, mc.head_dim, bs,
+                                    self.dtype)
+            num_cross_blocks = config.max_num_seqs * -(-config.max_user_tokens // bs)
+        self.kv_cache = KVCache(self_shape, num_blocks, cross_shape, num_cross_blocks,
+                                self.device)
+        self.kv_cache.bind(model)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.cross_manager = (CrossBlockManager(num_cross_blocks, bs)
+                              if cross_shape is not None else None)
+        self.scheduler = Scheduler(self.block_manager, self.cross_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, bs, self.device, has_cross=cross_shape is not None)
+        self.detokenizer = Detokenizer(tokenizer)
+        self._seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self.num_steps = 0
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None,
+                        kv_cache_bytes: int | None = None, block_size: int = 16,
+                        max_num_seqs: int = 32, max_num_batched_tokens: int = 1024,
+                        max_model_len: int | None = None, max_user_tokens: int = 32,
+                        enable_prefix_caching: bool = True, cross_every_n: int = 0,
+                        user_dim: int | None = None, **load_kwargs) -> "Engine":
+        """Load a Hugging Face folder (safetensors) or a .gguf file and build the engine.
+        dtype/device default to fp32 on CPU, bf16 on CUDA when available."""
+        from llm.loader import load_model
+
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model path {os.fspath(path)!r} does not exist")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model, tokenizer, hf_config = load_model(path, dtype=dtype, device=device,
+                                                 cross_every_n=cross_every_n, user_dim=user_dim,
+                                                 **load_kwargs)
+        config = EngineConfig(block_size=block_size, kv_cache_bytes=kv_cache_bytes,
+                              max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens,
+                              max_model_len=max_model_len, max_user_tokens=max_user_tokens,
+                              enable_prefix_caching=enable_prefix_caching)
+        eos = _eos_ids(tokenizer, hf_config, getattr(model, "generation_config", None))
+        return cls(model, tokenizer, config, eos_token_ids=eos)
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, user_tokens: torch.Tensor | None = None,
+                    sampling: SamplingParams | None = None, *,
+                    request_id: str | None = None) -> str:
+        sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        prompt_ids = self._prompt_ids(prompt)
+        total = len(prompt_ids) + sampling.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens "
+                             f"({sampling.max_tokens}) = {total} exceeds the context length "
+                             f"{self.max_model_len}")
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise ValueError(f"prompt + max_tokens = {total} tokens needs more KV blocks than "
+                             f"the whole pool has ({self.block_manager.num_blocks} blocks of "
+                             f"{self.config.block_size}); raise kv_cache_bytes")
+        user = self._check_user_tokens(user_tokens)
+        generator = None
+        if not sampling.greedy:
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+            generator = torch.Generator().manual_seed(seed)
+        with self._lock:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            if rid in self._seqs:
+                raise ValueError(f"request id {rid!r} is already in use")
+            seq = Sequence(rid, prompt_ids, sampling, user, user_salt(user_tokens), generator)
+            self._seqs[rid] = seq
+            self.scheduler.add(seq)
+        return rid
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("empty prompt")
+            ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(
+                isinstance(m, dict) for m in prompt):
+            for m in prompt:
+                if "role" not in m or "content" not in m:
+                    raise ValueError(f"chat messages need 'role' and 'content', got {m!r}")
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True,
+                                                     tokenize=True)
+            if not isinstance(ids, list):  # transformers v5 returns a BatchEncoding
+                ids = ids["input_ids"]
+        elif isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError("empty prompt")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise ValueError("a token prompt must be a list of ints")
+            vocab = self.model_config.vocab_size
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
+            ids = list(prompt)
+        else:
+            raise ValueError(f"prompt must be str, list[int] or chat messages, "
+                             f"got {type(prompt).__name__}")
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError("the prompt tokenizes to nothing")
+        return ids
+
+    def _check_user_tokens(self, user_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        if user_tokens is None:
+            return None
+        if not isinstance(user_tokens, torch.Tensor):
+            raise ValueError(f"user_tokens must be a tensor [K, D], got {type(user_tokens).__name__}")
+        if self.user_dim is None:
+            raise ValueError("this engine's model has no cross-attention blocks; load it with "
+                             "cross_every_n > 0 and user_dim to pass user tokens")
+        if user_tokens.dim() != 2:
+            raise ValueError(f"user_tokens must be [K, D], got shape {tuple(user_tokens.shape)}")
+        k, d = user_tokens.shape
+        if d != self.user_dim:
+            raise ValueError(f"user_tokens width {d} does not match the model's user_dim "
+                             f"{self.user_dim}")
+        if not 1 <= k <= self.config.max_user_tokens:
+            raise ValueError(f"user_tokens count {k} must be in [1, {self.config.max_user_tokens}]"
+                             f" (max_user_tokens)")
+        if not user_tokens.is_floating_point() or not torch.isfinite(user_tokens).all():
+            raise ValueError("user_tokens must be finite floats")
+        return user_tokens.detach().to(device=self.device, dtype=self.dtype).contiguous()
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request and give back all its blocks. False if it is unknown or finished."""
+        with self._lock:
+            seq = self._seqs.pop(request_id, None)
+            if seq is None:
+                return False
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = FinishReason.CANCELLED
+            return True
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_unfinished()
+
+    # -- stepping ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        with self._lock:
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                return []
+            sampled = self.runner.run(batch)
+            self.num_steps += 1
+            outputs = []
+            for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+                seq.num_computed_tokens += n
+                seq.cross_written = seq.cross_written or bool(seq.cross_block_table)
+                self.block_manager.register_full_blocks(seq)
+                if token is not None:
+                    outputs.append(self._append_token(seq, token))
+            return outputs
+
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.token_ids.append(token)
+        p = seq.sampling
+        reason = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = FinishReason.STOP
+        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        new_text, stopped = self.detokenizer.update(seq, finishing=reason is not None)
+        if stopped:
+            reason = FinishReason.STOP
+        new_ids = seq.output_ids[seq.num_emitted_tokens:]
+        seq.num_emitted_tokens = seq.num_output_tokens
+        if reason is not None:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+            self.scheduler.remove(seq)
+            del self._seqs[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text,
+            token_ids=list(seq.output_ids), text=seq.text, finished=reason is not None,
+            finish_reason=reason.value if reason is not None else None,
+            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+
+    # -- conveniences ------------------------------------------------------------------------
+    def generate(self, prompts: Seq[Prompt], sampling: SamplingParams | Seq[SamplingParams] |
+                 None = None, user_tokens: torch.Tensor | Seq[torch.Tensor | None] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion (with whatever else is queued); final outputs in order."""
+        n = len(prompts)
+        samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
+        users = list(user_tokens) if isinstance(user_tokens, (list, tuple)) else [user_tokens] * n
+        if len(samplings) != n or len(users) != n:
+            raise ValueError("sampling / user_tokens lists must match the prompts")
+        ids = []
+        try:
+            for prompt, sp, user in zip(prompts, samplings, users):
+                ids.append(self.add_request(prompt, user, sp))
+        except ValueError:
+            for rid in ids:
+                self.cancel(rid)
+            raise
+        final: dict[str, RequestOutput] = {}
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                if out.finished and out.request_id in pending:
+                    final[out.request_id] = out
+                    pending.discard(out.request_id)
+        return [final[rid] for rid in ids]
+
+    def stream(self, prompt: Prompt, sampling: SamplingParams | None = None,
+               user_tokens: torch.Tensor | None = None) -> Iterator[RequestOutput]:
+        """Yield this request's outputs as they come, stepping the engine (other queued requests
+        advance too; their outputs go to nobody here: use AsyncEngine for many streams).
+        Closing the iterator early cancels the request."""
+        rid = self.add_request(prompt, user_tokens, sampling)
+        finished = False
+        try:
+            while not finished:
+                for out in self.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.cancel(rid)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_blocks": bm.num_blocks, "free_blocks": bm.num_free_blocks,
+            "num_cross_blocks": self.cross_manager.pool.num_blocks if self.cross_manager else 0,
+            "free_cross_blocks": self.cross_manager.num_free_blocks if self.cross_manager else 0,
+            "kv_cache_bytes": self.kv_cache.nbytes, "block_size": self.config.block_size,
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_hit_tokens": bm.num_hit_tokens, "prefix_queried_tokens": bm.num_queried_tokens,
+            "num_steps": self.num_steps,
+        }
+
+
+def _eos_ids(tokenizer, hf_config=None, generation_config=None) -> list[int]:
+    ids: set[int] = set()
+    for source in (generation_config, hf_config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
