@@ -10,6 +10,7 @@ the CPU engine runs decode through this path, so it must not be a toy.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def write_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -31,25 +32,26 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.
 
     Returns K, V [S, L, Hkv, D] (L = max_len or max(context_lens)) in the cache's dtype and a
     bool mask [S, L] that is True for real tokens; padded positions are zeros. -1 block-table
-    entries past a sequence's length are never dereferenced.
+    entries past a sequence's length are read as block 0 and zeroed, never used.
     """
     num_blocks, block_size, hkv, d = k_cache.shape
     s = block_tables.shape[0]
     if max_len is None:
         max_len = int(context_lens.max().item()) if s > 0 else 0
-    pos = torch.arange(max_len, device=k_cache.device)
-    valid = pos[None, :] < context_lens.to(torch.long)[:, None]  # [S, L]
-    needed_blocks = (max_len + block_size - 1) // block_size
-    assert needed_blocks <= block_tables.shape[1], "block table narrower than context length"
-    block_ids = block_tables.to(torch.long)[:, pos // block_size]  # [S, L]
-    assert bool((block_ids[valid] >= 0).all()), "a -1 block-table entry inside context_lens"
-    slots = torch.where(valid, block_ids * block_size + pos % block_size, 0)
-    k = k_cache.view(num_blocks * block_size, hkv, d)[slots]  # [S, L, Hkv, D]
-    v = v_cache.view(num_blocks * block_size, hkv, d)[slots]
+    pages = (max_len + block_size - 1) // block_size
+    assert pages <= block_tables.shape[1], "block table narrower than context length"
+    valid = torch.arange(max_len, device=k_cache.device)[None, :] < context_lens.long()[:, None]
+    blocks = block_tables[:, :pages].long()
+    page_used = valid[:, ::block_size]  # [S, pages]: the page's first token is real
+    assert bool((blocks[page_used] >= 0).all()), "a -1 block-table entry inside context_lens"
+    # Whole blocks at a time (one block_size * Hkv * D copy each), then trim to max_len.
+    blocks = blocks.clamp(min=0)
+    k = k_cache[blocks].view(s, pages * block_size, hkv, d)[:, :max_len]
+    v = v_cache[blocks].view(s, pages * block_size, hkv, d)[:, :max_len]
     # A pool made with torch.empty can hold NaN/inf in slots nobody wrote; padded positions
     # read such slots, and 0 * NaN is NaN, so they are zeroed rather than only masked.
     pad = ~valid[:, :, None, None]
-    return k.masked_fill(pad, 0), v.masked_fill(pad, 0), valid
+    return k.masked_fill_(pad, 0), v.masked_fill_(pad, 0), valid
 
 
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -66,14 +68,15 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     hkv = k_cache.shape[2]
     group = hq // hkv
     k, v, valid = gather_kv(k_cache, v_cache, block_tables, context_lens)
-    qf = q.float().view(s, hkv, group, d)
-    # scores [S, Hkv, G, L]
-    scores = torch.einsum("shgd,slhd->shgl", qf, k.float()) * scale
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    # A row with no valid key is all -inf -> softmax gives NaN; those sequences output zeros.
-    probs = torch.nan_to_num(probs, nan=0.0)
-    out = torch.einsum("shgl,slhd->shgd", probs, v.float())
+    if k.shape[1] == 0:
+        return torch.zeros_like(q)
+    # GQA without repeating K/V: the group's q heads are SDPA's "query length" dimension.
+    out = F.scaled_dot_product_attention(
+        q.float().view(s, hkv, group, d),
+        k.float().transpose(1, 2), v.float().transpose(1, 2),  # [S, Hkv, L, D]
+        attn_mask=valid[:, None, None, :], scale=scale)
+    # Rows with no key at all come out NaN (or 0, by backend); they are defined as zeros.
+    out = out.masked_fill((context_lens == 0).view(s, 1, 1, 1), 0.0)
     return out.reshape(s, hq, d).to(q.dtype)
 
 
