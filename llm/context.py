@@ -34,6 +34,11 @@ class ForwardContext:
     # request), flattened, and the cross-pool slots they go to.
     cross_inputs: torch.Tensor | None = None  # [M, D_user]
     cross_slot_mapping: torch.Tensor | None = None  # [M] int64
+    # Soft-prompt integration (added by the model, part A): projected user tokens replace the
+    # input embeddings at these flat-stream indices (the engine puts K placeholder token ids in
+    # front of the prompt, e.g. the pad id, and lists where they landed in this step's stream).
+    soft_prompt_inputs: torch.Tensor | None = None  # [P, D_user]
+    soft_prompt_positions: torch.Tensor | None = None  # [P] int64, indices into the [N] stream
 
 
 _current: ForwardContext | None = None

@@ -1,0 +1,1 @@
+"""Building blocks of our Llama-family model (one concept per file)."""

@@ -1,0 +1,160 @@
+"""Load a checkpoint into our modules: a Hugging Face folder (config.json + safetensors) or a
+GGUF file (dequantised by transformers' GGUF support). Config and tokenizer always come through
+transformers' Auto classes.
+
+    model, tokenizer, hf_config = load_model(path, dtype=torch.float32, device="cpu",
+                                             cross_every_n=0, user_dim=None)
+
+The model is built on the meta device and materialised once: base weights from the checkpoint,
+our own user-token modules (cross blocks / soft-prompt projection) either from the checkpoint
+(when it has them, e.g. a trained adapter saved with our names) or freshly initialised from
+`seed` (gates at 0, so a fresh model equals the base model).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+from llm.config import ModelConfig
+from llm.model import LlamaForCausalLM
+
+USER_MODULE_PREFIXES = ("model.cross_blocks.", "model.soft_prompt.")
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    hf_config: Any
+    tokenizer: Any
+    state_dict: dict[str, torch.Tensor]
+
+
+def resolve(path: str | Path) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None); clear errors for anything we cannot load."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ValueError(f"model file {str(p)!r} is not a .gguf file; give a GGUF file or a "
+                             "Hugging Face folder with config.json and *.safetensors")
+        return p.parent, p.name
+    if not (p / "config.json").is_file() or not list(p.glob("*.safetensors")):
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return p, ggufs[0].name
+        raise ValueError(f"model folder {str(p)!r} needs config.json and *.safetensors "
+                         "(or exactly one .gguf file)")
+    return p, None
+
+
+def read_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """Config, tokenizer and the full state dict (CPU tensors, `dtype` for floating ones)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder, gguf = resolve(path)
+    kw = {"gguf_file": gguf} if gguf else {}
+    hf_config = AutoConfig.from_pretrained(folder, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    if gguf:
+        from transformers import AutoModelForCausalLM
+
+        # transformers de-quantises GGUF blocks and undoes llama.cpp's q/k permutation.
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf,
+                                                        config=hf_config, dtype=dtype)
+        state = dict(hf_model.state_dict())
+        del hf_model
+    else:
+        state = _read_safetensors(folder)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return Checkpoint(hf_config, tokenizer, state)
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(f.name for f in folder.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(folder / name))
+    return state
+
+
+def build_model(hf_config: Any, state_dict: dict[str, torch.Tensor], *,
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                integration: str = "cross", cross_every_n: int = 0,
+                user_dim: int | None = None, cross_heads: int | None = None,
+                cross_intermediate_size: int | None = None, seed: int = 0) -> LlamaForCausalLM:
+    cfg = ModelConfig.from_hf(hf_config, integration=integration, cross_every_n=cross_every_n,
+                              user_dim=user_dim, cross_heads=cross_heads,
+                              cross_intermediate_size=cross_intermediate_size)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    if cfg.tie_word_embeddings:  # to_empty() unties; tie again before loading
+        model.lm_head.weight = model.model.embed_tokens.weight
+    state = {k: v for k, v in state_dict.items() if "rotary_emb" not in k}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings
+                                                      and k == "lm_head.weight")}
+    base = {k for k in expected if not k.startswith(USER_MODULE_PREFIXES)}
+    missing = base - state.keys()
+    unexpected = {k for k in state.keys() - expected if not k.startswith(USER_MODULE_PREFIXES)}
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the architecture: missing "
+                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    user_keys = {k for k in expected if k.startswith(USER_MODULE_PREFIXES)}
+    found_user = user_keys & state.keys()
+    if found_user and found_user != user_keys:
+        raise ValueError(f"checkpoint has some user-module weights but not all: missing "
+                         f"{sorted(user_keys - found_user)[:5]}")
+    if not found_user:
+        init_user_modules(model, seed)
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def init_user_modules(model: LlamaForCausalLM, seed: int = 0) -> None:
+    """Fresh cross blocks / soft-prompt projection: N(0, 0.02) weights, zero biases, unit norms,
+    zero gates (the block starts as the identity). Seeded, independent of the global RNG."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    users = list(model.model.cross_blocks.values())
+    if model.model.soft_prompt is not None:
+        users.append(model.model.soft_prompt)
+    for root in users:
+        for name, param in root.named_parameters():
+            if name.startswith("gate_"):
+                param.zero_()
+            elif name.endswith("bias"):
+                param.zero_()
+            elif "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", cross_every_n: int = 0,
+               user_dim: int | None = None, *, integration: str = "cross",
+               cross_heads: int | None = None, cross_intermediate_size: int | None = None,
+               seed: int = 0) -> tuple[LlamaForCausalLM, Any, Any]:
+    """-> (model, tokenizer, hf_config). FileNotFoundError for a missing path, ValueError for
+    anything else we cannot load (wrong file kind, unsupported architecture, bad settings)."""
+    ckpt = read_checkpoint(path, dtype=torch.float32)
+    model = build_model(ckpt.hf_config, ckpt.state_dict, dtype=dtype, device=device,
+                        integration=integration, cross_every_n=cross_every_n,
+                        user_dim=user_dim, cross_heads=cross_heads,
+                        cross_intermediate_size=cross_intermediate_size, seed=seed)
+    return model, ckpt.tokenizer, ckpt.hf_config
+
+

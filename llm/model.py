@@ -1,0 +1,192 @@
+"""Our Llama-family decoder (Llama, SmolLM, Qwen2) with optional user-token integration.
+
+Module names mirror transformers' LlamaForCausalLM, so checkpoints load by name:
+`model.embed_tokens`, `model.layers[i].{input_layernorm,self_attn,post_attention_layernorm,mlp}`,
+`model.norm`, `lm_head`. Ours on top: `model.cross_blocks[str(i)]` (a GatedCrossAttentionBlock run
+before decoder layer i) or `model.soft_prompt` (a SoftPromptProjector).
+
+API (what the engine and training use)
+--------------------------------------
+`load_model(path, dtype, device, cross_every_n=0, user_dim=None, ...) -> (model, tokenizer,
+hf_config)` lives in llm/loader.py. The model (`LlamaForCausalLM`) offers:
+
+- Dense path (no ForwardContext set): `model(input_ids [B, T], user_tokens [B, K, D_user] | None,
+  user_mask [B, K] bool | None, positions [B, T] | None) -> hidden [B, T, hidden]` (final norm
+  applied; with soft prompts the user-token positions are dropped, so row t is text token t).
+  No cache; differentiable. Right-pad batches (causal attention never looks right).
+- Paged path (under `with use_context(ctx):`): `model(input_ids [N], positions [N]) -> hidden
+  [N, hidden]` for the flat stream of new tokens. User tokens come only through the context
+  (cross_inputs / cross_lens / ... or soft_prompt_inputs / soft_prompt_positions).
+- `compute_logits(hidden [..., hidden]) -> [..., vocab]` for whatever rows it is given (the engine
+  picks the last token of each prefill sequence, hidden[cu_seqlens_q[1:] - 1], itself).
+- `attention_modules()` -> the self-attention modules in layer order; assign each its
+  `k_cache` / `v_cache` views [num_blocks, block_size, num_kv_heads, head_dim] in model dtype.
+- `cross_attention_modules()` -> the CrossAttention modules; assign `cross_k_cache` /
+  `cross_v_cache` [num_cross_blocks, block_size, cross_num_heads, head_dim].
+- `num_layers`, `num_kv_heads`, `head_dim`, `cross_num_heads`, `user_dim`, `dtype`, `device`,
+  `config` (our ModelConfig).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llm.config import ModelConfig
+from llm.context import get_context
+from llm.layers.attention import Attention
+from llm.layers.cross_attention import CrossAttention, GatedCrossAttentionBlock, check_user_width
+from llm.layers.mlp import SwiGLU
+from llm.layers.rmsnorm import RMSNorm
+from llm.layers.rotary import RotaryEmbedding
+from llm.layers.soft_prompt import SoftPromptProjector
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+
+    def forward(self, x, cos, sin, key_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.cross_blocks = nn.ModuleDict(
+            {str(i): GatedCrossAttentionBlock(cfg) for i in cfg.cross_layer_indices})
+        self.soft_prompt = (SoftPromptProjector(cfg) if cfg.integration == "soft_prompt"
+                            else None)
+
+    def run_layers(self, h, positions, user_tokens=None, user_mask=None, key_mask=None):
+        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            block = self.cross_blocks[str(i)] if str(i) in self.cross_blocks else None
+            if block is not None:
+                h = block(h, user_tokens, user_mask)
+            h = layer(h, cos, sin, key_mask)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # --- what the engine reads ---
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+    @property
+    def cross_num_heads(self) -> int:
+        return self.config.cross_heads
+
+    @property
+    def user_dim(self) -> int | None:
+        return self.config.user_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def attention_modules(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def cross_attention_modules(self) -> list[CrossAttention]:
+        return [block.cross_attn for block in self.model.cross_blocks.values()]
+
+    # --- forward ---
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                user_tokens: torch.Tensor | None = None,
+                user_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if get_context() is not None:
+            return self._forward_paged(input_ids, positions, user_tokens)
+        return self._forward_dense(input_ids, positions, user_tokens, user_mask)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def _forward_paged(self, input_ids, positions, user_tokens):
+        ctx = get_context()
+        if user_tokens is not None:
+            raise ValueError("under a ForwardContext user tokens come through the context "
+                             "(cross_inputs / soft_prompt_inputs), not as an argument")
+        assert input_ids.dim() == 1 and positions is not None \
+            and positions.shape == input_ids.shape, "paged path: input_ids and positions [N]"
+        h = self.model.embed_tokens(input_ids)
+        if ctx.cross_inputs is not None:
+            check_user_width(ctx.cross_inputs.shape[-1], self._cross_user_dim())
+        if ctx.soft_prompt_inputs is not None and ctx.soft_prompt_inputs.shape[0] > 0:
+            if self.model.soft_prompt is None:
+                raise ValueError("soft_prompt_inputs given, but the model was not loaded with "
+                                 "integration='soft_prompt'")
+            assert ctx.soft_prompt_positions is not None, "soft_prompt_inputs without positions"
+            h = h.index_copy(0, ctx.soft_prompt_positions.to(torch.long),
+                             self.model.soft_prompt(ctx.soft_prompt_inputs).to(h.dtype))
+        return self.model.run_layers(h, positions)
+
+    def _cross_user_dim(self) -> int | None:
+        return self.config.user_dim if self.model.cross_blocks else None
+
+    def _forward_dense(self, input_ids, positions, user_tokens, user_mask):
+        if input_ids.dim() != 2:
+            raise ValueError(f"dense path: input_ids must be [B, T], got {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        h = self.model.embed_tokens(input_ids)
+        if user_tokens is None:
+            if user_mask is not None:
+                raise ValueError("user_mask given without user_tokens")
+            return self.model.run_layers(h, positions)
+        if user_tokens.dim() != 3 or user_tokens.shape[0] != b:
+            raise ValueError(f"user_tokens must be [B={b}, K, D], got {tuple(user_tokens.shape)}")
+        if user_mask is None:
+            user_mask = torch.ones(user_tokens.shape[:2], dtype=torch.bool,
+                                   device=user_tokens.device)
+        if user_mask.shape != user_tokens.shape[:2]:
+            raise ValueError(f"user_mask must be [B, K] = {tuple(user_tokens.shape[:2])}, "
+                             f"got {tuple(user_mask.shape)}")
+        user_mask = user_mask.bool()
+        if self.model.soft_prompt is not None:
+            return self._soft_prompt_dense(h, positions, user_tokens, user_mask)
+        check_user_width(user_tokens.shape[-1], self._cross_user_dim())
+        return self.model.run_layers(h, positions, user_tokens.to(h.dtype), user_mask)
+
+    def _soft_prompt_dense(self, h, positions, user_tokens, user_mask):
+        k = user_tokens.shape[1]
+        prompt = self.model.soft_prompt(user_tokens).to(h.dtype)  # [B, K, hidden]
+        h = torch.cat([prompt, h], dim=1)
+        key_mask = torch.cat([user_mask, torch.ones_like(positions, dtype=torch.bool)], dim=1)
+        # Positions count only real tokens, so a padded user slot shifts nothing: a row with
+        # fewer user tokens computes exactly what it would alone.
+        n_users = user_mask.sum(-1, keepdim=True)
+        user_pos = (user_mask.long().cumsum(-1) - 1).clamp(min=0)
+        pos = torch.cat([user_pos, positions + n_users], dim=1)
+        out = self.model.run_layers(h, pos, key_mask=key_mask)
+        return out[:, k:]
