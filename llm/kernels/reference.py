@@ -44,14 +44,17 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.
     blocks = block_tables[:, :pages].long()
     page_used = valid[:, ::block_size]  # [S, pages]: the page's first token is real
     assert bool((blocks[page_used] >= 0).all()), "a -1 block-table entry inside context_lens"
-    # Whole blocks at a time (one block_size * Hkv * D copy each), then trim to max_len.
-    blocks = blocks.clamp(min=0)
-    k = k_cache[blocks].view(s, pages * block_size, hkv, d)[:, :max_len]
-    v = v_cache[blocks].view(s, pages * block_size, hkv, d)[:, :max_len]
+    # Whole blocks at a time (one block_size * Hkv * D copy each) into a contiguous buffer.
+    index = blocks.clamp(min=0).flatten()
+    k = k_cache.index_select(0, index).view(s, pages * block_size, hkv, d)
+    v = v_cache.index_select(0, index).view(s, pages * block_size, hkv, d)
     # A pool made with torch.empty can hold NaN/inf in slots nobody wrote; padded positions
     # read such slots, and 0 * NaN is NaN, so they are zeroed rather than only masked.
-    pad = ~valid[:, :, None, None]
-    return k.masked_fill_(pad, 0), v.masked_fill_(pad, 0), valid
+    pad = (torch.arange(pages * block_size, device=k.device)[None, :]
+           >= context_lens.long()[:, None])[:, :, None, None]
+    k.masked_fill_(pad, 0)
+    v.masked_fill_(pad, 0)
+    return k[:, :max_len], v[:, :max_len], valid
 
 
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
