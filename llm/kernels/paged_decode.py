@@ -32,6 +32,12 @@ from llm.kernels.reference import _check_decode
 LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it buys
 MAX_SPLITS = 32
+TILE_ELEMS = 8192
+MAX_TILE_TOKENS = 128
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 @triton.jit
@@ -167,10 +173,16 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     context_lens = context_lens.contiguous()
     group = hq // hkv
     head_pad = triton.next_power_of_2(d)
+    group_pad = triton.next_power_of_2(group)
     if pages_per_tile is None:
-        pages_per_tile = max(1, 32 // block_size)  # ~32 tokens a tile bounds the registers
+        # The score and P@V products are [GROUP_PAD, TILE, HEAD_PAD] register tiles: keep them
+        # near TILE_ELEMS (64 fp32 registers a thread at 4 warps), at least one page a tile.
+        tile_tokens = min(MAX_TILE_TOKENS, TILE_ELEMS // (group_pad * head_pad))
+        pages_per_tile = max(1, _floor_pow2(tile_tokens) // block_size)
     if num_splits is None:
         num_splits = choose_num_splits(s, hkv, max_pages, block_size, q.device)
+    # A tile never spans more than a split's share of pages (TILE must stay a power of 2).
+    pages_per_tile = min(pages_per_tile, _floor_pow2(triton.cdiv(max_pages, num_splits)))
     # Split ranges in whole tiles; recompute the count so no split is empty by construction.
     pages_per_split = triton.cdiv(triton.cdiv(max_pages, num_splits), pages_per_tile) * pages_per_tile
     num_splits = triton.cdiv(max_pages, pages_per_split)
@@ -186,7 +198,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        NUM_Q_HEADS=hq, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+        NUM_Q_HEADS=hq, GROUP=group, GROUP_PAD=group_pad,
         HEAD_DIM=d, HEAD_PAD=head_pad,
         BLOCK_SIZE=block_size, PAGES_PER_TILE=pages_per_tile, NUM_SPLITS=num_splits,
     )
