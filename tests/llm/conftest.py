@@ -143,7 +143,10 @@ class PagedHarness:
             self.blocks[sid].append(self.free.pop())
         return self.blocks[sid][pos // self.bs] * self.bs + pos % self.bs
 
-    def step(self, chunks: dict[int, list[int]]) -> torch.Tensor:
+    def step(self, chunks: dict[int, list[int]],
+             soft_prompts: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """soft_prompts[sid] [K, D]: the first K tokens of that chunk are placeholders whose
+        embeddings the model replaces with the projected user tokens."""
         dev = self.model.device
         sids = list(chunks)
         pending = [s for s in sids if self.users[s] is not None and s not in self.written]
@@ -183,6 +186,12 @@ class PagedHarness:
                      for s in pending for j in range(self.users[s].shape[0])],
                     dtype=torch.int64, device=dev)
                 self.written.update(pending)
+        if soft_prompts:
+            starts = dict(zip(sids, cu[:-1]))
+            ctx.soft_prompt_inputs = torch.cat([soft_prompts[s] for s in soft_prompts]).to(dev)
+            ctx.soft_prompt_positions = torch.tensor(
+                [starts[s] + j for s in soft_prompts for j in range(soft_prompts[s].shape[0])],
+                dtype=torch.int64, device=dev)
         with use_context(ctx), torch.no_grad():
             hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev))
             last = torch.tensor(cu[1:], device=dev) - 1
