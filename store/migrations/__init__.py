@@ -1,0 +1,44 @@
+"""Alembic migrations for the two databases, run from code (no alembic.ini), so they work from an
+installed package: `upgrade(engine, "data")` / `upgrade(engine, "keys")`.
+
+Each database has its own script folder and version table, so both can live in one database."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine
+
+HERE = Path(__file__).resolve().parent
+VERSION_TABLES = {"data": "alembic_version", "keys": "alembic_version_keys"}
+
+
+def alembic_config(which: str) -> Config:
+    assert which in VERSION_TABLES, which
+    cfg = Config()
+    cfg.set_main_option("script_location", str(HERE / which))
+    cfg.attributes["version_table"] = VERSION_TABLES[which]
+    return cfg
+
+
+def upgrade(engine: Engine, which: str, revision: str = "head") -> None:
+    cfg = alembic_config(which)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def run_env(context, target_metadata) -> None:  # noqa: ANN001
+    """Body shared by both env.py files: online mode only, on the connection we pass in."""
+    config = context.config
+    conn = config.attributes.get("connection")
+    assert conn is not None, "run migrations through store.migrations.upgrade(engine, ...)"
+    context.configure(
+        connection=conn,
+        target_metadata=target_metadata,
+        version_table=config.attributes["version_table"],
+        render_as_batch=conn.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()

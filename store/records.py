@@ -1,0 +1,55 @@
+"""Validation at the edge and the sealed payload format of one event.
+
+Every event is checked before anything is written, so bad input changes nothing. Messages name
+the event's position, never its contents (event ids embed user ids)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from userenc.events import Event
+
+MAX_ID_CHARS = 256
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_TIMESTAMP = 2**40
+
+
+@dataclass(slots=True)
+class IngestCounts:
+    received: int = 0
+    inserted: int = 0
+    duplicates: int = 0  # already stored (a retried batch) or repeated in the input
+    tombstoned: int = 0  # belongs to an erased user: refused, never stored
+    batches: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def encode_payload(e: Event, position: int) -> bytes:
+    where = f"event #{position}"
+    if not isinstance(e, Event):
+        raise ValueError(f"{where}: expected an Event, got {type(e).__name__}")
+    for name in ("event_id", "user_id", "item_id"):
+        value = getattr(e, name)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{where}: {name} must be a non-empty string (got {type(value).__name__})")
+        if len(value) > MAX_ID_CHARS:
+            raise ValueError(f"{where}: {name} is longer than {MAX_ID_CHARS} characters")
+    if type(e.timestamp) is not int or not 0 <= e.timestamp < MAX_TIMESTAMP:
+        raise ValueError(f"{where}: timestamp must be an integer of UTC seconds (got {type(e.timestamp).__name__})")
+    if not isinstance(e.fields, dict) or not all(isinstance(k, str) for k in e.fields):
+        raise ValueError(f"{where}: fields must be a dict with string keys")
+    try:
+        body = json.dumps([e.event_id, e.item_id, e.timestamp, e.fields], separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: fields must be JSON values (str, number, bool, list, dict) without NaN") from None
+    data = body.encode()
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"{where}: record is {len(data)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit")
+    return data
+
+
+def decode_payload(data: bytes, external_id: str) -> Event:
+    event_id, item_id, timestamp, fields = json.loads(data)
+    return Event(event_id, external_id, item_id, timestamp, fields)

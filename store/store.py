@@ -1,0 +1,243 @@
+"""The store: encrypted events and embeddings, per-user keys, FAISS index, audit log.
+
+    store = Store.open()                      # USERLLM_HOME, *_DATABASE_URL, USERLLM_KEK[_FILE]
+    store.ingest(events, batch_size=1000)     # one transaction per batch, idempotent by event id
+    store.history("user-42")                  # [Event], decrypted only in memory
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import delete, func, select
+
+from privacy import KekProvider, associated_data, kek_from_env
+from store import audit
+from store.db import insert_ignoring_duplicates, make_engine, resolve_home, resolve_urls
+from store.index import UserIndex, check_version
+from store.keystore import INDEX_KEY, KeyStore
+from store.migrations import upgrade
+from store.models import EmbeddingRow, EventRow, Tombstone, User
+from store.records import IngestCounts, decode_payload, encode_payload
+from userenc.events import Event
+
+log = logging.getLogger("userllm.store")
+SQL_IN_CHUNK = 900  # stay under every backend's bound-parameter limit
+# Test-only hook (documented in the CLI help of `ingest`/`delete-user`): seconds to sleep after
+# each committed batch, so the kill -9 tests can catch a run between batches deterministically.
+BATCH_DELAY_ENV = "USERLLM_TEST_BATCH_DELAY"
+
+
+def batch_pause() -> None:
+    delay = float(os.environ.get(BATCH_DELAY_ENV) or 0)
+    if delay:
+        time.sleep(delay)
+
+
+class Store:
+    def __init__(self, home: Path, data_url: str, keys_url: str, kek: KekProvider):
+        self.home = home
+        self.data = make_engine(data_url)
+        self.keys_engine = make_engine(keys_url)
+        upgrade(self.data, "data")
+        upgrade(self.keys_engine, "keys")
+        self.keys = KeyStore(self.keys_engine, kek)
+        self.hasher = self.keys.hasher
+        self.index = UserIndex(home / "index", self.keys.secret(INDEX_KEY))
+
+    @classmethod
+    def open(cls, home: str | os.PathLike | None = None, url: str | None = None, keys_url: str | None = None, kek: KekProvider | None = None) -> "Store":
+        h = resolve_home(home)
+        data_url, keys_url = resolve_urls(h, url, keys_url)
+        return cls(h, data_url, keys_url, kek or kek_from_env(h))
+
+    def close(self) -> None:
+        self.data.dispose()
+        self.keys_engine.dispose()
+
+    # -- audit --------------------------------------------------------------------------------
+    def audit(self, action: str, details: dict) -> None:
+        with self.data.begin() as conn:
+            seq, h = audit.append(conn, action, details)
+        self.keys.set_audit_anchor(seq, h)
+
+    def audit_problems(self) -> list[str]:
+        return audit.verify(self.data, self.keys.audit_anchor())
+
+    # -- users --------------------------------------------------------------------------------
+    def user_id(self, external_id: str) -> int | None:
+        """Internal id of a live user in the data database (None when unknown)."""
+        h = self.hasher.user(external_id)
+        with self.data.connect() as conn:
+            return conn.execute(select(User.id).where(User.uid_hash == h)).scalar()
+
+    def tombstoned(self) -> set[str]:
+        return set(self.keys.tombstones())
+
+    def _external_id(self, user_id: int, sealed: bytes) -> str:
+        aad = associated_data("users", "external_id_sealed", user_id, user_id)
+        return self.keys.cipher(user_id).open(sealed, aad, where="users.external_id_sealed").decode()
+
+    # -- ingest -------------------------------------------------------------------------------
+    def ingest(self, events: Iterable[Event], batch_size: int = 1000, on_batch: Callable[[IngestCounts], None] | None = None) -> IngestCounts:
+        """Validate everything first (bad input writes nothing), then write one transaction per
+        batch. A batch is acknowledged (`on_batch`) only after its commit; re-running the same
+        input skips what is already stored, so a killed run loses and duplicates nothing."""
+        if batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        events = list(events)
+        payloads = [encode_payload(e, i) for i, e in enumerate(events)]
+        counts = IngestCounts(received=len(events))
+        tombstones, known = self.tombstoned(), {}
+        for start in range(0, len(events), batch_size):
+            self._ingest_batch(events[start : start + batch_size], payloads[start : start + batch_size], tombstones, known, counts)
+            counts.batches += 1
+            if on_batch:
+                on_batch(counts)
+            batch_pause()
+        self.audit("ingest", counts.as_dict())
+        log.info("ingest: %s", counts.as_dict())
+        return counts
+
+    def _ingest_batch(self, batch: list[Event], payloads: list[bytes], tombstones: set[str], known: dict[str, int], counts: IngestCounts) -> None:
+        hasher = self.hasher
+        uid_hash = {ext: hasher.user(ext) for ext in dict.fromkeys(e.user_id for e in batch)}
+        live = {ext: h for ext, h in uid_hash.items() if h not in tombstones}
+        unknown = [h for h in live.values() if h not in known]
+        with self.data.connect() as conn:
+            for i in range(0, len(unknown), SQL_IN_CHUNK):
+                known.update(conn.execute(select(User.uid_hash, User.id).where(User.uid_hash.in_(unknown[i : i + SQL_IN_CHUNK]))).all())
+        new_users = []
+        now = int(time.time())
+        for ext, h in live.items():
+            if h not in known:
+                uid = self.keys.get_or_create(h)  # committed to the key store before any data
+                sealed = self.keys.cipher(uid).seal(ext.encode(), associated_data("users", "external_id_sealed", uid, uid))
+                new_users.append({"id": uid, "uid_hash": h, "external_id_sealed": sealed, "created_at": now})
+                known[h] = uid
+        rows: dict[str, dict] = {}
+        for e, payload in zip(batch, payloads):
+            h = live.get(e.user_id)
+            if h is None:
+                counts.tombstoned += 1
+                continue
+            uid, rid = known[h], hasher.event(e.event_id)
+            rows[rid] = {"id": rid, "user_id": uid, "payload": self.keys.cipher(uid).seal(payload, associated_data("events", "payload", uid, rid))}
+        with self.data.begin() as conn:
+            if new_users:
+                conn.execute(insert_ignoring_duplicates(self.data, User.__table__), new_users)
+            ids = list(rows)
+            stored: set[str] = set()
+            for i in range(0, len(ids), SQL_IN_CHUNK):
+                stored.update(conn.execute(select(EventRow.id).where(EventRow.id.in_(ids[i : i + SQL_IN_CHUNK]))).scalars())
+            fresh = [r for rid, r in rows.items() if rid not in stored]
+            if fresh:
+                conn.execute(insert_ignoring_duplicates(self.data, EventRow.__table__), fresh)
+        counts.inserted += len(fresh)
+        counts.duplicates += len(batch) - counts_tombstoned_in(batch, live) - len(fresh)
+
+    # -- reads --------------------------------------------------------------------------------
+    def history(self, external_id: str) -> list[Event]:
+        """The user's events in timestamp order (ties by event id); [] for an unknown user."""
+        uid = self.user_id(external_id)
+        return [] if uid is None else self._history(uid, external_id)
+
+    def _history(self, uid: int, external_id: str) -> list[Event]:
+        cipher = self.keys.cipher(uid)
+        with self.data.connect() as conn:
+            rows = conn.execute(select(EventRow.id, EventRow.payload).where(EventRow.user_id == uid)).all()
+        events = [
+            decode_payload(cipher.open(p, associated_data("events", "payload", uid, rid), where=f"events.payload row {rid}"), external_id)
+            for rid, p in rows
+        ]
+        events.sort(key=lambda e: (e.timestamp, e.event_id))
+        return events
+
+    def histories(self) -> Iterator[tuple[str, list[Event]]]:
+        """(external id, history) for every live user, tombstoned users excluded."""
+        tombstones = self.tombstoned()
+        with self.data.connect() as conn:
+            users = conn.execute(select(User.id, User.uid_hash, User.external_id_sealed).order_by(User.id)).all()
+        for uid, h, sealed in users:
+            if h in tombstones:
+                continue
+            ext = self._external_id(uid, sealed)
+            yield ext, self._history(uid, ext)
+
+    def user_count(self) -> int:
+        with self.data.connect() as conn:
+            return conn.execute(select(func.count()).select_from(User)).scalar_one()
+
+    # -- embeddings and similar users ---------------------------------------------------------
+    def put_embeddings(self, vectors: dict[str, np.ndarray], encoder_version: str) -> int:
+        """Store sealed vectors (one per user and encoder version, replacing older ones) and
+        update the FAISS index. Unknown users are an error; tombstoned ones are skipped."""
+        check_version(encoder_version)
+        tombstones, ids, mats, rows, now = self.tombstoned(), [], [], [], int(time.time())
+        dim = None
+        for ext, vec in vectors.items():
+            v = np.asarray(vec, dtype=np.float32)
+            if v.ndim != 1 or not np.isfinite(v).all() or (dim is not None and v.shape[0] != dim):
+                raise ValueError("embeddings must be finite 1-D vectors of one common width")
+            dim = v.shape[0]
+            h = self.hasher.user(ext)
+            if h in tombstones:
+                continue
+            uid = self.user_id(ext)
+            if uid is None:
+                raise ValueError("embedding for a user the store does not know (ingest their events first)")
+            row = f"{uid}.{encoder_version}"
+            sealed = self.keys.cipher(uid).seal(v.tobytes(), associated_data("embeddings", "vector", uid, row))
+            rows.append({"user_id": uid, "encoder_version": encoder_version, "dim": dim, "vector": sealed, "computed_at": now})
+            ids.append(uid)
+            mats.append(v)
+        if not rows:
+            return 0
+        with self.data.begin() as conn:
+            for i in range(0, len(ids), SQL_IN_CHUNK):
+                chunk = ids[i : i + SQL_IN_CHUNK]
+                conn.execute(delete(EmbeddingRow).where(EmbeddingRow.encoder_version == encoder_version, EmbeddingRow.user_id.in_(chunk)))
+            conn.execute(EmbeddingRow.__table__.insert(), rows)
+        self.index.upsert(encoder_version, np.array(ids, dtype=np.int64), np.stack(mats))
+        return len(rows)
+
+    def embedding(self, external_id: str, encoder_version: str) -> np.ndarray | None:
+        uid = self.user_id(external_id)
+        if uid is None:
+            return None
+        with self.data.connect() as conn:
+            row = conn.execute(
+                select(EmbeddingRow.vector).where(EmbeddingRow.user_id == uid, EmbeddingRow.encoder_version == encoder_version)
+            ).scalar()
+        if row is None:
+            return None
+        raw = self.keys.cipher(uid).open(row, associated_data("embeddings", "vector", uid, f"{uid}.{encoder_version}"), where="embeddings.vector")
+        return np.frombuffer(raw, dtype=np.float32).copy()
+
+    def similar_users(self, external_id: str, k: int = 10, encoder_version: str | None = None) -> list[tuple[str, float]]:
+        """The k most similar live users (cosine), never the user itself nor an erased user."""
+        version = encoder_version or self.index.current_version()
+        uid = self.user_id(external_id)
+        if version is None or uid is None:
+            return []
+        hits = self.index.search(version, uid, k + 8)  # a few spare in case some were erased
+        if not hits:
+            return []
+        tombstones = self.tombstoned()
+        with self.data.connect() as conn:
+            users = {r.id: r for r in conn.execute(select(User.id, User.uid_hash, User.external_id_sealed).where(User.id.in_([i for i, _ in hits])))}
+        out = []
+        for i, score in hits:
+            u = users.get(i)
+            if u is None or u.uid_hash in tombstones:
+                continue  # index lagging behind an erasure: never surface the user
+            out.append((self._external_id(i, u.external_id_sealed), score))
+        return out[:k]
+
+
+def counts_tombstoned_in(batch: list[Event], live: dict[str, str]) -> int:
+    return sum(1 for e in batch if e.user_id not in live)

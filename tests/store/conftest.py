@@ -1,0 +1,107 @@
+"""Store fixtures: every database test runs on SQLite and on PostgreSQL. Each PostgreSQL test gets
+two fresh schemas (data and keys) with random names, dropped afterwards, so xdist workers
+never collide. PostgreSQL tests skip, with the reason, only when the server is unreachable."""
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import pytest
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_ADMIN_URL = os.environ.get("USERLLM_TEST_PG_URL", f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test")
+_pg_reason: list[str] = []
+
+
+def pg_unavailable() -> str | None:
+    if not _pg_reason:
+        try:
+            socket.create_connection((PG_HOST, PG_PORT), timeout=1).close()
+            import psycopg
+
+            psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
+            _pg_reason.append("")
+        except Exception as err:  # noqa: BLE001 - any failure means "not reachable here"
+            _pg_reason.append(f"PostgreSQL at {PG_HOST}:{PG_PORT} is unreachable ({type(err).__name__}: {err})")
+    return _pg_reason[0] or None
+
+
+class PgSchemas:
+    """Throwaway schemas on the shared server (a schema per database role: creating and dropping
+    whole databases costs seconds, a schema milliseconds). A URL pins its schema via search_path."""
+
+    def __init__(self):
+        import psycopg
+
+        self.conn = psycopg.connect(PG_ADMIN_URL, autocommit=True)
+        self.names: list[str] = []
+
+    def create(self) -> str:
+        name = f"userllm_t_{secrets.token_hex(6)}"
+        self.conn.execute(f'CREATE SCHEMA "{name}"')
+        self.names.append(name)
+        return name
+
+    @staticmethod
+    def url(name: str) -> str:
+        base = PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1)
+        return f"{base}?options=-csearch_path%3D{name}"
+
+    def drop_all(self) -> None:
+        for name in self.names:
+            self.conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        self.conn.close()
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    for var in ("USERLLM_KEK", "USERLLM_KEK_FILE", "USERLLM_DATABASE_URL", "USERLLM_KEYS_DATABASE_URL", "USERLLM_TEST_BATCH_DELAY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("USERLLM_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def pg():
+    reason = pg_unavailable()
+    if reason:
+        pytest.skip(reason)
+    dbs = PgSchemas()
+    yield dbs
+    dbs.drop_all()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, clean_env):
+    """(name, data_url, keys_url, home) for a fresh pair of databases."""
+    home = clean_env
+    home.mkdir(parents=True, exist_ok=True)
+    if request.param == "sqlite":
+        yield "sqlite", f"sqlite:///{home / 'store.db'}", f"sqlite:///{home / 'keys.db'}", home
+        return
+    reason = pg_unavailable()
+    if reason:
+        pytest.skip(reason)
+    dbs = PgSchemas()
+    try:
+        yield "postgres", dbs.url(dbs.create()), dbs.url(dbs.create()), home
+    finally:
+        dbs.drop_all()
+
+
+@pytest.fixture
+def kek_b64() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+@pytest.fixture
+def store(backend):
+    from store import Store
+
+    _, data_url, keys_url, home = backend
+    s = Store.open(home=home, url=data_url, keys_url=keys_url)
+    yield s
+    s.close()
