@@ -222,6 +222,13 @@ class Engine:
             seq.finish_reason = FinishReason.CANCELLED
             return True
 
+    def close(self) -> None:
+        """Cancel everything and detach the pools from the model (which may outlive us)."""
+        with self._lock:
+            for rid in list(self._seqs):
+                self.cancel(rid)
+            KVCache.unbind(self.model)
+
     def has_unfinished(self) -> bool:
         with self._lock:
             return self.scheduler.has_unfinished()
