@@ -12,10 +12,15 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from privacy import DataKeyCipher, associated_data
+
+def _faiss():
+    import faiss  # imported on first use: most commands never touch the index
+
+    return faiss
+
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -57,12 +62,12 @@ class UserIndex:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def load(self, version: str) -> faiss.IndexIDMap2 | None:
+    def load(self, version: str) -> "faiss.IndexIDMap2 | None":
         path = self._path(version)
         if not path.exists():
             return None
         raw = self._cipher.open(path.read_bytes(), associated_data("faiss_index", "file", 0, version), where=f"index file {path.name}")
-        return faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+        return _faiss().deserialize_index(np.frombuffer(raw, dtype=np.uint8))
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -78,8 +83,8 @@ class UserIndex:
         finally:
             os.close(dir_fd)
 
-    def save(self, version: str, index: faiss.IndexIDMap2) -> None:
-        raw = faiss.serialize_index(index).tobytes()
+    def save(self, version: str, index) -> None:  # noqa: ANN001
+        raw = _faiss().serialize_index(index).tobytes()
         self._write_atomic(self._path(version), self._cipher.seal(raw, associated_data("faiss_index", "file", 0, version)))
 
     def upsert(self, version: str, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -88,6 +93,7 @@ class UserIndex:
         with self.locked():
             index = self.load(version)
             if index is None:
+                faiss = _faiss()
                 index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
             elif index.d != vectors.shape[1]:
                 raise ValueError(f"embedding width {vectors.shape[1]} does not match the index for {version} ({index.d})")
@@ -112,7 +118,7 @@ class UserIndex:
         found = 0
         for version in self.versions():
             index = self.load(version)
-            found += int(user_id in faiss.vector_to_array(index.id_map))
+            found += int(user_id in _faiss().vector_to_array(index.id_map))
         return found
 
     def search(self, version: str, user_id: int, k: int) -> list[tuple[int, float]]:

@@ -37,3 +37,37 @@ def cli_command() -> list[str]:
     if all(importlib.util.find_spec(m) is not None for m in COMMAND_MODULES):
         return [sys.executable, "-m", "api.cli"]
     return [sys.executable, "-c", "import sys, api.cli as c; c.COMMAND_MODULES = ('api.store_cli',); sys.exit(c.main())"]
+
+
+def pg_schema_of(url: str) -> str:
+    """The schema a test URL pins through search_path."""
+    return url.rsplit("search_path%3D", 1)[1]
+
+
+def pg_dump_schema(url: str, out_path) -> None:  # noqa: ANN001
+    """Plain-SQL pg_dump of one test schema (the canary and backup/restore tests read it)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("pg_dump") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_dump"))), None)
+    assert exe, "pg_dump not found"
+    subprocess.run([str(exe), "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-n", pg_schema_of(url), "-f", str(out_path)], check=True)
+
+
+def psql_file(path) -> None:  # noqa: ANN001
+    import shutil
+    import subprocess
+
+    exe = shutil.which("psql") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))), None)
+    assert exe, "psql not found"
+    subprocess.run([str(exe), "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-v", "ON_ERROR_STOP=1", "-f", str(path)], check=True, capture_output=True)
+
+
+def all_rows(engine) -> dict[str, list[tuple]]:  # noqa: ANN001
+    """Every row of every table (reflected), for 'zero rows anywhere' checks."""
+    from sqlalchemy import MetaData, select
+
+    meta = MetaData()
+    meta.reflect(engine)
+    with engine.connect() as conn:
+        return {name: [tuple(r) for r in conn.execute(select(t))] for name, t in meta.tables.items()}
