@@ -10,6 +10,11 @@ NUM_SPLITS ranges:
           its normalised partial output and log-sum-exp;
   pass 2, grid (S, Hq): combines the splits, weighting each by exp(lse_split - lse_max).
 
+Two ways to compute a tile's scores and P@V, chosen on the host (USE_DOT): tl.dot with the GQA
+group padded to 16 rows (tensor cores; the CUDA default for fp16/bf16), or broadcast-and-reduce
+in fp32 registers (any shape; fp32 and the interpreter). `python -m llm.kernels.aot_check`
+compiles both for sm_90 without a GPU and reports registers and spills.
+
 With one split, pass 1 writes the final output and pass 2 is skipped. Scores are kept in log2
 units (q is pre-scaled by scale * log2(e)) so the kernel uses exp2. Everything is shape-derived
 on the host (no .item() on device data), so the call can be captured in a CUDA graph as long as
@@ -32,7 +37,8 @@ from llm.kernels.reference import _check_decode
 LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it buys
 MAX_SPLITS = 32
-TILE_ELEMS = 8192
+TILE_ELEMS = 8192  # broadcast path: elements of one [GROUP_PAD, TILE, HEAD_PAD] product
+DOT_TILE_TOKENS = 64
 MAX_TILE_TOKENS = 128
 
 
@@ -52,6 +58,7 @@ def _paged_decode_kernel(
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PAGES_PER_TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -68,9 +75,9 @@ def _paged_decode_kernel(
     g_ok = g < GROUP
     d_ok = d < HEAD_DIM
     q_head = kv_head * GROUP + g
-    q = tl.load(q_ptr + seq * stride_q_seq + q_head[:, None] * stride_q_head + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    q = q * qk_scale  # scale * log2(e): scores in log2 units
+    q_raw = tl.load(q_ptr + seq * stride_q_seq + q_head[:, None] * stride_q_head + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    q = q_raw.to(tl.float32) * qk_scale  # scale * log2(e): scores in log2 units
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
@@ -87,7 +94,10 @@ def _paged_decode_kernel(
         row = block * stride_c_block + in_page * stride_c_tok + kv_head * stride_c_head
         kv_mask = valid[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_PAD, TILE]
+        if USE_DOT:  # tensor cores; GROUP_PAD >= 16 (padded q heads are zero rows)
+            s = tl.dot(q_raw, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        else:  # broadcast-and-reduce: any tile shape, exact fp32 (the interpreter's path)
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_PAD, TILE]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile stays 0
@@ -95,7 +105,11 @@ def _paged_decode_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        if USE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
         m = m_new
 
     has = l > 0.0
@@ -152,12 +166,33 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_pages: int, block_si
     return max(1, min(by_length, by_occupancy, MAX_SPLITS))
 
 
+def launch_shape(use_dot: bool, group: int, head_dim: int, block_size: int
+                 ) -> tuple[int, int, int]:
+    """(GROUP_PAD, PAGES_PER_TILE, num_warps) for one path. The broadcast path's products are
+    [GROUP_PAD, TILE, HEAD_PAD] register tiles, kept near TILE_ELEMS and spread over 8 warps
+    (ptxas reports no spills for the engine's shapes, see aot_check); tl.dot wants 16 rows."""
+    head_pad = triton.next_power_of_2(head_dim)
+    if use_dot:
+        group_pad, tile_tokens, num_warps = max(16, triton.next_power_of_2(group)), DOT_TILE_TOKENS, 4
+    else:
+        group_pad = triton.next_power_of_2(group)
+        tile_tokens = min(MAX_TILE_TOKENS, TILE_ELEMS // (group_pad * head_pad))
+        num_warps = 8
+    return group_pad, max(1, _floor_pow2(tile_tokens) // block_size), num_warps
+
+
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor,
                                   scale: float, num_splits: int | None = None,
-                                  pages_per_tile: int | None = None) -> torch.Tensor:
+                                  pages_per_tile: int | None = None,
+                                  use_dot: bool | None = None) -> torch.Tensor:
     """Same contract as reference.paged_decode_attention_torch; num_splits / pages_per_tile
-    override the heuristics (tests use them to cover several split counts)."""
+    override the heuristics (tests use them to cover several split counts).
+
+    use_dot (default: on CUDA for fp16/bf16 q and cache) computes scores and P@V with
+    tl.dot, padding the GQA group to 16 rows for the tensor cores; the broadcast-and-reduce path
+    serves any shape and is what the interpreter runs by default. A tile is then at least 16
+    tokens, which can lower a requested split count."""
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     s, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
@@ -173,16 +208,19 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     context_lens = context_lens.contiguous()
     group = hq // hkv
     head_pad = triton.next_power_of_2(d)
-    group_pad = triton.next_power_of_2(group)
+    if use_dot is None:  # fp32 stays on the broadcast path: an ieee fp32 dot spills at D=128
+        use_dot = (q.is_cuda and q.dtype == k_cache.dtype and head_pad >= 16
+                   and q.dtype in (torch.float16, torch.bfloat16))
+    assert not use_dot or q.dtype == k_cache.dtype, "use_dot needs q and the cache in one dtype"
+    group_pad, default_pages, num_warps = launch_shape(use_dot, group, d, block_size)
     if pages_per_tile is None:
-        # The score and P@V products are [GROUP_PAD, TILE, HEAD_PAD] register tiles: keep them
-        # near TILE_ELEMS (64 fp32 registers a thread at 4 warps), at least one page a tile.
-        tile_tokens = min(MAX_TILE_TOKENS, TILE_ELEMS // (group_pad * head_pad))
-        pages_per_tile = max(1, _floor_pow2(tile_tokens) // block_size)
+        pages_per_tile = default_pages
     if num_splits is None:
         num_splits = choose_num_splits(s, hkv, max_pages, block_size, q.device)
-    # A tile never spans more than a split's share of pages (TILE must stay a power of 2).
+    # A tile never spans more than a split's share of pages (TILE must stay a power of 2)...
     pages_per_tile = min(pages_per_tile, _floor_pow2(triton.cdiv(max_pages, num_splits)))
+    if use_dot:  # ...but tl.dot needs a reduction dim of at least 16 tokens.
+        pages_per_tile = max(pages_per_tile, triton.cdiv(16, block_size))
     # Split ranges in whole tiles; recompute the count so no split is empty by construction.
     pages_per_split = triton.cdiv(triton.cdiv(max_pages, num_splits), pages_per_tile) * pages_per_tile
     num_splits = triton.cdiv(max_pages, pages_per_split)
@@ -201,6 +239,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         NUM_Q_HEADS=hq, GROUP=group, GROUP_PAD=group_pad,
         HEAD_DIM=d, HEAD_PAD=head_pad,
         BLOCK_SIZE=block_size, PAGES_PER_TILE=pages_per_tile, NUM_SPLITS=num_splits,
+        USE_DOT=use_dot, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=num_warps,
     )
     if num_splits > 1:
         _combine_splits_kernel[(s, hq)](

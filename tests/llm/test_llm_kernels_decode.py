@@ -128,11 +128,34 @@ def test_triton_decode_matches_reference(device, dtype, group, num_splits):
     k_cache, v_cache, bt, cl, dense = paged_case(LENS, bs, hkv, d, dtype, device, seed=group)
     q = torch.randn(len(LENS), hkv * group, d, device=device).to(dtype)
     scale = d ** -0.5
-    got = paged_decode_attention_triton(q, k_cache, v_cache, bt, cl, scale, num_splits=num_splits)
+    got = paged_decode_attention_triton(q, k_cache, v_cache, bt, cl, scale, num_splits=num_splits,
+                                        use_dot=False)
     want = paged_decode_attention_torch(q, k_cache, v_cache, bt, cl, scale)
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got, want, **tolerance(dtype))
     torch.testing.assert_close(got.float(), dense_attention(q, dense, scale), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_decode_tensor_core_path_matches_reference(device, dtype, group, num_splits):
+    """use_dot=True: the GQA group padded to 16 rows, scores and P@V through tl.dot (the CUDA
+    default for fp16/bf16), 16-token tiles over 4-token pages."""
+    need_triton_on(device)
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter multiplies bf16 bit patterns in tl.dot "
+                    "(triton-lang/triton#11584); runs compiled on CUDA")
+    hkv, d, bs = 2, 16, 4
+    lens = LENS + [70]
+    k_cache, v_cache, bt, cl, dense = paged_case(lens, bs, hkv, d, dtype, device, seed=group)
+    q = torch.randn(len(lens), hkv * group, d, device=device).to(dtype)
+    scale = d ** -0.5
+    got = paged_decode_attention_triton(q, k_cache, v_cache, bt, cl, scale, num_splits=num_splits,
+                                        use_dot=True)
+    want = paged_decode_attention_torch(q, k_cache, v_cache, bt, cl, scale)
+    torch.testing.assert_close(got, want, **tolerance(dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)
