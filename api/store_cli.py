@@ -3,8 +3,8 @@ restore-check | rotate-kek | audit-verify | stale-models`.
 
 Every command opens the store from the environment (USERLLM_HOME, USERLLM_DATABASE_URL,
 USERLLM_KEYS_DATABASE_URL, USERLLM_KEK / USERLLM_KEK_FILE). Output names counts and keyed hashes,
-never record contents. USERLLM_TEST_BATCH_DELAY (seconds, tests only) pauses after each committed
-batch so the crash tests can kill a run between batches.
+never record contents. USERLLM_TEST_BATCH_DELAY (seconds, tests only) pauses inside each batch's
+open transaction so the crash tests can kill a run mid-batch.
 """
 from __future__ import annotations
 

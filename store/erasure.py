@@ -139,12 +139,12 @@ def _delete_chunked(store: Store, model, uid: int, key_col, batch_size: int, on_
             ids = conn.execute(select(key_col).where(model.user_id == uid).limit(batch_size)).scalars().all()
             if ids:
                 conn.execute(delete(model).where(model.user_id == uid, key_col.in_(ids)))
+                batch_pause()  # tests only: a kill lands inside this chunk's transaction
         total += len(ids)
         if len(ids) < batch_size:
             return total
         if on_progress:
             on_progress(f"{model.__tablename__}-chunk", total)
-        batch_pause()
 
 
 def _run_step(store: Store, step: str, h: str, uid: int, batch_size: int, on_progress) -> int:  # noqa: ANN001

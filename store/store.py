@@ -27,8 +27,8 @@ from userenc.events import Event
 
 log = logging.getLogger("userllm.store")
 SQL_IN_CHUNK = 900  # stay under every backend's bound-parameter limit
-# Test-only hook (documented in the CLI help of `ingest`/`delete-user`): seconds to sleep after
-# each committed batch, so the kill -9 tests can catch a run between batches deterministically.
+# Test-only hook (documented in api/store_cli.py): seconds to sleep inside each batch's open
+# transaction, so the kill -9 tests land mid-batch deterministically. Unset in production.
 BATCH_DELAY_ENV = "USERLLM_TEST_BATCH_DELAY"
 
 
@@ -98,7 +98,6 @@ class Store:
             counts.batches += 1
             if on_batch:
                 on_batch(counts)
-            batch_pause()
         self.audit("ingest", counts.as_dict())
         log.info("ingest: %s", counts.as_dict())
         return counts
@@ -137,6 +136,7 @@ class Store:
             fresh = [r for rid, r in rows.items() if rid not in stored]
             if fresh:
                 conn.execute(insert_ignoring_duplicates(self.data, EventRow.__table__), fresh)
+            batch_pause()  # tests only: holds the batch's transaction open so a kill lands mid-batch
         counts.inserted += len(fresh)
         counts.duplicates += len(batch) - counts_tombstoned_in(batch, live) - len(fresh)
 
