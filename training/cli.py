@@ -1,0 +1,149 @@
+"""Subcommands: train-encoder, eval-encoder, embed."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training import distributed as dist
+from training.data import DEFAULT_SPECS, load_dataset
+from training.evaluate import evaluate, model_scorer, popularity_scorer
+from training.split import leave_one_out
+from training.train_encoder import TrainConfig, encoder_config_from, env_threads, train_config_from, train_encoder
+from userenc.checkpoint import load_checkpoint
+from userenc.config import FUSIONS, ITEM_LOSSES, NEGATIVES, POSITIONS, EncoderConfig
+from userenc.readers import FORMATS
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset file or folder (MovieLens: the ml-1m folder)")
+    p.add_argument("--format", default="movielens", choices=FORMATS)
+    p.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines instead of stopping")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d_enc, d_train = EncoderConfig(), TrainConfig()
+    p = sub.add_parser("train-encoder", help="pretrain the user encoder on next-event prediction")
+    _data_args(p)
+    p.add_argument("--spec", default=None, help=f"feature spec: a TOML file or a built-in name (default per format: {DEFAULT_SPECS})")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (e.g. runs/ml1m)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.last")
+    p.add_argument("--seed", type=int, default=d_train.seed)
+    p.add_argument("--epochs", type=_positive(int), default=d_train.epochs)
+    p.add_argument("--batch-size", dest="batch_size", type=_positive(int), default=d_train.batch_size)
+    p.add_argument("--lr", type=_positive(float), default=d_train.lr)
+    p.add_argument("--patience", type=_positive(int), default=d_train.patience)
+    p.add_argument("--max-minutes", dest="max_minutes", type=float, default=d_train.max_minutes, help="stop after the epoch that crosses this budget")
+    p.add_argument("--d-model", dest="d_model", type=_positive(int), default=d_enc.d_model)
+    p.add_argument("--layers", dest="n_layers", type=_positive(int), default=d_enc.n_layers)
+    p.add_argument("--heads", dest="n_heads", type=_positive(int), default=d_enc.n_heads)
+    p.add_argument("--max-len", dest="max_len", type=_positive(int), default=d_enc.max_len)
+    p.add_argument("--dropout", type=float, default=d_enc.dropout)
+    p.add_argument("--fusion", choices=FUSIONS, default=d_enc.fusion)
+    p.add_argument("--positions", choices=POSITIONS, default=d_enc.positions)
+    p.add_argument("--item-loss", dest="item_loss", choices=ITEM_LOSSES, default=d_enc.item_loss)
+    p.add_argument("--negatives", choices=NEGATIVES, default=d_enc.negatives)
+    p.add_argument("--num-negatives", dest="num_negatives", type=_positive(int), default=d_enc.num_negatives)
+    p.add_argument("--out-dim", dest="out_dim", type=_positive(int), default=d_enc.out_dim, help="user-token width (the LLM's cross-attention input)")
+    p.add_argument("--user-tokens", dest="num_user_tokens", type=int, default=d_enc.num_user_tokens, help="K: Perceiver resampler output tokens (0 = off)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval-encoder", help="full-corpus ranking metrics on validation and test")
+    _data_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", choices=("valid", "test", "both"), default="both")
+    p.add_argument("--exclude-seen", action="store_true", help="headline numbers exclude items the user already has (both are always in --json)")
+    p.add_argument("--baseline", action="store_true", help="also evaluate the popularity baseline")
+    p.add_argument("--json", dest="json_out", default=None, help="write the full report here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("embed", help="user embeddings from a checkpoint, written to a file")
+    _data_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output .npz (user_ids, embeddings)")
+    p.add_argument("--batch-size", dest="batch_size", type=_positive(int), default=256)
+    p.set_defaults(func=cmd_embed)
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError("--threads must be > 0")
+    torch.set_num_threads(args.threads or env_threads())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _threads(args)
+    cfg, tcfg = encoder_config_from(args), train_config_from(args)
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError("--dropout must be in [0, 1)")
+    dist.init()
+    try:
+        ds = load_dataset(args.data, args.format, args.spec, args.skip_bad)
+        if ds.bad_lines:
+            print(f"skipped {ds.bad_lines} malformed lines", file=sys.stderr)
+        result = train_encoder(ds.histories, ds.spec, cfg, tcfg, args.out, resume=args.resume, manifest_extra={"data_source": str(Path(args.data).resolve())}, progress=not args.quiet)
+    finally:
+        dist.shutdown()
+    if dist.rank() == 0:
+        best = result.best_valid
+        print(f"best epoch {result.best_epoch}: valid HR@10 {best.get('hr@10', 0):.4f} NDCG@10 {best.get('ndcg@10', 0):.4f}; {result.train_seconds:.0f}s; checkpoint {result.checkpoint}")
+    return 0
+
+
+def _format_row(name: str, m: dict) -> str:
+    return f"{name:<22} " + " ".join(f"{k}={m[k]:.4f}" for k in ("hr@1", "hr@5", "hr@10", "hr@50", "ndcg@10", "mrr")) + f" users={m['users']}"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _threads(args)
+    loaded = load_checkpoint(args.checkpoint)
+    ds = load_dataset(args.data, args.format, None, args.skip_bad)
+    split = leave_one_out(ds.histories)
+    scorers = {"encoder": model_scorer(loaded.model, loaded.tokenizer)}
+    if args.baseline:
+        scorers["popularity"] = popularity_scorer(loaded.tokenizer, split.train)
+    report: dict = {}
+    key = "exclude_seen" if args.exclude_seen else "all"
+    for part in ("valid", "test") if args.split == "both" else (args.split,):
+        for name, scorer in scorers.items():
+            t0 = time.perf_counter()
+            res = evaluate(scorer, loaded.tokenizer, getattr(split, part))
+            res["seconds"] = time.perf_counter() - t0
+            report[f"{part}/{name}"] = res
+            print(_format_row(f"{part} {name}{' (excl. seen)' if args.exclude_seen else ''}", res[key]))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    _threads(args)
+    loaded = load_checkpoint(args.checkpoint)
+    ds = load_dataset(args.data, args.format, None, args.skip_bad)
+    users = sorted(ds.histories)
+    t0 = time.perf_counter()
+    vectors = loaded.embed((ds.histories[u] for u in users), batch_size=args.batch_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, user_ids=np.asarray(users), embeddings=vectors)
+    tmp.replace(out)
+    print(f"embedded {len(users)} users ({vectors.shape[1]}-d) in {time.perf_counter() - t0:.1f}s -> {out}")
+    return 0

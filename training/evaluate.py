@@ -1,0 +1,113 @@
+"""Full-corpus ranking evaluation: every catalogue item is a candidate, no sampled negatives.
+
+Metrics: HR@1/5/10/50, NDCG@10, MRR, reported with and without excluding the items a user has
+already interacted with. A target unseen in training (OOV) counts as a miss.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from userenc.events import Event
+from userenc.model import UserEncoder
+from userenc.spec import FIRST_ID, OOV_ID
+from userenc.tokenize import EventTokenizer, left_pad
+
+CUTOFFS = (1, 5, 10, 50)
+# Histories longer than these event counts fall in the next bucket (for HR@10 by length).
+LENGTH_BUCKETS = (20, 50, 100, 200, 500)
+
+ScoreFn = Callable[[list[list[Event]], list[dict[str, np.ndarray]]], torch.Tensor]
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    """ranks: 1-based float array, inf for a miss."""
+    if len(ranks) == 0:
+        return {f"hr@{k}": 0.0 for k in CUTOFFS} | {"ndcg@10": 0.0, "mrr": 0.0, "users": 0}
+    out = {f"hr@{k}": float((ranks <= k).mean()) for k in CUTOFFS}
+    out["ndcg@10"] = float(np.where(ranks <= 10, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
+    out["mrr"] = float((1.0 / ranks).mean())
+    out["users"] = int(len(ranks))
+    return out
+
+
+def length_bucket(n: int) -> str:
+    lo = 0
+    for hi in LENGTH_BUCKETS:
+        if n <= hi:
+            return f"{lo + 1}-{hi}"
+        lo = hi
+    return f">{LENGTH_BUCKETS[-1]}"
+
+
+def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen: list[np.ndarray] | None) -> np.ndarray:
+    """1-based rank of each target among all candidates (ties counted against the target)."""
+    scores = scores.float().clone()
+    scores[:, :FIRST_ID] = float("-inf")
+    if seen is not None:
+        for row, items in enumerate(seen):
+            items = items[(items >= FIRST_ID) & (items != targets[row].item())]
+            scores[row, torch.from_numpy(items)] = float("-inf")
+    target_scores = scores.gather(1, targets[:, None].clamp(min=0))
+    ranks = (scores > target_scores).sum(1).float() + 1.0
+    ranks[targets < FIRST_ID] = math.inf
+    return ranks.numpy()
+
+
+def model_scorer(model: UserEncoder, tokenizer: EventTokenizer) -> ScoreFn:
+    def score(histories: list[list[Event]], encoded: list[dict[str, np.ndarray]]) -> torch.Tensor:
+        ids, valid = left_pad(encoded, tokenizer.spec, model.cfg.max_len)
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            states = model.states({k: torch.from_numpy(v).to(device) for k, v in ids.items()}, torch.from_numpy(valid).to(device))
+            return model.heads.item_scores(states[:, -1]).cpu()
+
+    return score
+
+
+def evaluate(
+    score: ScoreFn,
+    tokenizer: EventTokenizer,
+    cases: dict[str, tuple[list[Event], Event]],
+    batch_size: int = 256,
+) -> dict[str, dict]:
+    """{"all": metrics, "exclude_seen": metrics, "by_length": {bucket: hr@10 (all)}}."""
+    item_vocab = tokenizer.vocabs[tokenizer.spec.item.name]
+    item_name = tokenizer.spec.item.name
+    ranks_all, ranks_excl, lengths = [], [], []
+    users = sorted(cases)
+    for i in range(0, len(users), batch_size):
+        chunk = [cases[u] for u in users[i : i + batch_size]]
+        histories = [h for h, _ in chunk]
+        encoded = [tokenizer.encode(h) for h in histories]
+        targets = torch.tensor([item_vocab.id(t.item_id) for _, t in chunk], dtype=torch.long)
+        scores = score(histories, encoded)
+        ranks_all.append(rank_targets(scores, targets, None))
+        ranks_excl.append(rank_targets(scores, targets, [e[item_name] for e in encoded]))
+        lengths += [len(h) for h in histories]
+    all_r = np.concatenate(ranks_all) if ranks_all else np.zeros(0)
+    excl_r = np.concatenate(ranks_excl) if ranks_excl else np.zeros(0)
+    by_length: dict[str, dict[str, float]] = {}
+    for bucket in dict.fromkeys(length_bucket(n) for n in sorted(lengths)):
+        sel = np.array([length_bucket(n) == bucket for n in lengths])
+        by_length[bucket] = {"users": int(sel.sum()), "hr@10": float((all_r[sel] <= 10).mean())}
+    oov = int(sum(1 for _, t in (cases[u] for u in users) if item_vocab.id(t.item_id) == OOV_ID))
+    return {"all": metrics_from_ranks(all_r), "exclude_seen": metrics_from_ranks(excl_r), "by_length": by_length, "oov_targets": oov}
+
+
+def popularity_scorer(tokenizer: EventTokenizer, train: dict[str, list[Event]]) -> ScoreFn:
+    """The popularity baseline: every user gets the catalogue ranked by training counts."""
+    item_vocab = tokenizer.vocabs[tokenizer.spec.item.name]
+    counts = torch.zeros(len(item_vocab))
+    for h in train.values():
+        for e in h:
+            counts[item_vocab.id(e.item_id)] += 1
+    counts[:FIRST_ID] = float("-inf")
+
+    def score(histories: list[list[Event]], encoded: list[dict[str, np.ndarray]]) -> torch.Tensor:
+        return counts.expand(len(histories), -1)
+
+    return score

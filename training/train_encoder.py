@@ -1,0 +1,211 @@
+"""Encoder pretraining: next-event prediction on leave-one-out training histories.
+
+AdamW with linear warm-up and cosine decay, validation (full ranking NDCG@10) after every
+epoch with early stopping, the best model saved as a checkpoint folder, and the latest
+training state beside it for `--resume`. Under torchrun each rank trains on its shard of the
+windows (DDP: gloo on CPU, NCCL on GPU); rank 0 validates and writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from training import distributed as dist
+from training.evaluate import evaluate, model_scorer
+from training.split import Split, data_fingerprint, leave_one_out, windows
+from userenc.checkpoint import save_checkpoint
+from userenc.config import EncoderConfig
+from userenc.events import Event
+from userenc.model import UserEncoder
+from userenc.spec import FeatureSpec
+from userenc.tokenize import EventTokenizer, left_pad
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    patience: int = 4
+    seed: int = 0
+    max_minutes: float = 0.0  # 0: no time budget; else stop after the epoch that crosses it
+    grad_clip: float = 1.0
+
+
+@dataclass(slots=True)
+class TrainResult:
+    checkpoint: Path
+    best_epoch: int
+    best_valid: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _batches(items: list[dict[str, np.ndarray]], batch_size: int, rng: np.random.Generator) -> list[list[dict[str, np.ndarray]]]:
+    """Shuffled batches of similar lengths (less padding): shuffle, sort within chunks of 50 batches."""
+    order = rng.permutation(len(items))
+    chunk = batch_size * 50
+    batches = []
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i : i + chunk], key=lambda j: len(items[j]["__len__"]))
+        batches += [[items[j] for j in part[k : k + batch_size]] for k in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _training_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Optimizer moments keyed by parameter name (safetensors holds flat tensors only)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                out[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().clone()
+    out["rng.torch"] = torch.get_rng_state()
+    return out
+
+
+def _restore_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for key, value in state.items():
+        if key.startswith("opt."):
+            name, slot = key[4:].rsplit(".", 1)
+            opt.state[params[name]][slot] = value.to(params[name].device) if slot != "step" else value
+    torch.set_rng_state(state["rng.torch"])
+
+
+def train_encoder(
+    histories: dict[str, list[Event]],
+    spec: FeatureSpec,
+    cfg: EncoderConfig,
+    tcfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    manifest_extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    out = Path(out)
+    seed_everything(tcfg.seed)
+    split: Split = leave_one_out(histories)
+    tokenizer = EventTokenizer.fit(spec, split.train.values())  # vocabularies from training only
+    cfg.vocab_sizes = {f.name: tokenizer.vocab_size(f) for f in spec.features}
+    model = UserEncoder(spec, cfg, tokenizer.item_attributes)
+    device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+
+    items = []
+    for user in sorted(split.train):
+        for w in windows(tokenizer.encode(split.train[user]), cfg.max_len):
+            w["__len__"] = w[spec.item.name]
+            items.append(w)
+    items = dist.shard(items)
+    steps_per_epoch = math.ceil(len(items) / tcfg.batch_size)
+    total_steps = steps_per_epoch * tcfg.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, max(1, int(tcfg.warmup_frac * total_steps))))
+    wrapped = dist.wrap(model)
+
+    state_dir = out.with_name(out.name + ".last")
+    meta: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "seconds": 0.0}
+    if resume and (state_dir / "state.json").is_file():
+        meta = json.loads((state_dir / "state.json").read_text())
+        model.load_state_dict(load_file(str(state_dir / "model.safetensors")))
+        _restore_state(model, opt, load_file(str(state_dir / "training_state.safetensors")))
+        sched.last_epoch = meta["epoch"] * steps_per_epoch - 1
+        sched.step()  # re-derive the learning rate at the resumed step
+    elif resume:
+        raise FileNotFoundError(f"nothing to resume: {state_dir} has no training state")
+
+    manifest = {
+        "data_source": manifest_extra.get("data_source") if manifest_extra else None,
+        "data_sha256": data_fingerprint(histories),
+        "users": len(histories),
+        "spec": spec.name,
+        "train_config": asdict(tcfg),
+        "versions": {"torch": torch.__version__, "userllm": "0.1.0"},
+    } | (manifest_extra or {})
+    scorer = model_scorer(model, tokenizer)
+    started = time.perf_counter() - meta["seconds"]
+    for epoch in range(meta["epoch"] + 1, tcfg.epochs + 1):
+        model.train()
+        rng = np.random.default_rng([tcfg.seed, epoch, dist.rank()])
+        batches = _batches(items, tcfg.batch_size, rng)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{tcfg.epochs}", unit="batch", disable=not progress or dist.rank() != 0, dynamic_ncols=True, mininterval=1.0)
+        seen_events, t0, losses = 0, time.perf_counter(), []
+        for batch in bar:
+            ids_np, valid_np = left_pad(batch, spec, cfg.max_len)
+            ids = {k: torch.from_numpy(v).to(device) for k, v in ids_np.items()}
+            loss, _ = wrapped(ids, torch.from_numpy(valid_np).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            seen_events += int(valid_np.sum())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", ev_s=f"{seen_events / (time.perf_counter() - t0):.0f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        train_loss = dist.mean(float(np.mean(losses)) if losses else 0.0)
+        stop = False
+        if dist.rank() == 0:
+            model.eval()
+            valid_metrics = evaluate(scorer, tokenizer, split.valid)
+            ndcg = valid_metrics["all"]["ndcg@10"]
+            row = {"epoch": epoch, "train_loss": train_loss, "valid": valid_metrics["all"], "seconds": time.perf_counter() - started}
+            meta["history"].append(row)
+            if progress:
+                tqdm.write(f"epoch {epoch}: loss {train_loss:.4f}  valid HR@10 {valid_metrics['all']['hr@10']:.4f}  NDCG@10 {ndcg:.4f}")
+            if ndcg > meta["best_ndcg"]:
+                meta.update(best_ndcg=ndcg, best_epoch=epoch, bad_epochs=0, best_valid=valid_metrics["all"])
+                save_checkpoint(out, model, tokenizer, manifest | {"epoch": epoch, "metrics": {"valid": valid_metrics["all"]}})
+            else:
+                meta["bad_epochs"] += 1
+            meta["epoch"], meta["seconds"] = epoch, time.perf_counter() - started
+            over_time = tcfg.max_minutes and meta["seconds"] > 60 * tcfg.max_minutes
+            stop = meta["bad_epochs"] >= tcfg.patience or bool(over_time)
+            save_checkpoint(state_dir, model, tokenizer, manifest, extra=_training_state(model, opt))
+            (state_dir / "state.json").write_text(json.dumps(meta, indent=1))
+        if dist.broadcast_flag(stop):
+            break
+    dist.barrier()
+    return TrainResult(out, meta["best_epoch"], meta.get("best_valid", {}), meta["history"], meta["seconds"])
+
+
+def train_config_from(args: Any) -> TrainConfig:
+    return TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if getattr(args, k, None) is not None})
+
+
+def encoder_config_from(args: Any) -> EncoderConfig:
+    return EncoderConfig(**{k: getattr(args, k) for k in EncoderConfig.__dataclass_fields__ if k != "vocab_sizes" and getattr(args, k, None) is not None})
+
+
+def env_threads(default: int | None = None) -> int:
+    return int(os.environ.get("USERLLM_THREADS", default or os.cpu_count() or 1))

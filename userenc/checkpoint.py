@@ -1,0 +1,94 @@
+"""A trained encoder on disk: config.json, model.safetensors, vocab/, manifest.json.
+
+Writes go to a temporary folder that is renamed into place, so a reader never sees half a
+checkpoint. The manifest is written by whoever trains (it knows the data and user set).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from userenc.config import EncoderConfig
+from userenc.events import Event
+from userenc.model import UserEncoder
+from userenc.tokenize import EventTokenizer, left_pad
+
+
+@dataclass(slots=True)
+class LoadedEncoder:
+    model: UserEncoder
+    tokenizer: EventTokenizer
+    manifest: dict[str, Any]
+    path: Path
+
+    def batch(self, histories: list[list[Event]], device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Tokenize, left-truncate to max_len and left-pad a batch of histories."""
+        encoded = [self.tokenizer.encode(h) for h in histories]
+        ids, valid = left_pad(encoded, self.tokenizer.spec, self.model.cfg.max_len)
+        return {k: torch.from_numpy(v).to(device) for k, v in ids.items()}, torch.from_numpy(valid).to(device)
+
+    def embed(self, histories: Iterable[list[Event]], batch_size: int = 256) -> np.ndarray:
+        """[N, out_dim] user embeddings (float32), in input order."""
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        out, chunk = [], []
+        for h in histories:
+            if not h:
+                raise ValueError("cannot embed a user with an empty history")
+            chunk.append(h)
+            if len(chunk) == batch_size:
+                out.append(self.model.user_embedding(*self.batch(chunk, device)).float().cpu().numpy())
+                chunk = []
+        if chunk:
+            out.append(self.model.user_embedding(*self.batch(chunk, device)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.cfg.out_dim), dtype=np.float32)
+
+
+def save_checkpoint(folder: str | Path, model: UserEncoder, tokenizer: EventTokenizer, manifest: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Atomically (re)write a checkpoint folder. `extra` tensors (optimizer state for resume)
+    go to training_state.safetensors beside the weights."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=1))
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        tokenizer.save(tmp / "vocab")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if extra:
+            save_file({k: v.contiguous().cpu() for k, v in extra.items()}, str(tmp / "training_state.safetensors"))
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> LoadedEncoder:
+    folder = Path(folder)
+    for name in ("config.json", "model.safetensors", "vocab"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder} is not an encoder checkpoint ({name} missing)")
+    cfg = EncoderConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    tokenizer = EventTokenizer.load(folder / "vocab")
+    model = UserEncoder(tokenizer.spec, cfg, tokenizer.item_attributes)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model.to(device).eval()
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    return LoadedEncoder(model, tokenizer, manifest, folder)

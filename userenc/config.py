@@ -1,0 +1,54 @@
+"""Encoder hyper-parameters: one slotted dataclass, saved as config.json beside the weights."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+FUSIONS = ("early", "late")
+POSITIONS = ("rope", "learned")
+ITEM_LOSSES = ("full", "sampled")
+NEGATIVES = ("in_batch", "uniform")
+
+
+@dataclass(slots=True)
+class EncoderConfig:
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    ffn_mult: int = 4
+    max_len: int = 200  # events seen; longer histories are left-truncated (>= 512 supported)
+    dropout: float = 0.2
+    fusion: str = "early"  # early: concatenate feature embeddings then MLP; late: one encoder per feature
+    positions: str = "rope"
+    # Next-item loss: full softmax over the catalogue, or sampled softmax for large catalogues.
+    item_loss: str = "full"
+    negatives: str = "in_batch"
+    num_negatives: int = 256
+    # Output: a projection to out_dim (the LLM's user-token width) and, if num_user_tokens > 0,
+    # a Perceiver resampler compressing the states to that many user tokens.
+    out_dim: int = 64
+    num_user_tokens: int = 0
+    perceiver_layers: int = 1
+    # Filled from the tokenizer when the model is built: vocabulary size per feature.
+    vocab_sizes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS or self.positions not in POSITIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, positions one of {POSITIONS}")
+        if self.item_loss not in ITEM_LOSSES or self.negatives not in NEGATIVES:
+            raise ValueError(f"item_loss must be one of {ITEM_LOSSES}, negatives one of {NEGATIVES}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError("d_model must split into n_heads heads of even width")
+        if min(self.n_layers, self.max_len, self.out_dim) <= 0 or self.num_user_tokens < 0:
+            raise ValueError("n_layers, max_len, out_dim must be positive and num_user_tokens >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown encoder settings: {', '.join(sorted(unknown))}")
+        return cls(**d)

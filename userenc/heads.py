@@ -1,0 +1,103 @@
+"""Next-event heads: what the state after event t predicts about event t+1.
+
+- item: scores against every candidate item (full softmax), or a sampled softmax with in-batch
+  or uniform negatives for large catalogues. A candidate's embedding is its item embedding plus
+  its static attributes (a movie's genres), so attribute-sharing items share signal.
+- multi_categorical targets (genres): multi-label, binary cross-entropy per value.
+- other categorical/bucket targets (rating): softmax over the feature's ids.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from userenc.config import EncoderConfig
+from userenc.fusion import FeatureEmbedding
+from userenc.spec import FIRST_ID, OOV_ID, PAD_ID, FeatureSpec
+
+
+class CandidateTower(nn.Module):
+    """Embeddings of every item in the catalogue, for ranking."""
+
+    def __init__(self, spec: FeatureSpec, vocab_sizes: dict[str, int], item_attributes: dict[str, torch.Tensor], dim: int) -> None:
+        super().__init__()
+        self.item = nn.Embedding(vocab_sizes[spec.item.name], dim, padding_idx=PAD_ID)
+        self.attr_names = sorted(item_attributes)
+        self.attr_embed = nn.ModuleDict()
+        self.attr_lift = nn.ModuleDict()
+        for f in spec.features:
+            if f.name in item_attributes:
+                self.attr_embed[f.name] = FeatureEmbedding(f, vocab_sizes[f.name])
+                self.attr_lift[f.name] = nn.Linear(f.dim, dim, bias=False)
+                self.register_buffer(f"attr_{f.name}", item_attributes[f.name].long(), persistent=True)
+
+    def forward(self, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[*, dim] for the given item ids, or [num_items, dim] for the whole catalogue."""
+        ids = item_ids if item_ids is not None else torch.arange(self.item.num_embeddings, device=self.item.weight.device)
+        out = self.item(ids)
+        for name in self.attr_names:
+            attrs = getattr(self, f"attr_{name}")[ids]
+            if attrs.shape[-1] == 1:
+                attrs = attrs.squeeze(-1)
+            out = out + self.attr_lift[name](self.attr_embed[name](attrs))
+        return out
+
+
+class NextEventHeads(nn.Module):
+    def __init__(self, spec: FeatureSpec, cfg: EncoderConfig, item_attributes: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.spec = spec
+        item_dim = spec.item.dim
+        self.query = nn.Linear(cfg.d_model, item_dim, bias=False)
+        self.candidates = CandidateTower(spec, cfg.vocab_sizes, item_attributes, item_dim)
+        self.others = nn.ModuleDict(
+            {f.name: nn.Linear(cfg.d_model, cfg.vocab_sizes[f.name]) for f in spec.features if f.target and not f.is_item}
+        )
+
+    def item_scores(self, states: torch.Tensor) -> torch.Tensor:
+        """Scores over the whole catalogue [*, num_items]; padding and OOV ids can never win."""
+        scores = self.query(states) @ self.candidates().T
+        scores[..., :FIRST_ID] = float("-inf")
+        return scores
+
+    def loss(self, states: torch.Tensor, targets: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean next-event loss over positions where `valid` (a real next event exists)."""
+        h = states[valid]
+        parts: dict[str, torch.Tensor] = {}
+        item = self.spec.item
+        if item.target:
+            parts[item.name] = self._item_loss(h, targets[item.name][valid]) * item.loss_weight
+        for f in self.spec.features:
+            if f.name not in self.others:
+                continue
+            logits = self.others[f.name](h)
+            tgt = targets[f.name][valid]
+            if f.kind == "multi_categorical":
+                multi_hot = torch.zeros_like(logits).scatter_(1, tgt, 1.0)
+                multi_hot[:, PAD_ID] = 0.0
+                loss = F.binary_cross_entropy_with_logits(logits[:, FIRST_ID:], multi_hot[:, FIRST_ID:])
+            else:
+                loss = F.cross_entropy(logits, tgt, ignore_index=PAD_ID)
+            parts[f.name] = loss * f.loss_weight
+        total = sum(parts.values())
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+    def _item_loss(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # OOV targets (items unseen in training) carry no learnable signal: ignored.
+        keep = target != OOV_ID
+        h, target = h[keep], target[keep]
+        if self.cfg.item_loss == "full" or not self.training:
+            return F.cross_entropy(self.item_scores(h), target)
+        q = self.query(h)
+        if self.cfg.negatives == "in_batch":
+            # The batch's distinct target items are the candidates: every other one is a negative.
+            cand_ids, label = torch.unique(target, return_inverse=True)
+            return F.cross_entropy(q @ self.candidates(cand_ids).T, label)
+        n_items = self.candidates.item.num_embeddings
+        negatives = torch.randint(FIRST_ID, n_items, (self.cfg.num_negatives,), device=q.device)
+        pos = (q * self.candidates(target)).sum(-1, keepdim=True)
+        neg = q @ self.candidates(negatives).T
+        neg = neg.masked_fill(negatives[None, :] == target[:, None], float("-inf"))
+        return F.cross_entropy(torch.cat([pos, neg], dim=1), torch.zeros(len(target), dtype=torch.long, device=q.device))

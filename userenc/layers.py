@@ -1,0 +1,116 @@
+"""Transformer pieces: RMSNorm, rotary positions, a pre-norm causal block, cross-attention."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, 1, T, head_dim/2] for integer positions [B, T]."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    a, b = x.float().chunk(2, dim=-1)
+    return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1).type_as(x)
+
+
+def causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool: query t sees real keys <= t. A padding query sees only itself, which
+    keeps its softmax finite; its output is never used."""
+    t = valid.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
+    mask = causal & valid[:, None, :]
+    return (mask | torch.eye(t, dtype=torch.bool, device=valid.device))[:, None]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, rope: bool) -> None:
+        super().__init__()
+        self.n_heads, self.rope, self.dropout = n_heads, rope, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, mult: int, dropout: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, 2 * mult * d_model, bias=False)  # SwiGLU: gate and value
+        self.down = nn.Linear(mult * d_model, d_model, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.up(x).chunk(2, dim=-1)
+        return self.drop(self.down(F.silu(gate) * value))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, mult: int, dropout: float, rope: bool) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(d_model), RMSNorm(d_model)
+        self.attn = SelfAttention(d_model, n_heads, dropout, rope)
+        self.ffn = FeedForward(d_model, mult, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), mask, rope))
+        return x + self.ffn(self.norm2(x))
+
+
+class CausalTransformer(nn.Module):
+    def __init__(self, d_model: int, n_layers: int, n_heads: int, mult: int, dropout: float, rope: bool) -> None:
+        super().__init__()
+        self.head_dim = d_model // n_heads
+        self.rope = rope
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, mult, dropout, rope) for _ in range(n_layers))
+        self.norm = RMSNorm(d_model)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        mask = causal_mask(valid)
+        rope = rope_tables(positions, self.head_dim) if self.rope else None
+        for block in self.blocks:
+            x = block(x, mask, rope)
+        return self.norm(x)
+
+
+class CrossAttention(nn.Module):
+    """Queries from one sequence (latents), keys/values from another, with a key mask."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        b, k, d = queries.shape
+        t = keys.shape[1]
+        h = self.n_heads
+        q = self.q(queries).view(b, k, h, d // h).transpose(1, 2)
+        kk, vv = self.kv(keys).view(b, t, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=key_valid[:, None, None, :])
+        return self.out(y.transpose(1, 2).reshape(b, k, d))

@@ -1,0 +1,119 @@
+"""The user encoder: feature embeddings -> fusion -> causal transformer -> per-position states,
+next-event heads for training, and a projection (optionally through a Perceiver resampler) to the
+user tokens an LLM reads.
+
+    model = UserEncoder(spec, cfg, tokenizer.item_attributes)
+    tokens, mask = model.encode(batch_ids, valid)        # [B, K or T, out_dim]
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from userenc.config import EncoderConfig
+from userenc.fusion import EarlyFusion, LateFusion
+from userenc.heads import NextEventHeads
+from userenc.layers import CausalTransformer
+from userenc.perceiver import PerceiverResampler
+from userenc.spec import FeatureSpec
+
+
+def positions_from_left(valid: torch.Tensor) -> torch.Tensor:
+    """Position 0 at each sequence's first real event, so left padding changes nothing."""
+    return (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class UserEncoder(nn.Module):
+    def __init__(self, spec: FeatureSpec, cfg: EncoderConfig, item_attributes: dict[str, np.ndarray] | None = None) -> None:
+        super().__init__()
+        missing = [f.name for f in spec.features if f.name not in cfg.vocab_sizes]
+        assert not missing, f"vocab_sizes lacks {missing}"
+        self.spec, self.cfg = spec, cfg
+        rope = cfg.positions == "rope"
+        attrs = {k: torch.as_tensor(v) for k, v in (item_attributes or {}).items()}
+
+        def transformer() -> CausalTransformer:
+            return CausalTransformer(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.ffn_mult, cfg.dropout, rope)
+
+        if cfg.fusion == "early":
+            self.fusion = EarlyFusion(spec, cfg.vocab_sizes, cfg.d_model, cfg.dropout)
+            self.encoder = transformer()
+        else:
+            per_feature = nn.ModuleDict({f.name: transformer() for f in spec.features})
+            self.fusion = LateFusion(spec, cfg.vocab_sizes, cfg.d_model, cfg.dropout, per_feature)
+            self.encoder = None
+        self.learned_pos = None if rope else nn.Embedding(cfg.max_len, cfg.d_model)
+        self.heads = NextEventHeads(spec, cfg, attrs)
+        self.resampler = (
+            PerceiverResampler(cfg.d_model, cfg.num_user_tokens, cfg.perceiver_layers, cfg.n_heads, cfg.ffn_mult, cfg.dropout)
+            if cfg.num_user_tokens
+            else None
+        )
+        self.proj = nn.Linear(cfg.d_model, cfg.out_dim)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                m.weight.data[m.padding_idx].zero_()
+
+    def states(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        """Per-position user states [B, T, d_model]; state t has seen events 0..t only."""
+        assert valid.shape[1] <= self.cfg.max_len, f"sequence of {valid.shape[1]} exceeds max_len {self.cfg.max_len}"
+        pos = positions_from_left(valid)
+        if self.encoder is None:
+            return self.fusion(ids, valid, pos)
+        x = self.fusion(ids)
+        if self.learned_pos is not None:
+            x = x + self.learned_pos(pos)
+        return self.encoder(x, valid, pos)
+
+    def user_tokens(self, states: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected user tokens: [B, K, out_dim] through the resampler, else [B, T, out_dim]."""
+        if self.resampler is not None:
+            tokens = self.resampler(states, valid)
+            return self.proj(tokens), torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return self.proj(states), valid
+
+    @torch.inference_mode()
+    def encode(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch inference: ([B, K or T, out_dim], mask [B, K or T])."""
+        if not bool(valid.any(dim=1).all()):
+            raise ValueError("every history to encode needs at least one event")
+        return self.user_tokens(self.states(ids, valid), valid)
+
+    @torch.inference_mode()
+    def user_embedding(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        """One vector per user [B, out_dim]: the last state's projection (mean of the K tokens
+        with a resampler) -- what the store indexes for similar-user search."""
+        tokens, mask = self.encode(ids, valid)
+        if self.resampler is not None:
+            return tokens.mean(dim=1)
+        return tokens[:, -1]  # left padding: the last position is each user's latest event
+
+    def next_event_loss(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Teacher-forced next-event loss: state t predicts event t+1, for every real pair."""
+        states = self.states(ids, valid)
+        inputs = states[:, :-1]
+        targets = {name: x[:, 1:] for name, x in ids.items()}
+        pair_valid = valid[:, :-1] & valid[:, 1:]
+        loss, parts = self.heads.loss(inputs, targets, pair_valid)
+        if self.resampler is not None:
+            # The resampler learns from the same objective: its pooled tokens, reading the history
+            # up to the second-to-last event, predict the last one.
+            prefix_valid = valid.clone()
+            prefix_valid[:, -1] = False
+            usable = prefix_valid.any(dim=1)
+            pooled = self.resampler(states[usable], prefix_valid[usable]).mean(dim=1)
+            last = {name: x[usable, -1:] for name, x in ids.items()}
+            aux, _ = self.heads.loss(pooled[:, None], last, torch.ones(len(pooled), 1, dtype=torch.bool, device=valid.device))
+            parts["resampler"] = float(aux.detach())
+            loss = loss + aux
+        return loss, parts

@@ -1,0 +1,133 @@
+"""The declared feature spec: which features an event has and how each becomes integer ids.
+
+Loaded from TOML (`[[feature]]` tables). Id 0 is padding, id 1 is "unknown or missing" (OOV),
+real values start at 2, for every kind.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+PAD_ID = 0
+OOV_ID = 1
+FIRST_ID = 2
+
+KINDS = ("categorical", "multi_categorical", "numeric", "time")
+TIME_PARTS = ("hour", "weekday", "gap")
+DAY = 86_400
+# Log-spaced gaps in seconds: same moment, minutes, hours, a day, days, weeks, months, a year.
+DEFAULT_GAP_BOUNDARIES = [1, 60, 600, 3600, 6 * 3600, DAY, 3 * DAY, 7 * DAY, 30 * DAY, 90 * DAY, 365 * DAY]
+
+
+@dataclass(slots=True)
+class Feature:
+    name: str
+    kind: str
+    # Where the value comes from: "item_id", "timestamp", or a key of Event.fields.
+    source: str = ""
+    dim: int = 32
+    # categorical / multi_categorical: vocabulary limits, built on the training split.
+    max_vocab: int = 0  # 0: keep every value seen min_count times
+    min_count: int = 1
+    max_values: int = 8  # multi_categorical: values kept per event
+    # numeric / time "gap": bucket boundaries (value < b[0] -> bucket 0, ...).
+    boundaries: list[float] = field(default_factory=list)
+    part: str = ""  # time: hour | weekday | gap
+    # Next-event prediction: this feature of the next event is a training target.
+    target: bool = False
+    loss_weight: float = 1.0
+    # A static attribute of the item (genres of a movie): also used to embed ranking candidates.
+    item_attribute: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"feature {self.name!r}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not self.source:
+            self.source = "timestamp" if self.kind == "time" else self.name
+        if self.kind == "time":
+            if self.part not in TIME_PARTS:
+                raise ValueError(f"feature {self.name!r}: time part must be one of {', '.join(TIME_PARTS)}")
+            if self.part == "gap" and not self.boundaries:
+                self.boundaries = list(DEFAULT_GAP_BOUNDARIES)
+        if self.kind == "numeric" and not self.boundaries:
+            raise ValueError(f"feature {self.name!r}: numeric features need bucket boundaries")
+        if list(self.boundaries) != sorted(self.boundaries):
+            raise ValueError(f"feature {self.name!r}: boundaries must be increasing")
+        if self.dim <= 0 or self.max_values <= 0 or self.max_vocab < 0 or self.min_count < 1:
+            raise ValueError(f"feature {self.name!r}: dim, max_values, max_vocab, min_count out of range")
+        if self.item_attribute and self.kind not in ("categorical", "multi_categorical"):
+            raise ValueError(f"feature {self.name!r}: only categorical features can be item attributes")
+
+    @property
+    def is_item(self) -> bool:
+        return self.source == "item_id"
+
+    @property
+    def fixed_size(self) -> int:
+        """Vocabulary size of kinds whose ids need no vocabulary (buckets, hours, weekdays)."""
+        if self.kind == "numeric" or (self.kind == "time" and self.part == "gap"):
+            return FIRST_ID + len(self.boundaries) + 1
+        if self.kind == "time":
+            return FIRST_ID + (24 if self.part == "hour" else 7)
+        return 0
+
+
+@dataclass(slots=True)
+class FeatureSpec:
+    name: str
+    features: list[Feature]
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError(f"spec {self.name!r}: feature names must be unique")
+        items = [f for f in self.features if f.is_item]
+        if len(items) != 1 or items[0].kind != "categorical":
+            raise ValueError(f"spec {self.name!r}: exactly one categorical feature must have source = \"item_id\"")
+
+    @property
+    def item(self) -> Feature:
+        return next(f for f in self.features if f.is_item)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "feature": [asdict(f) for f in self.features]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
+        if not isinstance(d.get("feature"), list) or not d["feature"]:
+            raise ValueError("a feature spec needs at least one [[feature]] table")
+        known = set(Feature.__dataclass_fields__)
+        features = []
+        for entry in d["feature"]:
+            unknown = set(entry) - known
+            if unknown:
+                raise ValueError(f"feature {entry.get('name')!r}: unknown keys {', '.join(sorted(unknown))}")
+            features.append(Feature(**entry))
+        return cls(name=str(d.get("name", "spec")), features=features)
+
+    def only(self, names: list[str]) -> "FeatureSpec":
+        """The same spec restricted to some features (the ID-only baseline is `only(["item"])`)."""
+        kept = [Feature(**asdict(f)) for f in self.features if f.name in names]
+        return FeatureSpec(f"{self.name}[{','.join(names)}]", kept)
+
+
+def load_spec(path_or_name: str | Path) -> FeatureSpec:
+    """A TOML file, or the name of a built-in spec (movielens, movielens_id_only, amazon, generic)."""
+    path = Path(path_or_name)
+    if path.suffix != ".toml" and not path.exists():
+        builtin = resources.files("userenc") / "specs" / f"{path_or_name}.toml"
+        if not builtin.is_file():
+            raise FileNotFoundError(f"no spec file {path_or_name} and no built-in spec of that name")
+        text = builtin.read_text(encoding="utf-8")
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"no spec file {path}")
+        text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path_or_name}: invalid TOML: {err}") from None
+    return FeatureSpec.from_dict(data)
