@@ -26,15 +26,16 @@ def subprocess_env(backend, kek_b64: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def cli_command() -> list[str]:
-    """`python -m api.cli`; while a module api.cli lists is not written yet (another engineer's
-    area), the same api.cli.main with only the store commands registered."""
+def cli_command(full: bool = False) -> list[str]:
+    """`python -m api.cli` (full=True: the kill -9 tests), else the same api.cli.main with only the
+    store commands registered: other areas' command modules import torch at start-up (~2 s a
+    process on this machine), which the store commands never need."""
     import importlib.util
     import sys
 
     from api.cli import COMMAND_MODULES
 
-    if all(importlib.util.find_spec(m) is not None for m in COMMAND_MODULES):
+    if full and all(importlib.util.find_spec(m) is not None for m in COMMAND_MODULES):
         return [sys.executable, "-m", "api.cli"]
     return [sys.executable, "-c", "import sys, api.cli as c; c.COMMAND_MODULES = ('api.store_cli',); sys.exit(c.main())"]
 

@@ -18,7 +18,7 @@ BATCH = 20
 
 def _start(backend, kek_b64, args, delay="0.05"):
     env = subprocess_env(backend, kek_b64, USERLLM_TEST_BATCH_DELAY=delay)
-    return subprocess.Popen(cli_command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    return subprocess.Popen(cli_command(full=True) + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
 
 
 def _kill_after(proc, marker: str, count: int, timeout: float = 60.0) -> list[str]:
@@ -69,7 +69,7 @@ def test_kill_9_mid_ingest_then_rerun_loses_and_duplicates_nothing(backend, kek_
         assert {e.event_id for e in acknowledged if e.user_id == user} <= have
     store.close()
 
-    rerun = subprocess.run(cli_command() + args, env=subprocess_env(backend, kek_b64), capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(cli_command(full=True) + args, env=subprocess_env(backend, kek_b64), capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert f"ingested {len(events) - stored} new events ({stored} already stored" in rerun.stdout
     store = _open(backend, kek_b64)
@@ -94,9 +94,9 @@ def test_kill_9_mid_erasure_then_rerun_completes(backend, kek_b64):
     store.close()
 
     env = subprocess_env(backend, kek_b64)
-    again = subprocess.run(cli_command() + args, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cli_command(full=True) + args, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "(resumed)" in again.stdout, again.stderr
-    check = subprocess.run(cli_command() + ["admin", "verify-deleted", "u0"], env=env, capture_output=True, text=True, timeout=120)
+    check = subprocess.run(cli_command(full=True) + ["admin", "verify-deleted", "u0"], env=env, capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and "nothing remains" in check.stdout, check.stdout + check.stderr
     store = _open(backend, kek_b64)
     assert _event_count(store) == 300 and len(store.history("u1")) == 300
