@@ -52,7 +52,8 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen: list[np.ndar
             items = items[(items >= FIRST_ID) & (items != targets[row].item())]
             scores[row, torch.from_numpy(items)] = float("-inf")
     target_scores = scores.gather(1, targets[:, None].clamp(min=0))
-    ranks = (scores > target_scores).sum(1).float() + 1.0
+    # >= counts the target itself and every tie: a constant scorer ranks last, not first.
+    ranks = (scores >= target_scores).sum(1).float()
     ranks[targets < FIRST_ID] = math.inf
     return ranks.numpy()
 
