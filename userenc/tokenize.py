@@ -107,8 +107,8 @@ class EventTokenizer:
                 arr = np.zeros((n, f.max_values), dtype=np.int64)
                 vocab = self.vocabs[f.name]
                 for t, e in enumerate(history):
-                    ids = [vocab.id(v) for v in _as_list(_values(e, f))[: f.max_values]]
-                    arr[t, : len(ids)] = ids or [OOV_ID]
+                    ids = [vocab.id(v) for v in _as_list(_values(e, f))[: f.max_values]] or [OOV_ID]
+                    arr[t, : len(ids)] = ids
             else:
                 arr = np.fromiter((self._scalar_id(f, history, t) for t in range(n)), dtype=np.int64, count=n)
             out[f.name] = arr
