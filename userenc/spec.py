@@ -99,13 +99,24 @@ class FeatureSpec:
     def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
         if not isinstance(d.get("feature"), list) or not d["feature"]:
             raise ValueError("a feature spec needs at least one [[feature]] table")
+        unknown_top = set(d) - {"name", "feature"}
+        if unknown_top:
+            raise ValueError(f"spec: unknown keys {', '.join(sorted(unknown_top))}")
         known = set(Feature.__dataclass_fields__)
         features = []
         for entry in d["feature"]:
+            if not isinstance(entry, dict):
+                raise ValueError("each [[feature]] entry must be a table")
             unknown = set(entry) - known
             if unknown:
                 raise ValueError(f"feature {entry.get('name')!r}: unknown keys {', '.join(sorted(unknown))}")
-            features.append(Feature(**entry))
+            missing = {"name", "kind"} - set(entry)
+            if missing:
+                raise ValueError(f"feature {entry.get('name')!r}: missing {', '.join(sorted(missing))}")
+            try:
+                features.append(Feature(**entry))
+            except TypeError as err:  # a value of the wrong type (dim = "big") fails a comparison
+                raise ValueError(f"feature {entry.get('name')!r}: a value has the wrong type ({err})") from None
         return cls(name=str(d.get("name", "spec")), features=features)
 
     def only(self, names: list[str]) -> "FeatureSpec":
