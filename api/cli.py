@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = ("training.cli", "api.store_cli", "api.serve_cli")
@@ -18,8 +19,16 @@ class UsageError(Exception):
     """Bad input at the CLI edge: reported as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints the whole usage block before an error; the contract is one line.
+    Subparsers inherit this class (add_parser uses the parent's type)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="userllm", description="Personalized LLM responses from compact user embeddings.")
+    parser = _Parser(prog="userllm", description="Personalized LLM responses from compact user embeddings.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
