@@ -54,6 +54,10 @@ class LateFusion(nn.Module):
         self.mix = nn.Linear(d_model * len(self.names), d_model)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, ids: dict[str, torch.Tensor], valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        states = [self.encoders[n](self.drop(self.lift[n](self.embed[n](ids[n]))), valid, positions) for n in self.names]
+    def forward(self, ids: dict[str, torch.Tensor], valid: torch.Tensor, positions: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """`pos_embed` [B, T, d_model]: learned positions, added to every feature's input."""
+        lifted = {n: self.lift[n](self.embed[n](ids[n])) for n in self.names}
+        if pos_embed is not None:
+            lifted = {n: x + pos_embed for n, x in lifted.items()}
+        states = [self.encoders[n](self.drop(lifted[n]), valid, positions) for n in self.names]
         return F.silu(self.mix(torch.cat(states, dim=-1)))

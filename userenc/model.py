@@ -69,7 +69,7 @@ class UserEncoder(nn.Module):
         assert valid.shape[1] <= self.cfg.max_len, f"sequence of {valid.shape[1]} exceeds max_len {self.cfg.max_len}"
         pos = positions_from_left(valid)
         if self.encoder is None:
-            return self.fusion(ids, valid, pos)
+            return self.fusion(ids, valid, pos, self.learned_pos(pos) if self.learned_pos is not None else None)
         x = self.fusion(ids)
         if self.learned_pos is not None:
             x = x + self.learned_pos(pos)
