@@ -12,10 +12,12 @@ our own user-token modules (cross blocks / soft-prompt projection) either from t
 """
 from __future__ import annotations
 
+import functools
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -57,21 +59,52 @@ def read_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
     from transformers import AutoConfig, AutoTokenizer
 
     folder, gguf = resolve(path)
-    kw = {"gguf_file": gguf} if gguf else {}
-    hf_config = AutoConfig.from_pretrained(folder, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
     if gguf:
         from transformers import AutoModelForCausalLM
 
-        # transformers de-quantises GGUF blocks and undoes llama.cpp's q/k permutation.
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf,
-                                                        config=hf_config, dtype=dtype)
+        with _gguf_parsed_once():
+            hf_config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+            # transformers de-quantises GGUF blocks and undoes llama.cpp's q/k permutation.
+            hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf,
+                                                            config=hf_config, dtype=dtype)
         state = dict(hf_model.state_dict())
         del hf_model
     else:
+        hf_config = AutoConfig.from_pretrained(folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"model folder {str(folder)!r} has no usable tokenizer: {exc}") \
+                from exc
         state = _read_safetensors(folder)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return Checkpoint(hf_config, tokenizer, state)
+
+
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers parses the GGUF file once for the config, once for the tokenizer and once
+    for the weights, and rebuilds gguf's tensor-name table once per module (~400 times for a
+    30-layer model): over half of a SmolLM2 load. Within this block the reader is shared per
+    path and the table per (arch, layers). Both are read-only after construction."""
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared_reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -46,10 +46,8 @@ def smollm2_hf(smollm2_checkpoint):
     from transformers import AutoModelForCausalLM
 
     ckpt = smollm2_checkpoint
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(ckpt.hf_config, dtype=torch.float32)
-    hf.load_state_dict(ckpt.state_dict, assign=True, strict=True)
-    hf.tie_weights()
+    hf = AutoModelForCausalLM.from_config(ckpt.hf_config, dtype=torch.float32)
+    hf.load_state_dict(ckpt.state_dict, strict=True)
     return hf.eval()
 
 
