@@ -249,3 +249,19 @@ def test_public_entry_points_agree_across_backends(device, monkeypatch):
         results[backend] = paged_decode_attention(q, k_cache, v_cache, bt, cl + 1, 0.25)
     torch.testing.assert_close(results["triton"], results["torch"], atol=1e-5, rtol=1e-5)
     assert not results["torch"].isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_scratch_reuse_across_shapes(device):
+    """The reference decode gathers into per-thread scratch: consecutive calls with growing,
+    shrinking and different-dtype shapes must not see each other's data."""
+    cases = [([40, 3], torch.float32), ([2], torch.float32), ([9, 60, 1], torch.float32),
+             ([5, 5], torch.float16), ([33], torch.float32)]
+    outs = []
+    for i, (lens, dtype) in enumerate(cases):
+        k_cache, v_cache, bt, cl, dense = paged_case(lens, 8, 1, 16, dtype, device, seed=i)
+        q = torch.randn(len(lens), 2, 16, device=device).to(dtype)
+        outs.append((paged_decode_attention_torch(q, k_cache, v_cache, bt, cl, 0.25), q, dense))
+    for out, q, dense in outs:  # checked after all calls: earlier outputs are not aliased
+        torch.testing.assert_close(out.float(), dense_attention(q, dense, 0.25),
+                                   **tolerance(out.dtype))
