@@ -1,0 +1,166 @@
+"""Feature spec (TOML) and the tokenizer: ids, buckets, vocabularies from the training split
+only, left padding and truncation, save/load."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+
+from training.split import leave_one_out
+from userenc.events import Event
+from userenc.spec import DAY, OOV_ID, PAD_ID, Feature, FeatureSpec, load_spec
+from userenc.tokenize import EventTokenizer, left_pad
+
+ITEM = '[[feature]]\nname = "item"\nkind = "categorical"\nsource = "item_id"\n'
+
+
+def test_builtin_specs_load():
+    ml = load_spec("movielens")
+    assert [(f.name, f.kind) for f in ml.features] == [
+        ("item", "categorical"),
+        ("genres", "multi_categorical"),
+        ("rating", "numeric"),
+        ("gap", "time"),
+        ("hour", "time"),
+        ("weekday", "time"),
+    ]
+    assert ml.item.name == "item" and ml.features[1].item_attribute and ml.features[3].boundaries  # gap gets default buckets
+    assert [f.name for f in load_spec("movielens_id_only").features] == ["item"]
+    assert [f.name for f in load_spec("amazon").features] == ["item", "rating", "gap"]
+    assert [f.name for f in load_spec("generic").features] == ["item", "gap", "hour"]
+    assert [f.name for f in ml.only(["item", "rating"]).features] == ["item", "rating"]
+
+
+def test_spec_from_toml_file(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\n' + ITEM + 'dim = 12\ntarget = true\n[[feature]]\nname = "stars"\nkind = "numeric"\nsource = "rating"\nboundaries = [2.5]\n')
+    spec = load_spec(path)
+    assert spec.name == "mine" and spec.item.dim == 12 and spec.features[1].source == "rating"
+    assert FeatureSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('name = "x"\n[[feature]\n', "invalid TOML"),
+        (ITEM + "dimm = 4\n", "feature 'item': unknown keys dimm"),
+        ('nmae = "x"\n' + ITEM, "spec: unknown keys nmae"),
+        (ITEM.replace("categorical", "embedding"), "kind must be one of"),
+        ('[[feature]]\nname = "genres"\nkind = "multi_categorical"\n', 'exactly one categorical feature must have source = "item_id"'),
+        (ITEM + ITEM.replace('"item"\n', '"item2"\n', 1), "exactly one categorical feature"),
+        ('[[feature]]\nname = "item"\nsource = "item_id"\n', "feature 'item': missing kind"),
+        (ITEM + 'dim = "big"\n', "feature 'item': a value has the wrong type"),
+        (ITEM + '[[feature]]\nname = "r"\nkind = "numeric"\n', "numeric features need bucket boundaries"),
+        (ITEM + '[[feature]]\nname = "r"\nkind = "numeric"\nboundaries = [3, 1]\n', "boundaries must be increasing"),
+        (ITEM + '[[feature]]\nname = "t"\nkind = "time"\npart = "minute"\n', "time part must be one of"),
+        (ITEM + "dim = 0\n", "out of range"),
+        (ITEM + ITEM, "feature names must be unique"),
+        ('name = "empty"\n', "at least one [[feature]]"),
+    ],
+)
+def test_bad_spec_gives_clear_value_error(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_spec(path)
+    assert message in str(err.value)
+
+
+def test_missing_spec_file():
+    with pytest.raises(FileNotFoundError, match="no spec file"):
+        load_spec("/nonexistent/spec.toml")
+    with pytest.raises(FileNotFoundError, match="no built-in spec"):
+        load_spec("no_such_builtin")
+
+
+def _ev(user: str, item: str, ts: int, **fields) -> Event:
+    return Event(f"{user}:{item}:{ts}", user, item, ts, fields)
+
+
+def test_tokenizer_ids_and_buckets(spec):
+    # 2026-11-21 was a Saturday; 03:00 UTC.
+    t0 = int(datetime(2026, 11, 21, 3, 0, tzinfo=timezone.utc).timestamp())
+    gaps = [0, 0, 59, 60, DAY, 400 * DAY]
+    history, ts = [], t0
+    ratings = [1, 2, 3, 4, 5, None]
+    genres = [["a", "b"], ["b"], ["a", "b", "c", "d"], [], "c|a", ["zzz"]]
+    for n, (gap, rating, g) in enumerate(zip(gaps, ratings, genres)):
+        ts += gap
+        fields = {"genres": g} | ({"rating": rating} if rating is not None else {})
+        history.append(_ev("u", f"i{n % 3}", ts, **fields))
+    train = history[:5]  # "zzz" is only in the last event: it is not in the vocabulary
+    tok = EventTokenizer.fit(spec, [train])
+    enc = tok.encode(history)
+    # item: by count desc then value: i0 (2), i1 (2), i2 (1) -> 2, 3, 4
+    assert tok.vocabs["item"].values == ["i0", "i1", "i2"]
+    assert enc["item"].tolist() == [2, 3, 4, 2, 3, 4]
+    assert tok.vocab_size(spec.item) == 5 and tok.vocabs["item"].id("unseen") == OOV_ID
+    # rating buckets [1.5, 2.5, 3.5, 4.5]: 1 -> 2 ... 5 -> 6, missing -> OOV
+    assert enc["rating"].tolist() == [2, 3, 4, 5, 6, OOV_ID]
+    assert tok.vocab_size(spec.features[2]) == 7
+    # genres (max_values 3): a (3), b (3), c (2) -> 2, 3, 4; padded with 0, truncated to 3;
+    # no genres -> [OOV]; "c|a" strings split; a value unseen in training -> OOV
+    assert enc["genres"].tolist() == [[2, 3, 0], [3, 0, 0], [2, 3, 4], [OOV_ID, 0, 0], [4, 2, 0], [OOV_ID, 0, 0]]
+    # time: hour and weekday (Monday = 0) against datetime; the gap of the first event is unknown
+    for e, hour, wday in zip(history, enc["hour"], enc["weekday"]):
+        dt = datetime.fromtimestamp(e.timestamp, timezone.utc)
+        assert (hour, wday) == (2 + dt.hour, 2 + dt.weekday())
+    assert enc["weekday"][0] == 2 + 5 and enc["hour"][0] == 2 + 3
+    # gap boundaries [1, 60, 600, 3600, 6h, 1d, 3d, 7d, 30d, 90d, 365d]
+    assert enc["gap"].tolist() == [OOV_ID, 2, 3, 4, 8, 13]
+    assert tok.vocab_size(spec.features[3]) == 14 and tok.vocab_size(spec.features[4]) == 26 and tok.vocab_size(spec.features[5]) == 9
+    assert PAD_ID not in enc["item"] and PAD_ID not in enc["hour"]
+    # Item attributes: the genres of each item id (its last-seen genres).
+    assert tok.item_attributes["genres"].shape == (5, 3)
+    assert tok.item_attributes["genres"][tok.vocabs["item"].id("i1")].tolist() == [4, 2, 0]
+    assert tok.item_attributes["genres"][PAD_ID].tolist() == [0, 0, 0]
+
+
+def test_vocab_limits():
+    spec = FeatureSpec("s", [Feature("item", "categorical", source="item_id", max_vocab=2), Feature("tag", "categorical", min_count=2)])
+    events = [_ev("u", i, n, tag=t) for n, (i, t) in enumerate([("a", "x"), ("a", "y"), ("b", "x"), ("c", "z"), ("c", "x")])]
+    tok = EventTokenizer.fit(spec, [events])
+    assert tok.vocabs["item"].values == ["a", "c"] and tok.vocabs["tag"].values == ["x"]
+    assert tok.encode(events)["item"].tolist() == [2, 2, OOV_ID, 3, 3]
+    assert tok.encode(events)["tag"].tolist() == [2, OOV_ID, 2, OOV_ID, 2]
+
+
+def test_vocab_built_on_training_split_only(spec):
+    histories = {
+        "u1": [_ev("u1", "i1", 1), _ev("u1", "i2", 2), _ev("u1", "only_valid", 3), _ev("u1", "only_test", 4)],
+        "u2": [_ev("u2", "i2", 1), _ev("u2", "i1", 2), _ev("u2", "i1", 3)],
+    }
+    split = leave_one_out(histories)
+    assert [e.item_id for e in split.train["u1"]] == ["i1", "i2"] and split.valid["u1"][1].item_id == "only_valid"
+    assert [e.item_id for e in split.test["u1"][0]] == ["i1", "i2", "only_valid"]
+    tok = EventTokenizer.fit(spec, split.train.values())
+    assert set(tok.vocabs["item"].values) == {"i1", "i2"}
+    assert tok.encode(histories["u1"])["item"].tolist()[2:] == [OOV_ID, OOV_ID]
+
+
+def test_save_load_roundtrip(spec, sample_tokenizer, sample_histories, tmp_path):
+    sample_tokenizer.save(tmp_path / "vocab")
+    back = EventTokenizer.load(tmp_path / "vocab")
+    assert back.spec == sample_tokenizer.spec
+    assert {k: v.values for k, v in back.vocabs.items()} == {k: v.values for k, v in sample_tokenizer.vocabs.items()}
+    assert back.item_attributes.keys() == sample_tokenizer.item_attributes.keys()
+    for name, table in sample_tokenizer.item_attributes.items():
+        np.testing.assert_array_equal(back.item_attributes[name], table)
+    for h in list(sample_histories.values())[:5]:
+        a, b = sample_tokenizer.encode(h), back.encode(h)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    with pytest.raises(FileNotFoundError, match="spec.json missing"):
+        EventTokenizer.load(tmp_path)
+
+
+def test_left_pad_truncates_on_the_left(spec, sample_tokenizer, sample_histories):
+    hs = list(sample_histories.values())[:3]
+    enc = [sample_tokenizer.encode(h[:n]) for h, n in zip(hs, (3, 12, 20))]
+    ids, mask = left_pad(enc, spec, max_len=10)
+    assert ids["item"].shape == (3, 10) and ids["genres"].shape == (3, 10, 3)
+    assert mask.tolist()[0] == [False] * 7 + [True] * 3 and mask[1:].all()
+    assert (ids["item"][0, :7] == PAD_ID).all() and ids["item"][0, 7:].tolist() == enc[0]["item"].tolist()
+    assert ids["item"][2].tolist() == enc[2]["item"][-10:].tolist()  # the latest 10 events kept
+    np.testing.assert_array_equal(ids["genres"][1], enc[1]["genres"][-10:])
