@@ -88,17 +88,25 @@ def contiguous_sdpa(q, dense_k, dense_v, mask, scale):
     return out[:, :, 0, :]
 
 
-def time_us(fn, device, reps) -> float:
+def time_us(fns: dict, device, reps) -> dict:
+    """Microseconds per call for each of fns. CUDA: triton.testing.do_bench (median). CPU: the
+    paths take turns within every repetition (so load from other processes hits them alike);
+    the minimum is reported (the least-disturbed run), the median kept beside it."""
     if device.type == "cuda":
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100) * 1e3  # ms -> us
-    fn()
-    samples = []
+        return {name: triton.testing.do_bench(fn, warmup=25, rep=100) * 1e3
+                for name, fn in fns.items()}
+    samples = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up: scratch buffers, first-call dispatch
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e6)
+    out = {name: min(v) for name, v in samples.items()}
+    out.update({f"{name}_median": statistics.median(v) for name, v in samples.items()})
+    return out
 
 
 def main() -> None:
@@ -109,11 +117,14 @@ def main() -> None:
     ap.add_argument("--context-lens", type=int, nargs="+")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--reps", type=int, default=20, help="CPU timing repetitions (median)")
+    ap.add_argument("--reps", type=int, default=50, help="CPU timing repetitions")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=str(RESULTS / "kernels_decode"))
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     on_gpu = device.type == "cuda"
     if not on_gpu and os.environ.get("TRITON_INTERPRET") == "1":
         print("note: TRITON_INTERPRET=1 has no effect here; Triton is not timed on CPU")
@@ -130,12 +141,15 @@ def main() -> None:
             q, kc, vc, bt, cl, dk, dv, mask = build_case(batch, max_len, hq, hkv, d,
                                                          args.block_size, dtype, device, seed=batch)
             ref = paged_decode_attention_torch(q, kc, vc, bt, cl, scale)
-            row = {"batch": batch, "max_context": max_len, "tokens": int(cl.sum()),
-                   "reference_us": time_us(lambda: paged_decode_attention_torch(q, kc, vc, bt, cl, scale), device, args.reps),
-                   "sdpa_us": time_us(lambda: contiguous_sdpa(q, dk, dv, mask, scale), device, args.reps),
-                   "sdpa_maxdiff": (contiguous_sdpa(q, dk, dv, mask, scale) - ref).abs().max().item()}
+            fns = {"reference": lambda: paged_decode_attention_torch(q, kc, vc, bt, cl, scale),
+                   "sdpa": lambda: contiguous_sdpa(q, dk, dv, mask, scale)}
             if on_gpu:
-                row["triton_us"] = time_us(lambda: paged_decode_attention_triton(q, kc, vc, bt, cl, scale), device, args.reps)
+                fns["triton"] = lambda: paged_decode_attention_triton(q, kc, vc, bt, cl, scale)
+            times = time_us(fns, device, args.reps)
+            row = {"batch": batch, "max_context": max_len, "tokens": int(cl.sum())}
+            row.update({f"{name}_us": t for name, t in times.items()})
+            row["sdpa_maxdiff"] = (contiguous_sdpa(q, dk, dv, mask, scale) - ref).abs().max().item()
+            if on_gpu:
                 row["triton_maxdiff"] = (paged_decode_attention_triton(q, kc, vc, bt, cl, scale) - ref).abs().max().item()
                 kv_bytes = 2 * row["tokens"] * hkv * d * elem
                 row["triton_GBps"] = kv_bytes / (row["triton_us"] * 1e-6) / 1e9
@@ -150,7 +164,9 @@ def main() -> None:
               "head_dim": d, "block_size": args.block_size, "dtype": str(dtype).split(".")[-1],
               "batch_sizes": batch_sizes, "context_lens": context_lens,
               "lengths": "uniform in [max_context/2, max_context] per sequence",
-              "timing": "triton.testing.do_bench (us)" if on_gpu else f"median of {args.reps} (us)"}
+              "timing": "triton.testing.do_bench median (us)" if on_gpu else
+              f"min of {args.reps} interleaved runs (us; *_median beside it in the JSON)",
+              "threads": torch.get_num_threads()}
     if not on_gpu:
         config["triton"] = ("not measured: the Triton kernel needs a CUDA GPU to be timed; on CPU "
                             "it runs only under TRITON_INTERPRET=1 as a correctness check")
