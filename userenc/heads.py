@@ -87,6 +87,8 @@ class NextEventHeads(nn.Module):
     def _item_loss(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # OOV targets (items unseen in training) carry no learnable signal: ignored.
         keep = target != OOV_ID
+        if not bool(keep.any()):
+            return h.sum() * 0.0  # no learnable target in this batch: zero, not the NaN of an empty mean
         h, target = h[keep], target[keep]
         if self.cfg.item_loss == "full" or not self.training:
             return F.cross_entropy(self.item_scores(h), target)
