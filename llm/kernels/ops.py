@@ -13,6 +13,10 @@ Cross-attention decode (query token -> the request's user-token K/V in the cross
 same computation without a causal mask, so the engine calls `paged_decode_attention` with the
 cross block tables and cross lens; `cross_decode_attention` is that call under its own name.
 A cross length of 0 (a request without user tokens) returns zeros on both backends.
+
+CUDA graphs: the Triton path makes no host-device sync (its split count comes from the
+block-table width, not from context_lens), so a decode step can be captured with fixed-width
+tables. The reference path reads max(context_lens) with .item() and cannot be captured.
 """
 from __future__ import annotations
 

@@ -22,7 +22,9 @@ the block-table width is fixed.
 
 Masking: tokens at positions >= context_len, pages past the sequence's last page, and -1 block
 entries are never loaded; a context_len of 0 gives an all-zero output (cross-attention for a
-request without user tokens), never NaN.
+request without user tokens), never NaN. The caller keeps context_lens[s] <= block-table width
+* block_size (the reference asserts it; the kernel, which cannot check without a device sync,
+never reads past the table and so would attend to the first width * block_size tokens only).
 """
 from __future__ import annotations
 
@@ -198,7 +200,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     _, block_size, hkv, _ = k_cache.shape
     assert block_size & (block_size - 1) == 0, f"block_size must be a power of 2, got {block_size}"
     assert q.stride(2) == 1, "q's head_dim must be contiguous"
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous whatever q's strides
     max_pages = block_tables.shape[1]
     if s == 0:
         return out
