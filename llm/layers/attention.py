@@ -7,8 +7,8 @@ Paged (a ForwardContext is set, see llm/context.py): x [N, hidden] is the engine
 The new K/V go to the pool at ctx.slot_mapping (`write_kv`), then prefill attends over each
 sequence's cached prefix + new tokens and decode calls `paged_decode_attention`. The engine
 assigns `k_cache` / `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) to every
-instance; until it has, a prefill step without cached prefix attends over its own K/V only
-(the engine's profiling run).
+instance. A prefill step in which no sequence has a cached prefix attends over its own new K/V
+(no read-back from the pool); that also covers the engine's warm-up run before it has a pool.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.context import ForwardContext, get_context
-from llm.layers.paged import fresh_prefill_attention, paged_prefill_attention
+from llm.layers.paged import (fresh_prefill_attention, has_cached_prefix,
+                              paged_prefill_attention)
 from llm.layers.rotary import RotaryEmbedding
 
 
@@ -78,7 +79,7 @@ class Attention(nn.Module):
         if has_pool:
             write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
-            if not has_pool:
+            if not has_pool or not has_cached_prefix(ctx.context_lens, ctx.cu_seqlens_q):
                 return fresh_prefill_attention(q, k, v, ctx.cu_seqlens_q, self.scale)
             return paged_prefill_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                            ctx.context_lens, ctx.cu_seqlens_q, self.scale)
