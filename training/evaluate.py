@@ -63,7 +63,7 @@ def model_scorer(model: UserEncoder, tokenizer: EventTokenizer) -> ScoreFn:
         ids, valid = left_pad(encoded, tokenizer.spec, model.cfg.max_len)
         device = next(model.parameters()).device
         with torch.inference_mode():
-            states = model.states({k: torch.from_numpy(v).to(device) for k, v in ids.items()}, torch.from_numpy(valid).to(device))
+            states = model.states({k: torch.from_numpy(v).to(device) for k, v in ids.items()}, torch.from_numpy(valid).to(device), last_only=True)
             return model.heads.item_scores(states[:, -1]).cpu()
 
     return score

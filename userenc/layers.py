@@ -16,16 +16,17 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, base: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, 1, T, head_dim/2] for integer positions [B, T]."""
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float = 10_000.0) -> torch.Tensor:
+    """Rotations as unit complex numbers [B, 1, T, head_dim/2] for integer positions [B, T]."""
     inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv
-    return angles.cos()[:, None], angles.sin()[:, None]
+    return torch.polar(torch.ones_like(angles), angles)[:, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    a, b = x.float().chunk(2, dim=-1)
-    return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1).type_as(x)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate feature pairs (2i, 2i+1) of x [B, H, T, head_dim]: one complex multiply."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
 
 
 def causal_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -44,13 +45,19 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+        """[B, T, d] -> [B, T, d], or [B, 1, d] for the last query only (inference of one state)."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            k = apply_rope(k, rope)
+            q = apply_rope(q[:, :, -1:], rope[:, :, -1:]) if last_only else apply_rope(q, rope)
+        elif last_only:
+            q = q[:, :, -1:]
+        if last_only:
+            mask = mask[:, :, -1:]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
+        return self.out(y.transpose(1, 2).reshape(b, q.shape[2], d))
 
 
 class FeedForward(nn.Module):
@@ -75,8 +82,9 @@ class Block(nn.Module):
         self.ffn = FeedForward(d_model, mult, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), mask, rope))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+        attn = self.drop(self.attn(self.norm1(x), mask, rope, last_only))
+        x = (x[:, -1:] if last_only else x) + attn
         return x + self.ffn(self.norm2(x))
 
 
@@ -88,11 +96,13 @@ class CausalTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mult, dropout, rope) for _ in range(n_layers))
         self.norm = RMSNorm(d_model)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """States [B, T, d]; with last_only, just the last position's [B, 1, d]: the final block
+        then computes one query, which is all a user embedding needs."""
         mask = causal_mask(valid)
         rope = rope_tables(positions, self.head_dim) if self.rope else None
-        for block in self.blocks:
-            x = block(x, mask, rope)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, rope, last_only and i == len(self.blocks) - 1)
         return self.norm(x)
 
 

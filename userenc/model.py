@@ -64,16 +64,18 @@ class UserEncoder(nn.Module):
             if m.padding_idx is not None:
                 m.weight.data[m.padding_idx].zero_()
 
-    def states(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
-        """Per-position user states [B, T, d_model]; state t has seen events 0..t only."""
+    def states(self, ids: dict[str, torch.Tensor], valid: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Per-position user states [B, T, d_model]; state t has seen events 0..t only.
+        With last_only, only the latest state [B, 1, d_model] (cheaper: one query in the last block)."""
         assert valid.shape[1] <= self.cfg.max_len, f"sequence of {valid.shape[1]} exceeds max_len {self.cfg.max_len}"
         pos = positions_from_left(valid)
         if self.encoder is None:
-            return self.fusion(ids, valid, pos, self.learned_pos(pos) if self.learned_pos is not None else None)
+            states = self.fusion(ids, valid, pos, self.learned_pos(pos) if self.learned_pos is not None else None)
+            return states[:, -1:] if last_only else states
         x = self.fusion(ids)
         if self.learned_pos is not None:
             x = x + self.learned_pos(pos)
-        return self.encoder(x, valid, pos)
+        return self.encoder(x, valid, pos, last_only)
 
     def user_tokens(self, states: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected user tokens: [B, K, out_dim] through the resampler, else [B, T, out_dim]."""
@@ -93,10 +95,13 @@ class UserEncoder(nn.Module):
     def user_embedding(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
         """One vector per user [B, out_dim]: the last state's projection (mean of the K tokens
         with a resampler) -- what the store indexes for similar-user search."""
-        tokens, mask = self.encode(ids, valid)
         if self.resampler is not None:
+            tokens, _ = self.encode(ids, valid)
             return tokens.mean(dim=1)
-        return tokens[:, -1]  # left padding: the last position is each user's latest event
+        if not bool(valid.any(dim=1).all()):
+            raise ValueError("every history to encode needs at least one event")
+        # Left padding: the last position is each user's latest event.
+        return self.proj(self.states(ids, valid, last_only=True)[:, -1])
 
     def next_event_loss(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Teacher-forced next-event loss: state t predicts event t+1, for every real pair."""
