@@ -58,7 +58,7 @@ def _decode_signature(dtype: str) -> dict:
             "block_tables_ptr": "i32", "context_lens_ptr": "i32", "out_ptr": dtype,
             "part_out_ptr": "fp32", "part_lse_ptr": "fp32"}
     sig = {name: "*" + ty for name, ty in ptrs.items()}
-    sig.update(qk_scale="fp32", pages_per_split="i32", max_pages="i32")
+    sig.update(qk_scale="fp32", tokens_per_split="i32", max_pages="i32")
     for name in ("stride_q_seq", "stride_q_head", "stride_c_block", "stride_c_tok",
                  "stride_c_head", "stride_bt_seq", "stride_o_seq", "stride_o_head"):
         sig[name] = "i32"
@@ -70,17 +70,16 @@ def check_all(arch: int = 90) -> list[dict]:
     rows = []
     for dtype, use_dot, group, head_dim, splits in DECODE_CASES:
         # the launch shape the host wrapper would pick, block size 16 (the engine default)
-        group_pad, pages_per_tile, num_warps = paged_decode.launch_shape(use_dot, group,
-                                                                         head_dim, 16)
+        group_pad, tile, num_warps = paged_decode.launch_shape(use_dot, group, head_dim)
         constants = dict(NUM_Q_HEADS=3 * group, GROUP=group, GROUP_PAD=group_pad,
                          HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim),
-                         BLOCK_SIZE=16, PAGES_PER_TILE=pages_per_tile, NUM_SPLITS=splits,
+                         BLOCK_SIZE=16, TILE=tile, NUM_SPLITS=splits,
                          USE_DOT=use_dot, DOT_PRECISION="ieee" if dtype == "fp32" else None)
         compiled = _compile(paged_decode._paged_decode_kernel, _decode_signature(dtype),
                             constants, arch, num_warps=num_warps)
         rows.append({"kernel": "paged_decode", "dtype": dtype, "use_dot": use_dot,
                      "group": group, "head_dim": head_dim, "num_splits": splits,
-                     "tile_tokens": 16 * pages_per_tile, "num_warps": num_warps,
+                     "tile_tokens": tile, "num_warps": num_warps,
                      **_ptxas_usage(compiled, arch)})
     combine = _compile(paged_decode._combine_splits_kernel,
                        {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",

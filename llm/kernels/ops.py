@@ -53,12 +53,12 @@ def write_kv_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
                                   num_splits: int | None = None,
-                                  pages_per_tile: int | None = None,
+                                  tile_tokens: int | None = None,
                                   use_dot: bool | None = None) -> torch.Tensor:
-    """num_splits / pages_per_tile / use_dot override the kernel's shape-derived choices."""
+    """num_splits / tile_tokens / use_dot override the kernel's shape-derived choices."""
     from llm.kernels.paged_decode import paged_decode_attention_triton as impl
     return impl(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
-                pages_per_tile=pages_per_tile, use_dot=use_dot)
+                tile_tokens=tile_tokens, use_dot=use_dot)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,11 +1,12 @@
 """Triton paged-attention decode, split-KV ("flash decoding").
 
 Decode has one query token per sequence, so a program per (sequence, head) leaves the GPU idle
-when the batch is small and the context long. We also split each sequence's pages into
+when the batch is small and the context long. We also split each sequence's tokens into
 NUM_SPLITS ranges:
 
   pass 1, grid (S, Hkv, NUM_SPLITS): a program takes the GROUP q heads that share one kv head
-          (GQA: K/V are loaded once for the group), walks its range of pages a tile at a time
+          (GQA: K/V are loaded once for the group), walks its token range a tile (TILE
+          consecutive positions, any block size; each looks up its block) at a time
           with an online softmax (running max m, running sum l, fp32 accumulator), and writes
           its normalised partial output and log-sum-exp;
   pass 2, grid (S, Hq): combines the splits, weighting each by exp(lse_split - lse_max).
@@ -20,8 +21,7 @@ units (q is pre-scaled by scale * log2(e)) so the kernel uses exp2. Everything i
 on the host (no .item() on device data), so the call can be captured in a CUDA graph as long as
 the block-table width is fixed.
 
-Masking: tokens at positions >= context_len, pages past the sequence's last page, and -1 block
-entries are never loaded; a context_len of 0 gives an all-zero output (cross-attention for a
+Masking: tokens at positions >= context_len and -1 block entries are never loaded; a context_len of 0 gives an all-zero output (cross-attention for a
 request without user tokens), never NaN. The caller keeps context_lens[s] <= block-table width
 * block_size (the reference asserts it; the kernel, which cannot check without a device sync,
 never reads past the table and so would attend to the first width * block_size tokens only).
@@ -40,8 +40,9 @@ LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it buys
 MAX_SPLITS = 32
 TILE_ELEMS = 8192  # broadcast path: elements of one [GROUP_PAD, TILE, HEAD_PAD] product
-DOT_TILE_TOKENS = 64
+DOT_TILE_TOKENS = 32
 MAX_TILE_TOKENS = 128
+MIN_TILE_TOKENS = 4
 
 
 def _floor_pow2(n: int) -> int:
@@ -52,25 +53,24 @@ def _floor_pow2(n: int) -> int:
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, pages_per_split, max_pages,
+    qk_scale, tokens_per_split, max_pages,
     stride_q_seq, stride_q_head,
     stride_c_block, stride_c_tok, stride_c_head,
     stride_bt_seq,
     stride_o_seq, stride_o_head,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, PAGES_PER_TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    TILE: tl.constexpr = PAGES_PER_TILE * BLOCK_SIZE
 
-    context_len = tl.load(context_lens_ptr + seq)
-    num_pages = tl.minimum((context_len + BLOCK_SIZE - 1) // BLOCK_SIZE, max_pages)
-    page_start = split * pages_per_split
-    page_end = tl.minimum(page_start + pages_per_split, num_pages)
+    # This program's token range; never past the context nor the block table's width.
+    context_len = tl.minimum(tl.load(context_lens_ptr + seq), max_pages * BLOCK_SIZE)
+    tok_start = split * tokens_per_split
+    tok_end = tl.minimum(tok_start + tokens_per_split, context_len)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_PAD)
@@ -85,15 +85,14 @@ def _paged_decode_kernel(
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
     t = tl.arange(0, TILE)
-    in_page = t % BLOCK_SIZE
-    for tile_page in range(page_start, page_end, PAGES_PER_TILE):
-        page = tile_page + t // BLOCK_SIZE
-        page_ok = page < page_end
-        block = tl.load(block_tables_ptr + seq * stride_bt_seq + page, mask=page_ok,
+    for tile_start in range(tok_start, tok_end, TILE):
+        # A tile is TILE consecutive token positions: any block size, pages may straddle tiles.
+        pos = tile_start + t
+        pos_ok = pos < tok_end
+        block = tl.load(block_tables_ptr + seq * stride_bt_seq + pos // BLOCK_SIZE, mask=pos_ok,
                         other=-1).to(tl.int64)
-        pos = page * BLOCK_SIZE + in_page
-        valid = page_ok & (block >= 0) & (pos < context_len)
-        row = block * stride_c_block + in_page * stride_c_tok + kv_head * stride_c_head
+        valid = pos_ok & (block >= 0)
+        row = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
         kv_mask = valid[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if USE_DOT:  # tensor cores; GROUP_PAD >= 16 (padded q heads are zero rows)
@@ -168,28 +167,25 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_pages: int, block_si
     return max(1, min(by_length, by_occupancy, MAX_SPLITS))
 
 
-def launch_shape(use_dot: bool, group: int, head_dim: int, block_size: int
-                 ) -> tuple[int, int, int]:
-    """(GROUP_PAD, PAGES_PER_TILE, num_warps) for one path. The broadcast path's products are
+def launch_shape(use_dot: bool, group: int, head_dim: int) -> tuple[int, int, int]:
+    """(GROUP_PAD, TILE tokens, num_warps) for one path. The broadcast path's products are
     [GROUP_PAD, TILE, HEAD_PAD] register tiles, kept near TILE_ELEMS and spread over 8 warps
     (ptxas reports no spills for the engine's shapes, see aot_check); tl.dot wants 16 rows."""
     head_pad = triton.next_power_of_2(head_dim)
     if use_dot:
-        group_pad, tile_tokens, num_warps = max(16, triton.next_power_of_2(group)), DOT_TILE_TOKENS, 4
-    else:
-        group_pad = triton.next_power_of_2(group)
-        tile_tokens = min(MAX_TILE_TOKENS, TILE_ELEMS // (group_pad * head_pad))
-        num_warps = 8
-    return group_pad, max(1, _floor_pow2(tile_tokens) // block_size), num_warps
+        return max(16, triton.next_power_of_2(group)), DOT_TILE_TOKENS, 4
+    group_pad = triton.next_power_of_2(group)
+    tile = min(MAX_TILE_TOKENS, TILE_ELEMS // (group_pad * head_pad))
+    return group_pad, max(MIN_TILE_TOKENS, _floor_pow2(tile)), 8
 
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor,
                                   scale: float, num_splits: int | None = None,
-                                  pages_per_tile: int | None = None,
+                                  tile_tokens: int | None = None,
                                   use_dot: bool | None = None) -> torch.Tensor:
-    """Same contract as reference.paged_decode_attention_torch; num_splits / pages_per_tile
-    override the heuristics (tests use them to cover several split counts).
+    """Same contract as reference.paged_decode_attention_torch; num_splits / tile_tokens
+    override the heuristics (tests use them to cover several split counts and tile shapes).
 
     use_dot (default: on CUDA for fp16/bf16 q and cache) computes scores and P@V with
     tl.dot, padding the GQA group to 16 rows for the tensor cores; the broadcast-and-reduce path
@@ -198,7 +194,6 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     s, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
-    assert block_size & (block_size - 1) == 0, f"block_size must be a power of 2, got {block_size}"
     assert q.stride(2) == 1, "q's head_dim must be contiguous"
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous whatever q's strides
     max_pages = block_tables.shape[1]
@@ -214,18 +209,19 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         use_dot = (q.is_cuda and q.dtype == k_cache.dtype and head_pad >= 16
                    and q.dtype in (torch.float16, torch.bfloat16))
     assert not use_dot or q.dtype == k_cache.dtype, "use_dot needs q and the cache in one dtype"
-    group_pad, default_pages, num_warps = launch_shape(use_dot, group, d, block_size)
-    if pages_per_tile is None:
-        pages_per_tile = default_pages
+    group_pad, default_tile, num_warps = launch_shape(use_dot, group, d)
+    tile = default_tile if tile_tokens is None else tile_tokens
+    assert tile & (tile - 1) == 0, f"tile_tokens must be a power of 2, got {tile}"
+    capacity = max_pages * block_size  # tokens the block tables can address
     if num_splits is None:
         num_splits = choose_num_splits(s, hkv, max_pages, block_size, q.device)
-    # A tile never spans more than a split's share of pages (TILE must stay a power of 2)...
-    pages_per_tile = min(pages_per_tile, _floor_pow2(triton.cdiv(max_pages, num_splits)))
+    # A tile never spans more than a split's share of tokens (TILE stays a power of 2)...
+    tile = min(tile, max(MIN_TILE_TOKENS, _floor_pow2(triton.cdiv(capacity, num_splits))))
     if use_dot:  # ...but tl.dot needs a reduction dim of at least 16 tokens.
-        pages_per_tile = max(pages_per_tile, triton.cdiv(16, block_size))
+        tile = max(tile, 16)
     # Split ranges in whole tiles; recompute the count so no split is empty by construction.
-    pages_per_split = triton.cdiv(triton.cdiv(max_pages, num_splits), pages_per_tile) * pages_per_tile
-    num_splits = triton.cdiv(max_pages, pages_per_split)
+    tokens_per_split = triton.cdiv(triton.cdiv(capacity, num_splits), tile) * tile
+    num_splits = triton.cdiv(capacity, tokens_per_split)
     if num_splits > 1:
         part_out = torch.empty(s, hq, num_splits, head_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(s, hq, num_splits, dtype=torch.float32, device=q.device)
@@ -233,14 +229,14 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
     _paged_decode_kernel[(s, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
-        scale * LOG2E, pages_per_split, max_pages,
+        scale * LOG2E, tokens_per_split, max_pages,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         NUM_Q_HEADS=hq, GROUP=group, GROUP_PAD=group_pad,
         HEAD_DIM=d, HEAD_PAD=head_pad,
-        BLOCK_SIZE=block_size, PAGES_PER_TILE=pages_per_tile, NUM_SPLITS=num_splits,
+        BLOCK_SIZE=block_size, TILE=tile, NUM_SPLITS=num_splits,
         USE_DOT=use_dot, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=num_warps,
     )

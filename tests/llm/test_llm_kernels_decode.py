@@ -159,17 +159,21 @@ def test_triton_decode_tensor_core_path_matches_reference(device, dtype, group, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("num_splits,pages_per_tile", [(1, 1), (2, 2), (5, 1), (32, 2)])
-def test_triton_decode_long_context_split_counts(device, num_splits, pages_per_tile):
-    """More pages than one tile, splits that do and do not divide the pages evenly, and more
-    splits than pages (the count is trimmed so no split is empty)."""
+@pytest.mark.parametrize("block_size,num_splits,tile_tokens", [
+    (8, 1, 8), (8, 2, 16), (8, 5, 8), (8, 32, 16),  # tiles of whole pages
+    (3, 1, 8), (3, 4, 16), (5, 3, 4), (16, 2, 4),   # pages straddling tiles, tiles inside pages
+])
+def test_triton_decode_long_context_split_counts(device, block_size, num_splits, tile_tokens):
+    """Many tiles per split, splits that do and do not divide the context evenly, more splits
+    than tiles (the count is trimmed so no split is empty), block sizes that are not powers of
+    2 (tiles are token ranges; each token looks up its own block)."""
     need_triton_on(device)
-    hkv, d, bs = 1, 32, 8
+    hkv, d = 1, 32
     lens = [150, 3, 64]
-    k_cache, v_cache, bt, cl, dense = paged_case(lens, bs, hkv, d, torch.float32, device)
+    k_cache, v_cache, bt, cl, dense = paged_case(lens, block_size, hkv, d, torch.float32, device)
     q = torch.randn(len(lens), 3 * hkv, d, device=device)  # group 3: padded to 4 in the kernel
     got = paged_decode_attention_triton(q, k_cache, v_cache, bt, cl, 0.2,
-                                        num_splits=num_splits, pages_per_tile=pages_per_tile)
+                                        num_splits=num_splits, tile_tokens=tile_tokens)
     torch.testing.assert_close(got, paged_decode_attention_torch(q, k_cache, v_cache, bt, cl, 0.2),
                                atol=1e-5, rtol=1e-5)
 
