@@ -46,8 +46,14 @@ def smollm2_hf(smollm2_checkpoint):
     from transformers import AutoModelForCausalLM
 
     ckpt = smollm2_checkpoint
-    hf = AutoModelForCausalLM.from_config(ckpt.hf_config, dtype=torch.float32)
-    hf.load_state_dict(ckpt.state_dict, strict=True)
+    # Built on the meta device (no random init of 135M weights), the checkpoint's tensors
+    # assigned in; the rotary module's inv_freq is a non-persistent buffer, so it is rebuilt.
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(ckpt.hf_config, dtype=torch.float32)
+    hf.load_state_dict(ckpt.state_dict, assign=True, strict=True)
+    hf.tie_weights()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=ckpt.hf_config)
+    assert not any(t.is_meta for t in list(hf.parameters()) + list(hf.buffers()))
     return hf.eval()
 
 

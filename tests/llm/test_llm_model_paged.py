@@ -140,3 +140,23 @@ def test_paged_rejects_wrong_user_width(tiny_checkpoint, paged_harness):
                          cu_seqlens_q=torch.tensor([0, 2], dtype=torch.int32))
     with use_context(ctx), pytest.raises(ValueError, match="through the context"):
         model(torch.tensor([1, 2]), torch.tensor([0, 1]), user_tokens=torch.randn(1, 3, 12))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paged_half_precision_matches_dense(tiny_checkpoint, paged_harness, dtype):
+    """The GPU dtypes (here on CPU): pools, projections and user tokens all in that dtype."""
+    folder, _ = tiny_checkpoint("llama")
+    model, _, _ = load_model(folder, dtype=dtype, cross_every_n=2, user_dim=12)
+    with torch.no_grad():
+        for block in model.model.cross_blocks.values():
+            block.gate_attn.fill_(0.5)
+            block.gate_mlp.fill_(0.5)
+    users = torch.randn(3, 12, generator=torch.Generator().manual_seed(16))
+    toks = tokens(10, 17)
+    h = paged_harness(model)
+    h.add(0, users)
+    got = run_schedule(h, {0: toks}, [{0: 6}, {0: 2}, {0: 1}, {0: 1}])
+    expected = dense_logits(model, toks, user_tokens=users[None])
+    for (_, pos), logits in got.items():
+        assert logits.dtype == dtype
+        assert (logits.float() - expected[pos].float()).abs().max() <= 2e-2
