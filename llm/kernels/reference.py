@@ -19,12 +19,15 @@ def write_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write token i's K/V [Hkv, D] to slot slot_mapping[i]; slot -1 (padding) is skipped."""
     _check_write(k, v, k_cache, v_cache, slot_mapping)
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
+    slots = slot_mapping.long()
+    if bool((slots < 0).any()):  # padding present: drop those tokens (the common case has none)
+        keep = slots >= 0
+        slots, k, v = slots[keep], k[keep], v[keep]
     num_blocks, block_size, hkv, d = k_cache.shape
-    # view(), not reshape(): the write must land in the caller's storage.
-    k_cache.view(num_blocks * block_size, hkv, d)[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, hkv, d)[slots] = v[keep].to(v_cache.dtype)
+    # view(), not reshape(): the write must land in the caller's storage. index_copy_ is about
+    # twice as fast as an advanced-index assignment on CPU.
+    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -45,6 +45,13 @@ def test_write_kv_puts_tokens_in_their_slots_and_skips_padding(device, backend, 
     WRITERS[backend](k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
+    # no padding at all (the common decode step), int32 slots
+    dense_slots = torch.tensor([3, 22, 11], device=device, dtype=torch.int32)
+    want_k = expected_after_write(k_cache, k[:3], dense_slots)
+    want_v = expected_after_write(v_cache, v[:3], dense_slots)
+    WRITERS[backend](k[:3], v[:3], k_cache, v_cache, dense_slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_write_from_fused_projection_views_and_casts(device):
