@@ -11,19 +11,16 @@ import numpy as np
 import torch
 
 from training import distributed as dist
-from training.data import DEFAULT_SPECS, load_dataset
+from training.sources import add_source_args, data_source_name, open_source
 from training.evaluate import evaluate, model_scorer, popularity_scorer
 from training.split import leave_one_out
 from training.train_encoder import TrainConfig, encoder_config_from, env_threads, train_config_from, train_encoder
 from userenc.checkpoint import load_checkpoint
 from userenc.config import FUSIONS, ITEM_LOSSES, NEGATIVES, POSITIONS, EncoderConfig
-from userenc.readers import FORMATS
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="dataset file or folder (MovieLens: the ml-1m folder)")
-    p.add_argument("--format", default="movielens", choices=FORMATS)
-    p.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines instead of stopping")
+def _data_args(p: argparse.ArgumentParser, spec: bool = False) -> None:
+    add_source_args(p, spec)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 
 
@@ -40,8 +37,7 @@ def _positive(kind: type):
 def register(sub: argparse._SubParsersAction) -> None:
     d_enc, d_train = EncoderConfig(), TrainConfig()
     p = sub.add_parser("train-encoder", help="pretrain the user encoder on next-event prediction")
-    _data_args(p)
-    p.add_argument("--spec", default=None, help=f"feature spec: a TOML file or a built-in name (default per format: {DEFAULT_SPECS})")
+    _data_args(p, spec=True)
     p.add_argument("--out", required=True, help="checkpoint folder to write (e.g. runs/ml1m)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.last")
     p.add_argument("--seed", type=int, default=d_train.seed)
@@ -77,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="user embeddings from a checkpoint, written to a file")
     _data_args(p)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, help="output .npz (user_ids, embeddings)")
+    p.add_argument("--out", default=None, help="output .npz (user_ids, embeddings)")
+    p.add_argument("--to-store", action="store_true", help="seal the embeddings into the store and index them for similar-user search")
     p.add_argument("--batch-size", dest="batch_size", type=_positive(int), default=256)
     p.set_defaults(func=cmd_embed)
 
@@ -94,12 +91,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError("--dropout must be in [0, 1)")
     dist.init()
+    source = None
     try:
-        ds = load_dataset(args.data, args.format, args.spec, args.skip_bad)
-        if ds.bad_lines:
-            print(f"skipped {ds.bad_lines} malformed lines", file=sys.stderr)
-        result = train_encoder(ds.histories, ds.spec, cfg, tcfg, args.out, resume=args.resume, manifest_extra={"data_source": str(Path(args.data).resolve())}, progress=not args.quiet)
+        source = open_source(args, args.spec)
+        for note in source.notes:
+            print(note, file=sys.stderr)
+        erasure, files = source.erasure_manifest()
+        ds = source.dataset
+        result = train_encoder(
+            ds.histories, ds.spec, cfg, tcfg, args.out, resume=args.resume,
+            manifest_extra={"data_source": data_source_name(args)} | erasure, progress=not args.quiet, files=files,
+        )
     finally:
+        if source is not None:
+            source.close()
         dist.shutdown()
     if dist.rank() == 0:
         best = result.best_valid
@@ -114,8 +119,9 @@ def _format_row(name: str, m: dict) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     _threads(args)
     loaded = load_checkpoint(args.checkpoint)
-    ds = load_dataset(args.data, args.format, None, args.skip_bad)
-    split = leave_one_out(ds.histories)
+    source = open_source(args)
+    source.close()
+    split = leave_one_out(source.dataset.histories)
     scorers = {"encoder": model_scorer(loaded.model, loaded.tokenizer)}
     if args.baseline:
         scorers["popularity"] = popularity_scorer(loaded.tokenizer, split.train)
@@ -135,15 +141,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     _threads(args)
+    if not args.out and not args.to_store:
+        raise ValueError("say where embeddings go: --out FILE.npz and/or --to-store")
     loaded = load_checkpoint(args.checkpoint)
-    ds = load_dataset(args.data, args.format, None, args.skip_bad)
-    users = sorted(ds.histories)
-    t0 = time.perf_counter()
-    vectors = loaded.embed((ds.histories[u] for u in users), batch_size=args.batch_size)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, user_ids=np.asarray(users), embeddings=vectors)
-    tmp.replace(out)
-    print(f"embedded {len(users)} users ({vectors.shape[1]}-d) in {time.perf_counter() - t0:.1f}s -> {out}")
+    source = open_source(args)
+    try:
+        histories = source.dataset.histories
+        users = sorted(histories)
+        t0 = time.perf_counter()
+        vectors = loaded.embed((histories[u] for u in users), batch_size=args.batch_size)
+        seconds = time.perf_counter() - t0
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp.npz")
+            np.savez(tmp, user_ids=np.asarray(users), embeddings=vectors)
+            tmp.replace(out)
+            print(f"embedded {len(users)} users ({vectors.shape[1]}-d) in {seconds:.1f}s -> {out}")
+        if args.to_store:
+            store = source.store
+            if store is None:
+                from store import Store
+
+                store = source.store = Store.open()
+            stored = store.put_embeddings(dict(zip(users, vectors)), loaded.version)
+            print(f"embedded {len(users)} users ({vectors.shape[1]}-d) in {seconds:.1f}s -> store ({stored} sealed, indexed as {loaded.version})")
+    finally:
+        source.close()
     return 0

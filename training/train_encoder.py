@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model
 from tqdm import tqdm
 
 from training import distributed as dist
@@ -36,7 +36,7 @@ from userenc.tokenize import EventTokenizer, left_pad
 class TrainConfig:
     epochs: int = 40
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
     patience: int = 4
@@ -112,7 +112,10 @@ def train_encoder(
     resume: bool = False,
     manifest_extra: dict[str, Any] | None = None,
     progress: bool = True,
+    files: dict[str, str] | None = None,
 ) -> TrainResult:
+    """Train and write the best model to `out` (a checkpoint folder); `manifest_extra` and
+    `files` (e.g. the erasure section and keyed user list) go into every checkpoint written."""
     out = Path(out)
     seed_everything(tcfg.seed)
     split: Split = leave_one_out(histories)
@@ -138,7 +141,7 @@ def train_encoder(
     meta: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "seconds": 0.0}
     if resume and (state_dir / "state.json").is_file():
         meta = json.loads((state_dir / "state.json").read_text())
-        model.load_state_dict(load_file(str(state_dir / "model.safetensors")))
+        load_model(model, str(state_dir / "model.safetensors"))
         _restore_state(model, opt, load_file(str(state_dir / "training_state.safetensors")))
         sched.last_epoch = meta["epoch"] * steps_per_epoch - 1
         sched.step()  # re-derive the learning rate at the resumed step
@@ -185,13 +188,13 @@ def train_encoder(
                 tqdm.write(f"epoch {epoch}: loss {train_loss:.4f}  valid HR@10 {valid_metrics['all']['hr@10']:.4f}  NDCG@10 {ndcg:.4f}")
             if ndcg > meta["best_ndcg"]:
                 meta.update(best_ndcg=ndcg, best_epoch=epoch, bad_epochs=0, best_valid=valid_metrics["all"])
-                save_checkpoint(out, model, tokenizer, manifest | {"epoch": epoch, "metrics": {"valid": valid_metrics["all"]}})
+                save_checkpoint(out, model, tokenizer, manifest | {"epoch": epoch, "metrics": {"valid": valid_metrics["all"]}}, files=files)
             else:
                 meta["bad_epochs"] += 1
             meta["epoch"], meta["seconds"] = epoch, time.perf_counter() - started
             over_time = tcfg.max_minutes and meta["seconds"] > 60 * tcfg.max_minutes
             stop = meta["bad_epochs"] >= tcfg.patience or bool(over_time)
-            save_checkpoint(state_dir, model, tokenizer, manifest, extra=_training_state(model, opt))
+            save_checkpoint(state_dir, model, tokenizer, manifest, extra=_training_state(model, opt), files=files)
             (state_dir / "state.json").write_text(json.dumps(meta, indent=1))
         if dist.broadcast_flag(stop):
             break

@@ -5,6 +5,7 @@ checkpoint. The manifest is written by whoever trains (it knows the data and use
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_file, save_model
 
 from userenc.config import EncoderConfig
 from userenc.events import Event
@@ -29,6 +30,12 @@ class LoadedEncoder:
     tokenizer: EventTokenizer
     manifest: dict[str, Any]
     path: Path
+
+    @property
+    def version(self) -> str:
+        """A short id of these exact weights: the encoder version embeddings are stored under."""
+        digest = hashlib.sha256((self.path / "model.safetensors").read_bytes()).hexdigest()
+        return f"{self.path.name[:40]}-{digest[:12]}"
 
     def batch(self, histories: list[list[Event]], device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Tokenize, left-truncate to max_len and left-pad a batch of histories."""
@@ -53,18 +60,26 @@ class LoadedEncoder:
         return np.concatenate(out) if out else np.zeros((0, self.model.cfg.out_dim), dtype=np.float32)
 
 
-def save_checkpoint(folder: str | Path, model: UserEncoder, tokenizer: EventTokenizer, manifest: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    folder: str | Path,
+    model: UserEncoder,
+    tokenizer: EventTokenizer,
+    manifest: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
+    files: dict[str, str] | None = None,
+) -> Path:
     """Atomically (re)write a checkpoint folder. `extra` tensors (optimizer state for resume)
-    go to training_state.safetensors beside the weights."""
+    go to training_state.safetensors beside the weights; `files` are written as given."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=1))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding tables
         tokenizer.save(tmp / "vocab")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         if extra:
             save_file({k: v.contiguous().cpu() for k, v in extra.items()}, str(tmp / "training_state.safetensors"))
         old = folder.with_name(f".{folder.name}.old")
@@ -87,7 +102,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> L
     cfg = EncoderConfig.from_dict(json.loads((folder / "config.json").read_text()))
     tokenizer = EventTokenizer.load(folder / "vocab")
     model = UserEncoder(tokenizer.spec, cfg, tokenizer.item_attributes)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    load_model(model, str(folder / "model.safetensors"))
     model.to(device).eval()
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}

@@ -15,7 +15,7 @@ class EncoderConfig:
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 2
-    ffn_mult: int = 4
+    ffn_mult: int = 2
     max_len: int = 200  # events seen; longer histories are left-truncated (>= 512 supported)
     dropout: float = 0.2
     fusion: str = "early"  # early: concatenate feature embeddings then MLP; late: one encoder per feature

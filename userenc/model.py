@@ -45,6 +45,12 @@ class UserEncoder(nn.Module):
             self.encoder = None
         self.learned_pos = None if rope else nn.Embedding(cfg.max_len, cfg.d_model)
         self.heads = NextEventHeads(spec, cfg, attrs)
+        # Tie the ranking side to the input side (as SASRec does): an item's input and candidate
+        # embeddings are one table, and so are its attributes', so each learns from both roles.
+        embeds = self.fusion.embed
+        self.heads.candidates.item.weight = embeds[spec.item.name].table.weight
+        for name, attr in self.heads.candidates.attr_embed.items():
+            attr.table.weight = embeds[name].table.weight
         self.resampler = (
             PerceiverResampler(cfg.d_model, cfg.num_user_tokens, cfg.perceiver_layers, cfg.n_heads, cfg.ffn_mult, cfg.dropout)
             if cfg.num_user_tokens

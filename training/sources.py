@@ -1,0 +1,92 @@
+"""Where training and embedding read users from, and how they honour erasure.
+
+`--data PATH --format F` reads files; when a store exists at USERLLM_HOME (or a database URL is
+set), its tombstones filter the users out. `--from-store` reads the store's (decrypted in
+memory) histories, which already exclude erased users. Either way the checkpoint manifest gets
+the store's `erasure` section (user-set hash, tombstone version, keyed-hash list) so that
+`userllm admin stale-models` can tell when a model has users erased since.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.data import Dataset, load_dataset
+from userenc.events import order_history
+from userenc.spec import load_spec
+
+
+def store_configured() -> bool:
+    from store.db import resolve_home
+
+    return bool(os.environ.get("USERLLM_DATABASE_URL")) or (resolve_home() / "store.db").is_file()
+
+
+@dataclass(slots=True)
+class Source:
+    dataset: Dataset
+    store: Any = None  # store.Store when one is in use
+    notes: list[str] = field(default_factory=list)
+
+    def erasure_manifest(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """({"erasure": section}, {file name: text}) for the checkpoint; empty without a store."""
+        if self.store is None:
+            return {}, {}
+        from store import manifest_users, training_filter
+        from store.erasure_training import USER_HASHES_FILE
+
+        users = list(self.dataset.histories)
+        section = manifest_users(self.store, users)
+        hashes = sorted({training_filter(self.store).keyed_hash(u) for u in users})
+        return {"erasure": section}, {USER_HASHES_FILE: "\n".join(hashes) + ("\n" if hashes else "")}
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def add_source_args(p: argparse.ArgumentParser, spec: bool = False) -> None:
+    from userenc.readers import FORMATS
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="dataset file or folder (MovieLens: the ml-1m folder)")
+    src.add_argument("--from-store", action="store_true", help="read users' histories from the encrypted store (USERLLM_HOME)")
+    p.add_argument("--format", default="movielens", choices=FORMATS, help="format of --data")
+    p.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines instead of stopping")
+    if spec:
+        p.add_argument("--spec", default=None, help="feature spec: a TOML file or a built-in name (default per format)")
+
+
+def open_source(args: argparse.Namespace, spec_name: str | None = None) -> Source:
+    if args.from_store:
+        from store import Store
+
+        store = Store.open()
+        histories = {ext: order_history(h) for ext, h in store.histories() if h}
+        if not histories:
+            store.close()
+            raise ValueError("the store holds no events (run `userllm ingest` first)")
+        ds = Dataset(histories, load_spec(spec_name or "generic"), "store", 0, 0)
+        return Source(ds, store)
+    store = None
+    if store_configured():
+        from store import Store, training_filter
+
+        store = Store.open()
+        allowed = training_filter(store).allowed
+    else:
+        allowed = None
+    ds = load_dataset(args.data, args.format, spec_name, args.skip_bad, allowed)
+    source = Source(ds, store)
+    if ds.bad_lines:
+        source.notes.append(f"skipped {ds.bad_lines} malformed lines")
+    if ds.excluded_users:
+        source.notes.append(f"excluded {ds.excluded_users} erased users")
+    return source
+
+
+def data_source_name(args: argparse.Namespace) -> str:
+    return "store" if args.from_store else str(Path(args.data).resolve())
