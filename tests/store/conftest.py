@@ -37,6 +37,7 @@ class PgSchemas:
         import psycopg
 
         self.conn = psycopg.connect(PG_ADMIN_URL, autocommit=True)
+        self.conn.execute("SET lock_timeout = '20s'")  # a leaked connection fails teardown, never hangs it
         self.names: list[str] = []
 
     def create(self) -> str:

@@ -98,8 +98,10 @@ def test_restore_check_reapplies_tombstone_to_restored_backup(backend):
     else:
         from store_helpers import pg_schema_of
 
-        with Store.open(home=home, url=data_url, keys_url=keys_url).data.begin() as conn:
+        s = Store.open(home=home, url=data_url, keys_url=keys_url)
+        with s.data.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{pg_schema_of(data_url)}" CASCADE'))
+        s.close()
         psql_file(home / "backup.sql")
     shutil.rmtree(home / "index")
     shutil.copytree(backup_index, home / "index")
@@ -124,11 +126,14 @@ def _cli(backend, kek_b64, *args):
 
 def test_audit_verify_detects_edit_removal_and_truncation(backend, kek_b64):
     name, data_url, keys_url, home = backend
-    assert _cli(backend, kek_b64, "admin", "create-key", "--scopes", "read").returncode == 0
-    from privacy import LocalKek
     import base64
 
+    from privacy import LocalKek
+    from store.apikeys import create_key
+
     s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({1: base64.b64decode(kek_b64)}))
+    create_key(s.data, ["read"])
+    s.audit("api-key.created", {"scopes": ["read"]})
     s.ingest(make_events(2, 3))
     delete_user(s, "u0")
     ok = _cli(backend, kek_b64, "admin", "audit-verify")
@@ -143,7 +148,8 @@ def test_audit_verify_detects_edit_removal_and_truncation(backend, kek_b64):
                 conn.execute(text("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_change"))
             conn.execute(text(sql), params)
 
-    rows = s.data.connect().execute(text("SELECT seq, details FROM audit_log ORDER BY seq")).all()
+    with s.data.connect() as conn:
+        rows = conn.execute(text("SELECT seq, details FROM audit_log ORDER BY seq")).all()
     assert len(rows) == 4
     edited = rows[2].details.replace('"events":3', '"events":0')
     assert edited != rows[2].details
