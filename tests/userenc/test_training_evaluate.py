@@ -55,19 +55,22 @@ def test_evaluate_counts_oov_targets_as_misses_and_reports_both_views():
         "u1": [_ev("u1", "a", 1), _ev("u1", "a", 2), _ev("u1", "b", 3), _ev("u1", "b", 4), _ev("u1", "c", 5)],
         "u2": [_ev("u2", "a", 1), _ev("u2", "b", 2), _ev("u2", "a", 3), _ev("u2", "new", 4)],  # test target never trained on
         "u3": [_ev("u3", "a", 1), _ev("u3", "c", 2)],  # too short: training only
+        "u4": [_ev("u4", "c", 1), _ev("u4", "b", 2), _ev("u4", "c", 3), _ev("u4", "a", 4)],
     }
     split = leave_one_out(histories)
-    assert sorted(split.test) == ["u1", "u2"]
+    assert sorted(split.test) == ["u1", "u2", "u4"]
     tok = EventTokenizer.fit(spec, split.train.values())
-    # training counts: a 4, b 2, c 1 -> popularity ranks a, b, c
+    # training counts: a 4, b 3, c 2 -> popularity ranks a, b, c
     result = evaluate(popularity_scorer(tok, split.train), tok, split.test)
     assert result["oov_targets"] == 1
-    # u1: target c ranks 3rd of (a, b, c); excluding seen (a, b): 1st. u2: OOV, a miss either way.
-    assert result["all"]["hr@1"] == 0.0 and result["all"]["hr@5"] == pytest.approx(0.5) and result["all"]["mrr"] == pytest.approx((1 / 3) / 2)
-    assert result["exclude_seen"]["hr@1"] == pytest.approx(0.5) and result["exclude_seen"]["mrr"] == pytest.approx(0.5)
-    assert result["by_length"] == {"1-20": {"users": 2, "hr@10": 0.5}}
+    # u1: target c ranks 3rd; excluding seen (a, b): 1st. u2: OOV, a miss either way. u4: target a, 1st.
+    assert result["all"]["hr@1"] == pytest.approx(1 / 3) and result["all"]["hr@5"] == pytest.approx(2 / 3)
+    assert result["all"]["mrr"] == pytest.approx((1 / 3 + 0 + 1) / 3)
+    assert result["exclude_seen"]["hr@1"] == pytest.approx(2 / 3) and result["exclude_seen"]["mrr"] == pytest.approx(2 / 3)
+    assert result["by_length"] == {"1-20": {"users": 3, "hr@10": pytest.approx(2 / 3)}}
     valid = evaluate(popularity_scorer(tok, split.train), tok, split.valid)
-    assert valid["oov_targets"] == 0 and valid["all"]["users"] == 2
+    # valid targets: u1 b (2nd), u2 a (1st), u4 c (3rd)
+    assert valid["oov_targets"] == 0 and valid["all"]["mrr"] == pytest.approx((1 / 2 + 1 + 1 / 3) / 3)
 
 
 def test_length_buckets():

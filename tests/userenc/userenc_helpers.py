@@ -70,7 +70,7 @@ def free_port() -> int:
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in ("USERLLM_DATABASE_URL", "USERLLM_KEYS_DATABASE_URL")}  # no store: read files only
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", USERLLM_THREADS="1", USERLLM_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
     return env
 
