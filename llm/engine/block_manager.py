@@ -196,7 +196,7 @@ class CrossBlockManager:
 
     def allocate(self, seq) -> bool:
         assert not seq.cross_block_table
-        need = self.blocks_needed(seq.num_user_tokens)
+        need = self.blocks_needed(seq.num_cross_tokens)
         if need > self.pool.num_free:
             return False
         seq.cross_block_table = [self.pool.take().block_id for _ in range(need)]

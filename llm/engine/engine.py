@@ -71,7 +71,12 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        self.user_dim = mc.user_dim if mc.cross_layer_indices else None
+        # User tokens go to cross-attention blocks, or (soft-prompt integration) in front of
+        # the prompt as K placeholder tokens whose embeddings the model replaces.
+        self.soft_prompt = mc.integration == "soft_prompt" and mc.user_dim is not None
+        self.user_dim = mc.user_dim if (mc.cross_layer_indices or self.soft_prompt) else None
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.placeholder_id = int(pad) if pad is not None else 0
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None
                                  else _eos_ids(tokenizer))
 
@@ -80,7 +85,7 @@ class Engine:
         budget = config.kv_cache_bytes or _default_kv_bytes(self.device)
         num_blocks = self_shape.blocks_for_bytes(budget)
         cross_shape, num_cross_blocks = None, 0
-        if self.user_dim is not None:
+        if self.user_dim is not None and mc.cross_layer_indices:
             cross_shape = PoolShape(len(mc.cross_layer_indices), mc.cross_heads, mc.head_dim, bs,
                                     self.dtype)
             num_cross_blocks = config.max_num_seqs * -(-config.max_user_tokens // bs)
@@ -135,6 +140,9 @@ class Engine:
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         prompt_ids = self._prompt_ids(prompt)
+        user = self._check_user_tokens(user_tokens)
+        if user is not None and self.soft_prompt:
+            prompt_ids = [self.placeholder_id] * user.shape[0] + prompt_ids
         total = len(prompt_ids) + sampling.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens "
@@ -144,7 +152,6 @@ class Engine:
             raise ValueError(f"prompt + max_tokens = {total} tokens needs more KV blocks than "
                              f"the whole pool has ({self.block_manager.num_blocks} blocks of "
                              f"{self.config.block_size}); raise kv_cache_bytes")
-        user = self._check_user_tokens(user_tokens)
         generator = None
         if not sampling.greedy:
             seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
@@ -153,7 +160,8 @@ class Engine:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._seqs:
                 raise ValueError(f"request id {rid!r} is already in use")
-            seq = Sequence(rid, prompt_ids, sampling, user, user_salt(user_tokens), generator)
+            seq = Sequence(rid, prompt_ids, sampling, user, user_salt(user_tokens), generator,
+                           soft_prompt=self.soft_prompt)
             self._seqs[rid] = seq
             self.scheduler.add(seq)
         return rid
@@ -196,8 +204,9 @@ class Engine:
         if not isinstance(user_tokens, torch.Tensor):
             raise ValueError(f"user_tokens must be a tensor [K, D], got {type(user_tokens).__name__}")
         if self.user_dim is None:
-            raise ValueError("this engine's model has no cross-attention blocks; load it with "
-                             "cross_every_n > 0 and user_dim to pass user tokens")
+            raise ValueError("this engine's model has no cross-attention blocks (nor a soft "
+                             "prompt); load it with cross_every_n > 0 and user_dim to pass "
+                             "user tokens")
         if user_tokens.dim() != 2:
             raise ValueError(f"user_tokens must be [K, D], got shape {tuple(user_tokens.shape)}")
         k, d = user_tokens.shape

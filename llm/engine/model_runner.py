@@ -46,6 +46,8 @@ class ModelRunner:
         last_rows: list[int] = []  # row in the flat stream of each sampling sequence's last token
         cross_inputs: list[torch.Tensor] = []
         cross_slots: list[int] = []
+        soft_inputs: list[torch.Tensor] = []
+        soft_rows: list[int] = []
         decode_only = True
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
@@ -59,10 +61,14 @@ class ModelRunner:
             cu.append(cu[-1] + n)
             if end == len(seq):
                 last_rows.append(cu[-1] - 1)
-            if seq.num_user_tokens and not seq.cross_written:
+            if seq.num_cross_tokens and not seq.cross_written:
                 cross_inputs.append(seq.user_tokens)
                 cross_slots.extend(seq.cross_block_table[p // bs] * bs + p % bs
-                                   for p in range(seq.num_user_tokens))
+                                   for p in range(seq.num_cross_tokens))
+            if start < seq.num_soft_tokens:  # soft-prompt placeholders in this chunk
+                stop = min(end, seq.num_soft_tokens)
+                soft_inputs.append(seq.user_tokens[start:stop])
+                soft_rows.extend(range(cu[-2], cu[-2] + stop - start))
             decode_only &= n == 1 and start > 0
         dev = self.device
         ctx = ForwardContext(
@@ -74,11 +80,14 @@ class ModelRunner:
         )
         if self.has_cross:
             ctx.cross_block_tables = _padded([s.cross_block_table for s in batch.seqs], dev)
-            ctx.cross_lens = torch.tensor([s.num_user_tokens for s in batch.seqs],
+            ctx.cross_lens = torch.tensor([s.num_cross_tokens for s in batch.seqs],
                                           dtype=torch.int32).to(dev)
             if cross_inputs:
                 ctx.cross_inputs = torch.cat(cross_inputs)
                 ctx.cross_slot_mapping = torch.tensor(cross_slots, dtype=torch.int64).to(dev)
+        if soft_inputs:
+            ctx.soft_prompt_inputs = torch.cat(soft_inputs)
+            ctx.soft_prompt_positions = torch.tensor(soft_rows, dtype=torch.int64).to(dev)
         ids = torch.tensor(input_ids, dtype=torch.long).to(dev)
         pos = torch.tensor(positions, dtype=torch.long).to(dev)
         return ids, pos, ctx, last_rows
@@ -86,7 +95,7 @@ class ModelRunner:
     @staticmethod
     def _is_decode(seq, n: int) -> bool:
         return n == 1 and seq.num_computed_tokens > 0 and not (
-            seq.num_user_tokens and not seq.cross_written)
+            seq.num_cross_tokens and not seq.cross_written)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | None]:

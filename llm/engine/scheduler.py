@@ -109,7 +109,7 @@ class Scheduler:
         return batch
 
     def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> bool:
-        if self.cross is not None and seq.num_user_tokens and not self.cross.allocate(seq):
+        if self.cross is not None and seq.num_cross_tokens and not self.cross.allocate(seq):
             return False
         self.blocks.match_prefix(seq)
         seq.num_cached_tokens = seq.num_computed_tokens

@@ -31,12 +31,12 @@ class Sequence:
         "request_id", "token_ids", "num_prompt_tokens", "sampling", "user_tokens", "salt",
         "status", "num_computed_tokens", "num_cached_tokens", "block_table", "block_hashes",
         "cross_block_table", "cross_written", "generator", "arrival", "finish_reason",
-        "text", "num_emitted_tokens", "num_emitted_chars", "num_preemptions",
+        "text", "num_emitted_tokens", "num_emitted_chars", "num_preemptions", "num_soft_tokens",
     )
 
     def __init__(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
                  user_tokens: torch.Tensor | None, salt: bytes,
-                 generator: torch.Generator | None) -> None:
+                 generator: torch.Generator | None, soft_prompt: bool = False) -> None:
         assert prompt_ids, "empty prompts are refused at add_request"
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_ids)
@@ -60,6 +60,10 @@ class Sequence:
         self.num_emitted_tokens = 0
         self.num_emitted_chars = 0
         self.num_preemptions = 0
+        # Soft-prompt integration: the first num_soft_tokens entries of token_ids are
+        # placeholders whose embeddings the model replaces with the projected user tokens.
+        self.num_soft_tokens = self.num_user_tokens if soft_prompt else 0
+        assert len(prompt_ids) > self.num_soft_tokens, "a prompt beyond the user tokens"
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -67,6 +71,11 @@ class Sequence:
     @property
     def num_user_tokens(self) -> int:
         return 0 if self.user_tokens is None else int(self.user_tokens.shape[0])
+
+    @property
+    def num_cross_tokens(self) -> int:
+        """User tokens that go to the cross-attention pool (0 in soft-prompt mode)."""
+        return 0 if self.num_soft_tokens else self.num_user_tokens
 
     @property
     def output_ids(self) -> list[int]:

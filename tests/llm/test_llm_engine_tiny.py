@@ -257,3 +257,19 @@ def test_bad_input_is_refused_and_others_keep_running(tiny_path, tmp_path):
     # A model without cross blocks refuses user tokens clearly.
     with pytest.raises(ValueError, match="no cross-attention"):
         engine(tiny_path).add_request(good[0], user_tokens=torch.randn(2, 8))
+
+
+def test_soft_prompt_users_match_dense_path(tiny_path):
+    eng = engine(tiny_path, integration="soft_prompt", user_dim=8, max_num_batched_tokens=4,
+                 block_size=4)
+    torch.manual_seed(1)
+    for p in eng.model.model.soft_prompt.parameters():
+        p.data.normal_(0, 0.5)
+    u1, u2 = torch.randn(6, 8), torch.randn(2, 8)
+    prompt = random_prompts(1, [9], seed=12)[0]
+    outs = eng.generate([prompt, prompt, prompt], GREEDY, user_tokens=[u1, u2, None])
+    assert outs[0].token_ids != outs[1].token_ids
+    for out, user in zip(outs, (u1, u2, None)):
+        assert out.token_ids == _dense_greedy(eng.model, prompt, GREEDY.max_tokens, user)
+        assert out.num_prompt_tokens == len(prompt) + (0 if user is None else user.shape[0])
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
