@@ -86,7 +86,10 @@ def _scratch(numel: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     key = (like.device, like.dtype)
     buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        # A normal tensor even when first made under torch.inference_mode (the engine): an
+        # inference tensor could not be written by a later call outside it (tests, training).
+        with torch.inference_mode(False):
+            buf = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     half = numel // 2
     return buf[:half], buf[half:numel]
 
