@@ -3,6 +3,7 @@ from privacy.envelope import (
     FORMAT_VERSION,
     DataKeyCipher,
     DecryptionError,
+    aad_builder,
     associated_data,
     new_data_key,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "FORMAT_VERSION",
     "DataKeyCipher",
     "DecryptionError",
+    "aad_builder",
     "associated_data",
     "new_data_key",
     "KeyedHasher",

@@ -31,6 +31,16 @@ def associated_data(table: str, column: str, user_id: int, row_id: str | int, ve
     return f"userllm|v{version}|{table}|{column}|{int(user_id)}|{row}".encode()
 
 
+def aad_builder(table: str, column: str, version: int = FORMAT_VERSION):  # noqa: ANN201
+    """A fast `associated_data` for one (table, column): the hot ingest loop calls it per row."""
+    prefix = associated_data(table, column, 0, "")[: -len(b"0|")].decode()
+
+    def build(user_id: int, row_id: str | int) -> bytes:
+        return f"{prefix}{user_id}|{row_id}".encode()
+
+    return build
+
+
 def new_data_key() -> bytes:
     return AESGCM.generate_key(bit_length=256)
 

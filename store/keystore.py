@@ -83,6 +83,30 @@ class KeyStore:
                     return existing
         raise RuntimeError("could not allocate a user id")
 
+    def get_or_create_many(self, uid_hashes: list[str]) -> dict[str, int]:
+        """get_or_create for a batch: one lookup and one key-store transaction per batch."""
+        found: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(uid_hashes), 900):
+                found.update(conn.execute(select(DataKey.uid_hash, DataKey.user_id).where(DataKey.uid_hash.in_(uid_hashes[i : i + 900]))).all())
+        missing = [h for h in uid_hashes if h not in found]
+        if not missing:
+            return found
+        rows, ciphers, now = [], {}, int(time.time())
+        for h in missing:
+            uid, key = secrets.randbits(62) or 1, new_data_key()
+            w = self.kek.wrap(key, _data_key_context(uid))
+            rows.append({"user_id": uid, "uid_hash": h, "kek_version": w.kek_version, "wrapped": w.blob, "created_at": now})
+            ciphers[uid] = DataKeyCipher(key)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(DataKey.__table__.insert(), rows)
+        except IntegrityError:  # a concurrent writer or an id collision: fall back to one by one
+            return {h: self.get_or_create(h) for h in uid_hashes}
+        self._ciphers.update(ciphers)
+        found.update((r["uid_hash"], r["user_id"]) for r in rows)
+        return found
+
     def cipher(self, user_id: int) -> DataKeyCipher:
         """The user's cipher; raises LookupError when the key is gone (erased)."""
         c = self._ciphers.get(user_id)

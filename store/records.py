@@ -12,6 +12,7 @@ from userenc.events import Event
 MAX_ID_CHARS = 256
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_TIMESTAMP = 2**40
+_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 @dataclass(slots=True)
@@ -41,7 +42,7 @@ def encode_payload(e: Event, position: int) -> bytes:
     if not isinstance(e.fields, dict) or not all(isinstance(k, str) for k in e.fields):
         raise ValueError(f"{where}: fields must be a dict with string keys")
     try:
-        body = json.dumps([e.event_id, e.item_id, e.timestamp, e.fields], separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        body = _to_json([e.event_id, e.item_id, e.timestamp, e.fields])
     except (TypeError, ValueError):
         raise ValueError(f"{where}: fields must be JSON values (str, number, bool, list, dict) without NaN") from None
     data = body.encode()

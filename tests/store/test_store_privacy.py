@@ -45,6 +45,14 @@ def test_ciphertext_moved_to_other_user_row_or_column_fails_without_leaking():
         DataKeyCipher(new_data_key()).open(sealed, associated_data("events", "payload", 7, "abc"))
 
 
+def test_fast_aad_builder_matches_associated_data():
+    from privacy import aad_builder
+
+    build = aad_builder("events", "payload")
+    assert build(123, "abc") == associated_data("events", "payload", 123, "abc")
+    assert build(0, "r") == associated_data("events", "payload", 0, "r")
+
+
 def test_flipping_any_bit_fails_decryption():
     cipher = DataKeyCipher(new_data_key())
     aad = associated_data("events", "payload", 3, "r1")
