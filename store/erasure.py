@@ -39,7 +39,7 @@ class ErasureReport:
 
 
 def artefact_dir(store: Store, uid_hash: str):  # noqa: ANN201
-    """Where other parts may cache per-user artefacts; erasure removes it."""
+    """Where other parts may cache per-user artefacts (Store.artefact_dir); erasure removes it."""
     return store.home / "cache" / uid_hash
 
 

@@ -84,6 +84,21 @@ class Store:
         aad = associated_data("users", "external_id_sealed", user_id, user_id)
         return self.keys.cipher(user_id).open(sealed, aad, where="users.external_id_sealed").decode()
 
+    def artefact_dir(self, external_id: str) -> Path:
+        """Where any part may cache per-user artefacts (e.g. UserTokens); erasure deletes it."""
+        return self.home / "cache" / self.hasher.user(external_id)
+
+    # -- training honours erasure (see store/erasure_training.py) ------------------------------
+    def training_filter(self):  # noqa: ANN201
+        from store.erasure_training import training_filter
+
+        return training_filter(self)
+
+    def manifest_users(self, external_ids: Iterable[str], checkpoint_dir: str | os.PathLike | None = None) -> dict:
+        from store.erasure_training import manifest_users
+
+        return manifest_users(self, external_ids, checkpoint_dir)
+
     # -- ingest -------------------------------------------------------------------------------
     def ingest(self, events: Iterable[Event], batch_size: int = 1000, on_batch: Callable[[IngestCounts], None] | None = None) -> IngestCounts:
         """Validate everything first (bad input writes nothing), then write one transaction per

@@ -202,7 +202,7 @@ def test_training_filter_excludes_tombstoned(store):
     from store import delete_user
 
     store.ingest(make_events(3, 2))
-    f0 = training_filter(store)
+    f0 = store.training_filter()
     assert f0.tombstone_version == 0 and f0.allowed("u1")
     delete_user(store, "u1")
     f1 = training_filter(store)
@@ -210,3 +210,43 @@ def test_training_filter_excludes_tombstoned(store):
     assert sorted(u for u, _ in store.histories()) == ["u0", "u2"]
     c = store.ingest(make_events(3, 2))  # re-ingesting old data never resurrects an erased user
     assert c.tombstoned == 2 and store.history("u1") == []
+
+
+class InProcessKms:
+    """A third-party KMS as the KekProvider protocol sees it (here: one AES key, version 7)."""
+
+    def __init__(self):
+        import os
+
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead, self.calls = AESGCM(AESGCM.generate_key(bit_length=256)), 0
+        self._os = os
+
+    def current_version(self):
+        return 7
+
+    def versions(self):
+        return [7]
+
+    def wrap(self, key, context):
+        self.calls += 1
+        nonce = self._os.urandom(12)
+        return WrappedKey(7, nonce + self._aead.encrypt(nonce, key, context))
+
+    def unwrap(self, wrapped, context):
+        self.calls += 1
+        return self._aead.decrypt(wrapped.blob[:12], wrapped.blob[12:], context)
+
+
+def test_store_runs_on_any_kms_implementing_the_protocol(backend):
+    from privacy import KekProvider
+
+    kms = InProcessKms()
+    assert isinstance(kms, KekProvider)
+    _, data_url, keys_url, home = backend
+    s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=kms)
+    s.ingest(make_events(2, 3))
+    assert len(s.history("u1")) == 3 and kms.calls >= 4  # 2 secrets + 2 data keys wrapped
+    assert s.keys.kek_versions_in_use() == {7: 4}
+    s.close()
