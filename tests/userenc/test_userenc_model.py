@@ -96,6 +96,18 @@ def test_left_padded_batch_equals_each_sequence_alone(spec, sample_tokenizer, sa
     assert (other - emb[3]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("fusion,positions", COMBOS)
+def test_last_state_fast_path_equals_the_full_states(spec, fusion, positions):
+    """states(last_only=True) (user embeddings, evaluation) is the last row of the full states."""
+    model = make_model(spec, TINY_VOCAB, item_attributes=_attrs(), fusion=fusion, positions=positions, n_layers=2)
+    ids = random_ids(spec, TINY_VOCAB, 3, 9, torch.Generator().manual_seed(10))
+    valid = _left_padded_valid(3, 9, [0, 4, 8])
+    last = model.states(ids, valid, last_only=True)
+    assert last.shape == (3, 1, 16)
+    torch.testing.assert_close(last, model.states(ids, valid)[:, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.user_embedding(ids, valid), model.encode(ids, valid)[0][:, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_max_len_512_supported(spec):
     model = make_model(spec, TINY_VOCAB, max_len=512, positions="learned")
     ids = random_ids(spec, TINY_VOCAB, 1, 512, torch.Generator().manual_seed(3))
@@ -156,7 +168,8 @@ def test_heads_give_finite_losses_and_gradients(spec, item_loss, negatives, k):
     named = dict(model.named_parameters())
     for name, p in named.items():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
-    for name in ("heads.query.weight", "heads.candidates.item.weight", "heads.candidates.attr_lift.genres.weight", "heads.others.genres.weight", "heads.others.rating.weight", "fusion.embed.item.table.weight"):
+    # The item table (input side, tied to the candidate side) and every head learn.
+    for name in ("heads.query.weight", "heads.candidates.attr_lift.genres.weight", "heads.others.genres.weight", "heads.others.rating.weight", "fusion.embed.item.table.weight", "fusion.embed.genres.table.weight"):
         assert named[name].grad is not None and named[name].grad.abs().sum() > 0, name
     if k:
         assert named["resampler.latents"].grad.abs().sum() > 0
