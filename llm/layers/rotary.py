@@ -60,7 +60,8 @@ class RotaryEmbedding(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [...] -> cos, sin [..., head_dim] in `dtype` (angles in fp32)."""
         if self._inv_freq.device != positions.device:
-            self._inv_freq = self._inv_freq.to(positions.device)
+            with torch.inference_mode(False):  # a normal tensor even if the engine moves it
+                self._inv_freq = self._inv_freq.to(positions.device)
         freqs = positions.float()[..., None] * self._inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
