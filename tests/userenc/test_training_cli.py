@@ -74,10 +74,14 @@ def test_train_resume_eval_embed(tmp_path, data):
     assert sorted(p.name for p in emb.parent.iterdir()) == ["users.npz"]
 
 
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, data):
-    bad = tmp_path / "bad.jsonl"
+def _with_bad_second_line(data, path):
     lines = data.read_text().splitlines()
-    bad.write_text(lines[0] + "\n{not json\n" + "\n".join(lines[1:]) + "\n")
+    path.write_text(lines[0] + "\n{not json\n" + "\n".join(lines[1:]) + "\n")
+    return path
+
+
+def test_bad_train_input_exits_2_with_one_line_and_writes_nothing(tmp_path, data):
+    bad = _with_bad_second_line(data, tmp_path / "bad.jsonl")
     runs = tmp_path / "runs"
     cases = [
         (["--data", str(tmp_path / "missing.jsonl"), "--format", "jsonl"], "no such file or folder"),
@@ -92,6 +96,11 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, data):
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "Traceback" not in r.stderr and not runs.exists(), args
+
+
+def test_missing_checkpoint_and_skip_bad(tmp_path, data):
+    bad = _with_bad_second_line(data, tmp_path / "bad.jsonl")
+    runs = tmp_path / "runs"
     r = run_cli(tmp_path, "eval-encoder", "--data", str(data), "--format", "jsonl", "--checkpoint", str(runs / "enc"))
     assert r.returncode == 2 and "not an encoder checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run_cli(tmp_path, "embed", "--data", str(data), "--format", "jsonl", "--checkpoint", str(runs / "enc"), "--out", str(tmp_path / "e.npz"))
