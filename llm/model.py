@@ -24,7 +24,11 @@ hf_config)` lives in llm/loader.py. The model (`LlamaForCausalLM`) offers:
 - `cross_attention_modules()` -> the CrossAttention modules; assign `cross_k_cache` /
   `cross_v_cache` [num_cross_blocks, block_size, cross_num_heads, head_dim].
 - `num_layers`, `num_kv_heads`, `head_dim`, `cross_num_heads`, `user_dim`, `dtype`, `device`,
-  `config` (our ModelConfig).
+  `config` (our ModelConfig: `cross_layer_indices`, `cross_heads`, `max_position_embeddings`...).
+- `user_parameters()` -> the cross-block / soft-prompt parameters (adapter training).
+
+Decode (is_prefill False) makes no host syncs in our layers, so it can be captured in a CUDA
+graph when the kernels allow it; prefill reads cu_seqlens_q / context_lens on the host.
 """
 from __future__ import annotations
 
@@ -119,6 +123,14 @@ class LlamaForCausalLM(nn.Module):
 
     def cross_attention_modules(self) -> list[CrossAttention]:
         return [block.cross_attn for block in self.model.cross_blocks.values()]
+
+    def user_parameters(self) -> list[nn.Parameter]:
+        """Our user-token modules' parameters (cross blocks or soft-prompt projection): what
+        adapter training optimises with the base model frozen."""
+        modules = list(self.model.cross_blocks.values())
+        if self.model.soft_prompt is not None:
+            modules.append(self.model.soft_prompt)
+        return [p for m in modules for p in m.parameters()]
 
     # --- forward ---
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,

@@ -126,7 +126,12 @@ class GatedCrossAttentionBlock(nn.Module):
         else:
             if ctx.cross_inputs is not None and ctx.cross_inputs.shape[0] > 0:
                 self.cross_attn.write_user_kv(ctx)
-            if ctx.cross_lens is None or not bool((ctx.cross_lens > 0).any()):
+            if ctx.cross_lens is None:
+                return x
+            # Skip a batch without users, but only where checking is free: on CUDA the check
+            # would sync and break CUDA-graph capture of decode, and zero-length rows cost
+            # little there (the kernel returns zeros; the MLP update is masked below).
+            if not ctx.cross_lens.is_cuda and not bool((ctx.cross_lens > 0).any()):
                 return x
             attn = self.cross_attn.forward_paged(self.attn_norm(x), ctx)
             seq = (token_sequence_index(ctx.cu_seqlens_q)[0] if ctx.is_prefill

@@ -56,10 +56,10 @@ def test_dense_path_is_differentiable(tiny_checkpoint):
     folder, _ = tiny_checkpoint("llama")
     model, _, _ = load_model(folder, cross_every_n=2, user_dim=12)
     model.requires_grad_(False)
-    gates = []
-    for block in model.model.cross_blocks.values():
-        block.requires_grad_(True)
-        gates += [block.gate_attn, block.gate_mlp]
+    for p in model.user_parameters():
+        p.requires_grad_(True)
+    gates = [g for b in model.model.cross_blocks.values() for g in (b.gate_attn, b.gate_mlp)]
+    assert {id(g) for g in gates} <= {id(p) for p in model.user_parameters()}
     ids = torch.randint(0, 96, (2, 9))
     users = torch.randn(2, 3, 12)
     logits = model.compute_logits(model(ids, user_tokens=users))
