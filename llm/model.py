@@ -29,6 +29,22 @@ hf_config)` lives in llm/loader.py. The model (`LlamaForCausalLM`) offers:
 
 Decode (is_prefill False) makes no host syncs in our layers, so it can be captured in a CUDA
 graph when the kernels allow it; prefill reads cu_seqlens_q / context_lens on the host.
+
+How the paged path reads the ForwardContext (llm/context.py):
+- every step: slot_mapping, context_lens, block_tables; prefill also cu_seqlens_q. A prefill in
+  which no sequence has a cached prefix attends over its own new K/V (so it also runs before
+  the pools are assigned: the engine's warm-up); otherwise each sequence's K/V is gathered from
+  its blocks. Decode (one token per sequence) calls llm.kernels.ops.paged_decode_attention.
+- cross integration (config.cross_every_n > 0, blocks before layers i with (i+1) % N == 0):
+  cross_block_tables and cross_lens on every step when the model has cross blocks (cross_lens 0
+  = no user tokens: exactly the base model for that sequence); cross_inputs [M, user_dim] +
+  cross_slot_mapping [M] on the step that must write a request's user K/V (a step carrying
+  cross_inputs must be a prefill step: is_prefill True, cu_seqlens_q set).
+- soft-prompt integration (config.integration == "soft_prompt"): the engine puts K placeholder
+  token ids in front of the prompt and passes soft_prompt_inputs [P, user_dim] with
+  soft_prompt_positions [P] (their indices in this step's flat stream); the model replaces those
+  rows' embeddings. The placeholders occupy K positions / KV slots like ordinary tokens.
+- a wrong user width raises ValueError naming both widths (dense and paged).
 """
 from __future__ import annotations
 
