@@ -38,8 +38,8 @@ How the paged path reads the ForwardContext (llm/context.py):
 - cross integration (config.cross_every_n > 0, blocks before layers i with (i+1) % N == 0):
   cross_block_tables and cross_lens on every step when the model has cross blocks (cross_lens 0
   = no user tokens: exactly the base model for that sequence); cross_inputs [M, user_dim] +
-  cross_slot_mapping [M] on the step that must write a request's user K/V (a step carrying
-  cross_inputs must be a prefill step: is_prefill True, cu_seqlens_q set).
+  cross_slot_mapping [M] on the step that must write a request's user K/V (each cross block
+  writes them before it attends, so prefill or decode steps both work).
 - soft-prompt integration (config.integration == "soft_prompt"): the engine puts K placeholder
   token ids in front of the prompt and passes soft_prompt_inputs [P, user_dim] with
   soft_prompt_positions [P] (their indices in this step's flat stream); the model replaces those
