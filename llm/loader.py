@@ -75,8 +75,9 @@ def read_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"model folder {str(folder)!r} has no usable tokenizer: {exc}") \
-                from exc
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"model folder {str(folder)!r} has no usable tokenizer "
+                             f"({first_line})") from exc
         state = _read_safetensors(folder)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return Checkpoint(hf_config, tokenizer, state)

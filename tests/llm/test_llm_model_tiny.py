@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm.loader import load_model
+from llm.loader import load_model, resolve
 
 TOL = 1e-4
 
@@ -158,7 +158,15 @@ def test_bad_input_gets_clear_errors(tiny_checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="config.json"):
         load_model(tmp_path / "empty")
-    folder, _ = tiny_checkpoint("llama")
+    folder, hf = tiny_checkpoint("llama")
+    no_tokenizer = tmp_path / "no-tokenizer"
+    hf.save_pretrained(no_tokenizer, safe_serialization=True)
+    with pytest.raises(ValueError, match="no usable tokenizer"):
+        load_model(no_tokenizer)
+    # A folder holding exactly one .gguf file is read as that file.
+    (tmp_path / "gguf-folder").mkdir()
+    (tmp_path / "gguf-folder" / "model.gguf").write_bytes(b"GGUF")
+    assert resolve(tmp_path / "gguf-folder") == (tmp_path / "gguf-folder", "model.gguf")
     with pytest.raises(ValueError, match="user_dim"):
         load_model(folder, cross_every_n=2)  # cross blocks need a user width
     model, _, _ = load_model(folder, cross_every_n=2, user_dim=12)
@@ -171,5 +179,7 @@ def test_bad_input_gets_clear_errors(tiny_checkpoint, tmp_path):
     soft, _, _ = load_model(folder, integration="soft_prompt", user_dim=10)
     with pytest.raises(ValueError, match=r"width 12.*user_dim=10"):
         soft(ids, user_tokens=torch.randn(1, 3, 12))
+    with pytest.raises(ValueError, match="integration must be one of"):
+        load_model(folder, cross_every_n=2, user_dim=12, integration="prefix")
     with pytest.raises(ValueError, match="user_mask"):
         model(ids, user_tokens=torch.randn(1, 3, 12), user_mask=torch.ones(1, 4, dtype=torch.bool))
