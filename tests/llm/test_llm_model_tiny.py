@@ -179,6 +179,14 @@ def test_bad_input_gets_clear_errors(tiny_checkpoint, tmp_path):
     soft, _, _ = load_model(folder, integration="soft_prompt", user_dim=10)
     with pytest.raises(ValueError, match=r"width 12.*user_dim=10"):
         soft(ids, user_tokens=torch.randn(1, 3, 12))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (gpt2 / name).write_bytes((folder / name).read_bytes())
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
+        load_model(gpt2)
     with pytest.raises(ValueError, match="integration must be one of"):
         load_model(folder, cross_every_n=2, user_dim=12, integration="prefix")
     with pytest.raises(ValueError, match="user_mask"):
