@@ -62,7 +62,8 @@ class ModelConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ROPE_TYPES:
-                raise ValueError(f"rope scaling {kind!r} is not supported (supported: {ROPE_TYPES})")
+                raise ValueError(f"rope scaling {kind!r} is not supported "
+                                 f"(supported: {ROPE_TYPES})")
 
     @property
     def uses_user_tokens(self) -> bool:

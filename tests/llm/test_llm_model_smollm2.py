@@ -71,7 +71,8 @@ def hf_generations(smollm2_hf, smollm2_checkpoint, chat_ids):
 
 def paged_greedy(model, prompts, harness, steps=32, users=None):
     """All prompts in one prefill step, then batched decode steps through the pool."""
-    h = harness(model, block_size=16, num_blocks=8 * len(prompts), num_cross_blocks=4 * len(prompts))
+    h = harness(model, block_size=16, num_blocks=8 * len(prompts),
+                num_cross_blocks=4 * len(prompts))
     for sid in range(len(prompts)):
         h.add(sid, None if users is None else users[sid])
     logits = h.step({sid: list(p) for sid, p in enumerate(prompts)})
