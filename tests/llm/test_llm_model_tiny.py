@@ -187,6 +187,11 @@ def test_bad_input_gets_clear_errors(tiny_checkpoint, tmp_path):
         (gpt2 / name).write_bytes((folder / name).read_bytes())
     with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
         load_model(gpt2)
+    yarn, _ = tiny_checkpoint("llama", seed=1, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+        "original_max_position_embeddings": 64})
+    with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported"):
+        load_model(yarn)
     with pytest.raises(ValueError, match="integration must be one of"):
         load_model(folder, cross_every_n=2, user_dim=12, integration="prefix")
     with pytest.raises(ValueError, match="user_mask"):
