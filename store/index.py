@@ -42,6 +42,7 @@ class UserIndex:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._cipher = DataKeyCipher(key)
+        self._read_cache: dict[str, tuple[tuple, object]] = {}  # version -> (file identity, index)
 
     def _path(self, version: str) -> Path:
         return self.dir / f"users-{check_version(version)}.faiss.sealed"
@@ -63,11 +64,25 @@ class UserIndex:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def load(self, version: str) -> "faiss.IndexIDMap2 | None":
+        """A private copy, safe to modify (then `save`)."""
         path = self._path(version)
         if not path.exists():
             return None
         raw = self._cipher.open(path.read_bytes(), associated_data("faiss_index", "file", 0, version), where=f"index file {path.name}")
         return _faiss().deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+
+    def _load_for_read(self, version: str):  # noqa: ANN202
+        """Shared read-only copy, reloaded whenever the file was replaced (by any process)."""
+        try:
+            st = self._path(version).stat()
+        except FileNotFoundError:
+            self._read_cache.pop(version, None)
+            return None
+        ident = (st.st_ino, st.st_mtime_ns, st.st_size)
+        hit = self._read_cache.get(version)
+        if hit is None or hit[0] != ident:
+            hit = self._read_cache[version] = (ident, self.load(version))
+        return hit[1]
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -117,12 +132,12 @@ class UserIndex:
         """How many index files still hold this id (verify-deleted)."""
         found = 0
         for version in self.versions():
-            index = self.load(version)
-            found += int(user_id in _faiss().vector_to_array(index.id_map))
+            index = self._load_for_read(version)
+            found += int(index is not None and user_id in _faiss().vector_to_array(index.id_map))
         return found
 
     def search(self, version: str, user_id: int, k: int) -> list[tuple[int, float]]:
-        index = self.load(version)
+        index = self._load_for_read(version)
         if index is None or index.ntotal == 0:
             return []
         try:
