@@ -194,6 +194,8 @@ class LlamaForCausalLM(nn.Module):
             return self.model.run_layers(h, positions)
         if user_tokens.dim() != 3 or user_tokens.shape[0] != b:
             raise ValueError(f"user_tokens must be [B={b}, K, D], got {tuple(user_tokens.shape)}")
+        if user_tokens.shape[1] == 0:  # K = 0: nobody has user tokens
+            return self._forward_dense(input_ids, positions, None, None)
         if user_mask is None:
             user_mask = torch.ones(user_tokens.shape[:2], dtype=torch.bool,
                                    device=user_tokens.device)

@@ -85,6 +85,7 @@ def test_cross_blocks_identity_at_gate_zero_and_per_user_when_open(tiny_checkpoi
         plain = base(ids)
         assert torch.equal(model(ids), plain)
         assert torch.equal(model(ids, user_tokens=users, user_mask=mask), plain)
+        assert torch.equal(model(ids, user_tokens=users[:, :0]), plain)  # K = 0
         for block in model.model.cross_blocks.values():
             block.gate_attn.fill_(0.7)
             block.gate_mlp.fill_(-0.4)
