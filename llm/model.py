@@ -194,6 +194,9 @@ class LlamaForCausalLM(nn.Module):
             return self.model.run_layers(h, positions)
         if user_tokens.dim() != 3 or user_tokens.shape[0] != b:
             raise ValueError(f"user_tokens must be [B={b}, K, D], got {tuple(user_tokens.shape)}")
+        soft = self.model.soft_prompt
+        check_user_width(user_tokens.shape[-1],
+                         soft.user_dim if soft is not None else self._cross_user_dim())
         if user_tokens.shape[1] == 0:  # K = 0: nobody has user tokens
             return self._forward_dense(input_ids, positions, None, None)
         if user_mask is None:
@@ -203,9 +206,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"user_mask must be [B, K] = {tuple(user_tokens.shape[:2])}, "
                              f"got {tuple(user_mask.shape)}")
         user_mask = user_mask.bool()
-        if self.model.soft_prompt is not None:
+        if soft is not None:
             return self._soft_prompt_dense(h, positions, user_tokens, user_mask)
-        check_user_width(user_tokens.shape[-1], self._cross_user_dim())
         return self.model.run_layers(h, positions, user_tokens.to(h.dtype), user_mask)
 
     def _soft_prompt_dense(self, h, positions, user_tokens, user_mask):
