@@ -1,11 +1,12 @@
 """Turns a scheduled batch into one forward pass over a flat token stream and samples.
 
-All sequences' new tokens of a step are concatenated into one [N] stream (chunked prefills and
-decodes together); the ForwardContext tells the attention layers where each token's K/V goes and
-which blocks each sequence reads. A step where every sequence adds exactly one token to an
-existing cache (and no cross K/V is pending) runs the decode path (the paged decode kernel);
-anything else runs the prefill path, which attends over cached prefix + new tokens.
-Logits are computed only for the last token of each sequence that samples this step.
+A step's sequences are split in two groups, each one forward over a flat [N] stream of new
+tokens: decodes (one token appended to an existing cache, no cross K/V pending) run the decode
+path (the paged decode kernel); prefill chunks (first chunk, later chunks after a cached prefix,
+recompute after preemption) run the prefill path, which attends over cached prefix + new
+tokens. The ForwardContext tells the attention layers where each token's K/V goes and which
+blocks each sequence reads. Logits are computed only for the last token of each sequence that
+samples this step.
 """
 from __future__ import annotations
 

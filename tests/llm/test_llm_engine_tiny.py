@@ -152,7 +152,8 @@ def _dense_greedy(model, prompt, n, user=None):
 
 
 def test_cross_attention_users_differ_and_match_dense_path(tiny_path, hf_model):
-    eng = engine(tiny_path, cross_every_n=1, user_dim=8, block_size=8, max_num_batched_tokens=24)
+    eng = engine(tiny_path, cross_every_n=1, user_dim=8, block_size=8, max_num_batched_tokens=24,
+                 max_num_seqs=8)
     torch.manual_seed(0)
     for block in eng.model.model.cross_blocks.values():
         block.gate_attn.data.fill_(0.8)
@@ -261,7 +262,7 @@ def test_bad_input_is_refused_and_others_keep_running(tiny_path, tmp_path):
 
 def test_soft_prompt_users_match_dense_path(tiny_path):
     eng = engine(tiny_path, integration="soft_prompt", user_dim=8, max_num_batched_tokens=4,
-                 block_size=4)
+                 max_num_seqs=4, block_size=4)
     torch.manual_seed(1)
     for p in eng.model.model.soft_prompt.parameters():
         p.data.normal_(0, 0.5)
