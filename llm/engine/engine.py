@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from llm.engine.block_manager import BlockManager, CrossBlockManager, user_salt
+from llm.engine.decode_graphs import DecodeGraphRunner
 from llm.engine.detokenizer import Detokenizer
 from llm.engine.kv_cache import KVCache, PoolShape
 from llm.engine.model_runner import ModelRunner
@@ -43,6 +44,10 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
     max_user_tokens: int = 32  # K limit per request; sizes the cross pool
     enable_prefix_caching: bool = True
+    # Decode steps through preallocated batch-size buckets, captured as CUDA graphs on CUDA
+    # (models without cross-attention blocks; ignored for the others). On CPU the flag runs the
+    # same padded buffers eagerly: no speed-up there, it exists to test the padding logic.
+    use_cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -101,7 +106,13 @@ class Engine:
                               if cross_shape is not None else None)
         self.scheduler = Scheduler(self.block_manager, self.cross_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, bs, self.device, has_cross=cross_shape is not None)
+        graphs = None
+        if config.use_cuda_graphs and cross_shape is None:
+            graphs = DecodeGraphRunner(model, config.max_num_seqs,
+                                       -(-self.max_model_len // bs), bs, self.device,
+                                       capture=self.device.type == "cuda")
+        self.runner = ModelRunner(model, bs, self.device, has_cross=cross_shape is not None,
+                                  decode_graphs=graphs)
         self.detokenizer = Detokenizer(tokenizer)
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -115,8 +126,9 @@ class Engine:
                         kv_cache_bytes: int | None = None, block_size: int = 16,
                         max_num_seqs: int = 32, max_num_batched_tokens: int = 1024,
                         max_model_len: int | None = None, max_user_tokens: int = 32,
-                        enable_prefix_caching: bool = True, cross_every_n: int = 0,
-                        user_dim: int | None = None, **load_kwargs) -> "Engine":
+                        enable_prefix_caching: bool = True, use_cuda_graphs: bool = False,
+                        cross_every_n: int = 0, user_dim: int | None = None,
+                        **load_kwargs) -> "Engine":
         """Load a Hugging Face folder (safetensors) or a .gguf file and build the engine.
         dtype/device default to fp32 on CPU, bf16 on CUDA when available."""
         from llm.loader import load_model
@@ -132,7 +144,8 @@ class Engine:
                               max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
                               max_model_len=max_model_len, max_user_tokens=max_user_tokens,
-                              enable_prefix_caching=enable_prefix_caching)
+                              enable_prefix_caching=enable_prefix_caching,
+                              use_cuda_graphs=use_cuda_graphs)
         eos = _eos_ids(tokenizer, hf_config, getattr(model, "generation_config", None))
         return cls(model, tokenizer, config, eos_token_ids=eos)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llm.context import ForwardContext, use_context
+from llm.engine.decode_graphs import DecodeGraphRunner
 from llm.engine.sampler import Sampler
 from llm.engine.scheduler import ScheduledBatch
 
@@ -29,12 +30,15 @@ def _padded(rows: list[list[int]], device) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, block_size: int, device: torch.device,
-                 has_cross: bool) -> None:
+                 has_cross: bool, decode_graphs: DecodeGraphRunner | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         self.has_cross = has_cross
         self.sampler = Sampler()
+        # Static decode buffers / CUDA graphs (models without cross blocks only, see there).
+        assert decode_graphs is None or not has_cross
+        self.decode_graphs = decode_graphs
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext,
                                                        list[int]]:
@@ -115,14 +119,19 @@ class ModelRunner:
                 continue
             sub = ScheduledBatch([batch.seqs[i] for i in group],
                                  [batch.num_new_tokens[i] for i in group])
-            for i, tok in zip(group, self._run_group(sub)):
+            for i, tok in zip(group, self._run_group(sub, is_decode=group is decode)):
                 result[i] = tok
         return result
 
-    def _run_group(self, batch: ScheduledBatch) -> list[int | None]:
-        ids, pos, ctx, last_rows = self.prepare(batch)
-        with use_context(ctx):
-            hidden = self.model(ids, pos)
+    def _run_group(self, batch: ScheduledBatch, is_decode: bool = False) -> list[int | None]:
+        if (is_decode and self.decode_graphs is not None
+                and all(s.num_computed_tokens >= s.num_soft_tokens for s in batch.seqs)):
+            hidden = self.decode_graphs.run(batch.seqs)  # one row per sequence, all sample
+            last_rows = list(range(len(batch.seqs)))
+        else:
+            ids, pos, ctx, last_rows = self.prepare(batch)
+            with use_context(ctx):
+                hidden = self.model(ids, pos)
         sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
                     if s.num_computed_tokens + n == len(s)]
         if not sampling:

@@ -274,3 +274,16 @@ def test_soft_prompt_users_match_dense_path(tiny_path):
         assert out.token_ids == _dense_greedy(eng.model, prompt, GREEDY.max_tokens, user)
         assert out.num_prompt_tokens == len(prompt) + (0 if user is None else user.shape[0])
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_static_decode_buffers_match_eager_path(tiny_path):
+    """The CUDA-graph decode path's padded buckets (run eagerly on CPU): same tokens."""
+    prompts = random_prompts(5, [7, 19, 33], seed=13)
+    sp = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    expected = engine(tiny_path, block_size=8).generate(prompts, sp)
+    eng = engine(tiny_path, block_size=8, use_cuda_graphs=True, max_num_seqs=6,
+                 max_num_batched_tokens=64)
+    assert eng.runner.decode_graphs is not None and eng.runner.decode_graphs.buckets == [1, 2, 4, 6]
+    outs = eng.generate(prompts, sp)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
