@@ -1,31 +1,30 @@
 # Two commands a newcomer needs: `make demo` and `make test`. Both set themselves up.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-ifeq ($(HAS_GPU),1)
-FAISS_EXTRA := faiss-gpu-cu12
-else
-FAISS_EXTRA := cpu
-endif
-
 .PHONY: setup test demo bench clean
 
 setup: $(STAMP)
 
+# pip's notes about local index folders lacking a package are noise here; errors still fail.
+QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip $(QUIET)
 	# torch first, pinned: here pip's find-links hold the CPU build; on a GPU machine
 	# the same pin resolves to the CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(QUIET)
 ifeq ($(HAS_GPU),1)
-	$(BIN)/pip install -q faiss-gpu-cu12 || $(BIN)/pip install -q faiss-cpu
-	$(BIN)/pip install -q -e '.[kernels,dev]'
+	$(BIN)/pip install -q faiss-gpu-cu12 $(QUIET) || $(BIN)/pip install -q faiss-cpu $(QUIET)
+	$(BIN)/pip install -q -e '.[kernels,dev]' $(QUIET)
 else
-	$(BIN)/pip install -q -e '.[cpu,kernels,dev]'
+	$(BIN)/pip install -q -e '.[cpu,kernels,dev]' $(QUIET)
 endif
 	touch $(STAMP)
 
@@ -33,11 +32,14 @@ test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 demo: setup
-	DATA="$(DATA)" PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+	DATA="$(DATA)" $(BIN)/python -m api.demo
 
 bench: setup
 	$(BIN)/python bench/encoder_quality.py
 	$(BIN)/python bench/encoder_speed.py
+	$(BIN)/python bench/store_speed.py
+	$(BIN)/python bench/engine_throughput.py
+	$(BIN)/python bench/kernels_decode.py
 
 clean:
 	rm -rf $(VENV) .demo

@@ -50,7 +50,7 @@ def main() -> None:
     if args.users:
         histories = dict(list(histories.items())[: args.users])
     split = leave_one_out(histories)
-    tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, max_minutes=args.minutes)
+    tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, max_minutes=args.minutes, fit_schedule_to_budget=True)
     models = {
         "id_only": load_spec("movielens_id_only"),
         "multi_feature": load_spec("movielens"),

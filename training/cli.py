@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=_positive(float), default=d_train.lr)
     p.add_argument("--patience", type=_positive(int), default=d_train.patience)
     p.add_argument("--max-minutes", dest="max_minutes", type=float, default=d_train.max_minutes, help="stop after the epoch that crosses this budget")
+    p.add_argument("--fit-schedule", dest="fit_schedule_to_budget", action="store_true", help="with --max-minutes: anneal the learning rate over the epochs that fit the budget (timing-dependent)")
     p.add_argument("--d-model", dest="d_model", type=_positive(int), default=d_enc.d_model)
     p.add_argument("--layers", dest="n_layers", type=_positive(int), default=d_enc.n_layers)
     p.add_argument("--heads", dest="n_heads", type=_positive(int), default=d_enc.n_heads)

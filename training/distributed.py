@@ -87,6 +87,15 @@ def broadcast_flag(flag: bool) -> bool:
     return bool(t.item())
 
 
+def broadcast_int(value: int) -> int:
+    """Rank 0's value everywhere (the learning-rate plan must match on every rank)."""
+    if not td.is_initialized():
+        return value
+    t = torch.tensor([int(value)], device=_device())
+    td.broadcast(t, src=0)
+    return int(t.item())
+
+
 def barrier() -> None:
     if td.is_initialized():
         td.barrier()

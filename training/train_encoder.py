@@ -42,6 +42,9 @@ class TrainConfig:
     patience: int = 4
     seed: int = 0
     max_minutes: float = 0.0  # 0: no time budget; else stop after the epoch that crosses it
+    # With a time budget: after epoch 1, shrink the cosine schedule to the epochs that fit in it,
+    # so the learning rate still anneals (timing-dependent, hence off by default).
+    fit_schedule_to_budget: bool = False
     grad_clip: float = 1.0
 
 
@@ -60,14 +63,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+class CosineSchedule:
+    """Linear warm-up then cosine decay to 0 at total_steps (which a time budget may shorten)."""
+
+    def __init__(self, total_steps: int, warmup: int) -> None:
+        self.total_steps, self.warmup = total_steps, warmup
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return f
+
+def lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:
+    return CosineSchedule(total_steps, warmup)
 
 
 def _batches(items: list[dict[str, np.ndarray]], batch_size: int, rng: np.random.Generator) -> list[list[dict[str, np.ndarray]]]:
@@ -134,15 +144,17 @@ def train_encoder(
     steps_per_epoch = math.ceil(len(items) / tcfg.batch_size)
     total_steps = steps_per_epoch * tcfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, max(1, int(tcfg.warmup_frac * total_steps))))
+    schedule = CosineSchedule(total_steps, max(1, int(tcfg.warmup_frac * total_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     wrapped = dist.wrap(model)
 
     state_dir = out.with_name(out.name + ".last")
-    meta: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "seconds": 0.0}
+    meta: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "seconds": 0.0, "planned_epochs": tcfg.epochs}
     if resume and (state_dir / "state.json").is_file():
         meta = json.loads((state_dir / "state.json").read_text())
         load_model(model, str(state_dir / "model.safetensors"))
         _restore_state(model, opt, load_file(str(state_dir / "training_state.safetensors")))
+        schedule.total_steps = steps_per_epoch * meta.get("planned_epochs", tcfg.epochs)
         sched.last_epoch = meta["epoch"] * steps_per_epoch - 1
         sched.step()  # re-derive the learning rate at the resumed step
     elif resume:
@@ -192,10 +204,15 @@ def train_encoder(
             else:
                 meta["bad_epochs"] += 1
             meta["epoch"], meta["seconds"] = epoch, time.perf_counter() - started
+            if epoch == 1 and tcfg.max_minutes and tcfg.fit_schedule_to_budget:
+                meta["planned_epochs"] = max(1, min(tcfg.epochs, int(60 * tcfg.max_minutes / meta["seconds"])))
             over_time = tcfg.max_minutes and meta["seconds"] > 60 * tcfg.max_minutes
-            stop = meta["bad_epochs"] >= tcfg.patience or bool(over_time)
+            stop = stop or epoch >= meta["planned_epochs"]
+            stop = stop or meta["bad_epochs"] >= tcfg.patience or bool(over_time)
             save_checkpoint(state_dir, model, tokenizer, manifest, extra=_training_state(model, opt), files=files)
             (state_dir / "state.json").write_text(json.dumps(meta, indent=1))
+        planned = dist.broadcast_int(meta["planned_epochs"])
+        schedule.total_steps = steps_per_epoch * planned
         if dist.broadcast_flag(stop):
             break
     dist.barrier()

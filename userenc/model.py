@@ -99,11 +99,9 @@ class UserEncoder(nn.Module):
 
     @torch.inference_mode()
     def user_embedding(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
-        """One vector per user [B, out_dim]: the last state's projection (mean of the K tokens
-        with a resampler) -- what the store indexes for similar-user search."""
-        if self.resampler is not None:
-            tokens, _ = self.encode(ids, valid)
-            return tokens.mean(dim=1)
+        """One vector per user [B, out_dim]: the projection of the latest state, the one trained
+        to predict the user's next event -- what the store indexes for similar-user search.
+        (The resampler's K tokens are for the LLM; their mean is not a good similarity key.)"""
         if not bool(valid.any(dim=1).all()):
             raise ValueError("every history to encode needs at least one event")
         # Left padding: the last position is each user's latest event.
