@@ -28,7 +28,32 @@ class IngestCounts:
 
 
 def encode_payload(e: Event, position: int) -> bytes:
-    where = f"event #{position}"
+    # Fast path first (one pass of cheap type checks); the slow path names what is wrong.
+    if (
+        type(e) is Event
+        and type(e.event_id) is str
+        and type(e.user_id) is str
+        and type(e.item_id) is str
+        and 0 < len(e.event_id) <= MAX_ID_CHARS
+        and 0 < len(e.user_id) <= MAX_ID_CHARS
+        and 0 < len(e.item_id) <= MAX_ID_CHARS
+        and type(e.timestamp) is int
+        and 0 <= e.timestamp < MAX_TIMESTAMP
+        and type(e.fields) is dict
+        and all(type(k) is str for k in e.fields)
+    ):
+        try:
+            data = _to_json([e.event_id, e.item_id, e.timestamp, e.fields]).encode()
+        except (TypeError, ValueError):
+            raise ValueError(f"event #{position}: fields must be JSON values (str, number, bool, list, dict) without NaN") from None
+        if len(data) > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"event #{position}: record is {len(data)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit")
+        return data
+    _explain(e, f"event #{position}")
+    raise AssertionError("unreachable: _explain always raises")
+
+
+def _explain(e: Event, where: str) -> None:
     if not isinstance(e, Event):
         raise ValueError(f"{where}: expected an Event, got {type(e).__name__}")
     for name in ("event_id", "user_id", "item_id"):
@@ -39,16 +64,7 @@ def encode_payload(e: Event, position: int) -> bytes:
             raise ValueError(f"{where}: {name} is longer than {MAX_ID_CHARS} characters")
     if type(e.timestamp) is not int or not 0 <= e.timestamp < MAX_TIMESTAMP:
         raise ValueError(f"{where}: timestamp must be an integer of UTC seconds (got {type(e.timestamp).__name__})")
-    if not isinstance(e.fields, dict) or not all(isinstance(k, str) for k in e.fields):
-        raise ValueError(f"{where}: fields must be a dict with string keys")
-    try:
-        body = _to_json([e.event_id, e.item_id, e.timestamp, e.fields])
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: fields must be JSON values (str, number, bool, list, dict) without NaN") from None
-    data = body.encode()
-    if len(data) > MAX_PAYLOAD_BYTES:
-        raise ValueError(f"{where}: record is {len(data)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit")
-    return data
+    raise ValueError(f"{where}: fields must be a dict with string keys")
 
 
 def decode_payload(data: bytes, external_id: str) -> Event:

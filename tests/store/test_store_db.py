@@ -51,6 +51,8 @@ def test_partial_overlap_inserts_only_new(store):
         (Event("e", "u", "i", 1, {"text": "x" * 70_000}), "over the 65536-byte limit"),
         (Event("e", "u", "i", 1, {"v": object()}), "JSON values"),
         (Event("e", "u", "i", 1, {"v": float("nan")}), "JSON values"),
+        (Event("e", "u", "i", 1, {1: "int key"}), "fields must be a dict with string keys"),
+        (Event("e", "u", "i", 1, ["not", "a", "dict"]), "fields must be a dict with string keys"),
         ("not an event", "expected an Event"),
     ],
 )
