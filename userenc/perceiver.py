@@ -31,7 +31,13 @@ class PerceiverResampler(nn.Module):
     def forward(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """states [B, T, d], valid [B, T] (every row has a real event) -> [B, K, d]."""
         assert bool(valid.any(dim=1).all()), "every history needs at least one event"
-        x = self.latents.expand(states.shape[0], -1, -1)
+        # Latents start from the user's latest state (the one trained to predict the next event):
+        # plain learned latents read near-uniform attention early on and collapse to one output
+        # for every user; conditioned ones carry the user from the first step.
+        positions = torch.arange(valid.shape[1], device=valid.device)
+        last = (valid * positions).argmax(dim=1)
+        summary = states[torch.arange(states.shape[0], device=states.device), last]
+        x = self.latents + summary[:, None, :]
         for layer in self.layers:
             x = layer(x, states, valid)
         return self.norm(x)
