@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from privacy import KekProvider, aad_builder, associated_data, kek_from_env
 from store import audit
@@ -63,8 +64,17 @@ class Store:
 
     # -- audit --------------------------------------------------------------------------------
     def audit(self, action: str, details: dict) -> None:
-        with self.data.begin() as conn:
-            seq, h = audit.append(conn, action, details)
+        for attempt in range(5):
+            try:
+                with self.data.begin() as conn:
+                    seq, h = audit.append(conn, action, details)
+                break
+            except (IntegrityError, OperationalError):
+                # Another process appended the same sequence number first (or held SQLite's write
+                # lock): read the new tail and try again.
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
         self.keys.set_audit_anchor(seq, h)
 
     def audit_problems(self) -> list[str]:
@@ -224,6 +234,10 @@ class Store:
                 conn.execute(delete(EmbeddingRow).where(EmbeddingRow.encoder_version == encoder_version, EmbeddingRow.user_id.in_(chunk)))
             conn.execute(EmbeddingRow.__table__.insert(), rows)
         self.index.upsert(encoder_version, np.array(ids, dtype=np.int64), np.stack(mats))
+        # An erasure that finished while we wrote must not be undone by our index update.
+        erased_meanwhile = {t[0] for h, t in self.keys.tombstones().items() if h not in tombstones}
+        for uid in erased_meanwhile & set(ids):
+            self.index.remove_everywhere(uid)
         return len(rows)
 
     def embedding(self, external_id: str, encoder_version: str) -> np.ndarray | None:
