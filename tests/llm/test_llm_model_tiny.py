@@ -52,6 +52,18 @@ def test_tiny_checkpoint_matches_transformers(tiny_checkpoint, kind, overrides):
     assert max_diff(hf, model, long_ids) <= TOL
 
 
+def test_sharded_safetensors_folder_loads(tiny_checkpoint, tmp_path):
+    folder, hf = tiny_checkpoint("llama")
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, safe_serialization=True, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((folder / name).read_bytes())
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    model, _, _ = load_model(sharded)
+    assert max_diff(hf, model, torch.randint(0, 96, (2, 9))) <= TOL
+
+
 def test_dense_path_is_differentiable(tiny_checkpoint):
     folder, _ = tiny_checkpoint("llama")
     model, _, _ = load_model(folder, cross_every_n=2, user_dim=12)
