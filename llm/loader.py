@@ -21,7 +21,6 @@ from typing import Any, Iterator
 
 import torch
 
-
 from llm.config import ModelConfig
 from llm.model import LlamaForCausalLM
 
