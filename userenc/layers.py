@@ -45,7 +45,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         """[B, T, d] -> [B, T, d], or [B, 1, d] for the last query only (inference of one state)."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
@@ -54,9 +54,11 @@ class SelfAttention(nn.Module):
             q = apply_rope(q[:, :, -1:], rope[:, :, -1:]) if last_only else apply_rope(q, rope)
         elif last_only:
             q = q[:, :, -1:]
-        if last_only:
+        if last_only and mask is not None:
             mask = mask[:, :, -1:]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        # No padding (mask None): the fused causal kernel; the last query alone sees every key.
+        causal = mask is None and not last_only
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, q.shape[2], d))
 
 
@@ -82,7 +84,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(d_model, mult, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         attn = self.drop(self.attn(self.norm1(x), mask, rope, last_only))
         x = (x[:, -1:] if last_only else x) + attn
         return x + self.ffn(self.norm2(x))
@@ -99,7 +101,7 @@ class CausalTransformer(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """States [B, T, d]; with last_only, just the last position's [B, 1, d]: the final block
         then computes one query, which is all a user embedding needs."""
-        mask = causal_mask(valid)
+        mask = None if bool(valid.all()) else causal_mask(valid)
         rope = rope_tables(positions, self.head_dim) if self.rope else None
         for i, block in enumerate(self.blocks):
             x = block(x, mask, rope, last_only and i == len(self.blocks) - 1)
