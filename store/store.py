@@ -10,6 +10,8 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,14 @@ from store.records import IngestCounts, decode_payload, encode_payload
 from userenc.events import Event
 
 log = logging.getLogger("userllm.store")
+
+
+@dataclass(slots=True)
+class _PreparedBatch:
+    size: int
+    tombstoned: int
+    new_users: list[dict]
+    rows: list[tuple]  # (row id, user id, sealed payload), sorted by row id
 SQL_IN_CHUNK = 900  # stay under every backend's bound-parameter limit
 # Test-only hook (documented in api/store_cli.py): seconds to sleep inside each batch's open
 # transaction, so the kill -9 tests land mid-batch deterministically. Unset in production.
@@ -120,16 +130,36 @@ class Store:
         payloads = [encode_payload(e, i) for i, e in enumerate(events)]
         counts = IngestCounts(received=len(events))
         tombstones, known = self.tombstoned(), {}
-        for start in range(0, len(events), batch_size):
-            self._ingest_batch(events[start : start + batch_size], payloads[start : start + batch_size], tombstones, known, counts)
-            counts.batches += 1
-            if on_batch:
-                on_batch(counts)
+        # Two-stage pipeline: while the writer thread runs batch N's transaction (SQLite and the
+        # PostgreSQL driver release the GIL while they work), this thread hashes and seals batch
+        # N+1. At most one batch is in flight; acknowledgements stay in order, after each commit.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-ingest") as writer:
+            in_flight = None
+            for start in range(0, len(events), batch_size):
+                batch = self._prepare_batch(events[start : start + batch_size], payloads[start : start + batch_size], tombstones, known)
+                if in_flight is not None:
+                    self._acknowledge(in_flight, counts, on_batch)
+                in_flight = (writer.submit(self._write_batch, batch), batch)
+            if in_flight is not None:
+                self._acknowledge(in_flight, counts, on_batch)
         self.audit("ingest", counts.as_dict())
         log.info("ingest: %s", counts.as_dict())
         return counts
 
-    def _ingest_batch(self, batch: list[Event], payloads: list[bytes], tombstones: set[str], known: dict[str, int], counts: IngestCounts) -> None:
+    @staticmethod
+    def _acknowledge(in_flight, counts: IngestCounts, on_batch) -> None:  # noqa: ANN001
+        future, batch = in_flight
+        inserted = future.result()  # re-raises the writer's error; nothing after it was written
+        counts.inserted += inserted
+        counts.duplicates += batch.size - batch.tombstoned - inserted
+        counts.tombstoned += batch.tombstoned
+        counts.batches += 1
+        if on_batch:
+            on_batch(counts)
+
+    def _prepare_batch(self, batch: list[Event], payloads: list[bytes], tombstones: set[str], known: dict[str, int]) -> "_PreparedBatch":
+        """Everything but the data write: user ids and keys (committed to the key store before
+        any data that needs them), row ids, sealed payloads."""
         hasher = self.hasher
         uid_hash = {ext: hasher.user(ext) for ext in dict.fromkeys(e.user_id for e in batch)}
         live = {ext: h for ext, h in uid_hash.items() if h not in tombstones}
@@ -140,7 +170,7 @@ class Store:
         new_users, now = [], int(time.time())
         missing = [h for h in live.values() if h not in known]
         if missing:
-            created = self.keys.get_or_create_many(missing)  # committed to the key store before any data
+            created = self.keys.get_or_create_many(missing)
             for ext, h in live.items():
                 if h in created and h not in known:
                     uid = known[h] = created[h]
@@ -157,19 +187,20 @@ class Store:
             uid = known[h]
             rid = event_hash(e.event_id)
             rows[rid] = (rid, uid, cipher_of[uid].seal(payload, event_aad(uid, rid)))
-        counts.tombstoned += tombstoned
+        # Sorted keys: B-tree inserts land close together.
+        return _PreparedBatch(len(batch), tombstoned, new_users, [rows[rid] for rid in sorted(rows)])
+
+    def _write_batch(self, batch: "_PreparedBatch") -> int:
+        """One transaction. The hot path goes straight to the driver's executemany (no per-row
+        SQLAlchemy work); ON CONFLICT DO NOTHING makes a retried batch harmless, and the driver's
+        summed rowcount says how many rows were new."""
         with self.data.begin() as conn:
-            if new_users:
-                conn.execute(insert_ignoring_duplicates(self.data, User.__table__), new_users)
-            # Sorted keys: B-tree inserts land close together. The hot path goes straight to the
-            # driver's executemany (no per-row SQLAlchemy work); ON CONFLICT DO NOTHING makes a
-            # retried batch harmless, and the driver's summed rowcount says how many were new.
-            fresh = [rows[rid] for rid in sorted(rows)]
-            inserted = conn.exec_driver_sql(self._insert_events_sql, fresh).rowcount if fresh else 0
+            if batch.new_users:
+                conn.execute(insert_ignoring_duplicates(self.data, User.__table__), batch.new_users)
+            inserted = conn.exec_driver_sql(self._insert_events_sql, batch.rows).rowcount if batch.rows else 0
             assert inserted >= 0, "the driver must report executemany row counts"
             batch_pause()  # tests only: holds the batch's transaction open so a kill lands mid-batch
-        counts.inserted += inserted
-        counts.duplicates += len(batch) - tombstoned - inserted
+        return inserted
 
     # -- reads --------------------------------------------------------------------------------
     def history(self, external_id: str) -> list[Event]:
