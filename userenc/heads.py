@@ -91,7 +91,9 @@ class NextEventHeads(nn.Module):
             return h.sum() * 0.0  # no learnable target in this batch: zero, not the NaN of an empty mean
         h, target = h[keep], target[keep]
         if self.cfg.item_loss == "full" or not self.training:
-            return F.cross_entropy(self.item_scores(h), target)
+            # Raw logits: padding and OOV are never targets, so the softmax learns to push them
+            # down; masking them here would cost a copy of the [positions, catalogue] matrix.
+            return F.cross_entropy(self.query(h) @ self.candidates().T, target)
         q = self.query(h)
         if self.cfg.negatives == "in_batch":
             # The batch's distinct target items are the candidates: every other one is a negative.
