@@ -159,7 +159,7 @@ def write_markdown(path: Path, result: dict) -> None:
     lines = [
         "# Store speed (`bench/store_speed.py`)",
         "",
-        f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs; load average at end {result["machine"].get("load_average_at_end")}.",
+        f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs; load average at end {result['machine'].get('load_average_at_end')}.",
         f"Data: {result['config']['events']} ML-1M ratings joined with movies ({result['config']['users']} users); batch size {result['config']['batch_size']}.",
         "",
         "| backend | encrypted ingest events/s (per CPU-s) | plain ingest events/s (per CPU-s) | overhead (plain/enc, wall) | history ~200 ev p50 / p99 (ms), enc | same, plain | erase 1,000-event user p50 / max (ms) |",
