@@ -172,6 +172,13 @@ class KeyStore:
             rows = conn.execute(select(KeyTombstone.uid_hash, KeyTombstone.user_id, KeyTombstone.version, KeyTombstone.erased_at)).all()
         return {r.uid_hash: (r.user_id, r.version, r.erased_at) for r in rows}
 
+    def tombstoned_among(self, uid_hashes: list[str]) -> set[str]:
+        out: set[str] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(uid_hashes), 900):
+                out.update(conn.execute(select(KeyTombstone.uid_hash).where(KeyTombstone.uid_hash.in_(uid_hashes[i : i + 900]))).scalars())
+        return out
+
     def add_tombstone(self, uid_hash: str, user_id: int) -> tuple[int, int]:
         """(version, erased_at) of the tombstone, creating it once (idempotent)."""
         for _ in range(5):

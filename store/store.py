@@ -162,6 +162,7 @@ class Store:
         any data that needs them), row ids, sealed payloads."""
         hasher = self.hasher
         uid_hash = {ext: hasher.user(ext) for ext in dict.fromkeys(e.user_id for e in batch)}
+        tombstones.update(self.keys.tombstoned_among(list(uid_hash.values())))  # erasures since we started
         live = {ext: h for ext, h in uid_hash.items() if h not in tombstones}
         unknown = [h for h in live.values() if h not in known]
         with self.data.connect() as conn:
