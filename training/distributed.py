@@ -80,11 +80,7 @@ def mean(value: float) -> float:
 
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0 decides (early stopping); everyone follows."""
-    if not td.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], device=_device())
-    td.broadcast(t, src=0)
-    return bool(t.item())
+    return bool(broadcast_int(int(flag)))
 
 
 def broadcast_int(value: int) -> int:
