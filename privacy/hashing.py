@@ -25,11 +25,12 @@ class KeyedHasher:
         h.update(external_id.encode())
         return h.hexdigest()
 
-    def event(self, event_id: str) -> str:
-        """32 hex chars (128 bits): an event's row id, known before encryption so the AAD binds it."""
+    def event(self, event_id: str) -> bytes:
+        """16 bytes (128 bits): an event's row id, known before encryption so the AAD binds it
+        (as hex). Bytes, not hex, in the table: a smaller primary key makes inserts cheaper."""
         h = self._event.copy()
         h.update(event_id.encode())
-        return h.hexdigest()
+        return h.digest()
 
 
 def sha256_hex(data: bytes) -> str:

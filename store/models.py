@@ -23,7 +23,7 @@ class User(DataBase):
 
 class EventRow(DataBase):
     __tablename__ = "events"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # keyed hash of the event id
+    id: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)  # 16-byte keyed hash of the event id
     user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), index=True)
     payload: Mapped[bytes] = mapped_column(LargeBinary)  # sealed JSON [event_id, item_id, timestamp, fields]
 

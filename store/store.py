@@ -36,7 +36,7 @@ class _PreparedBatch:
     size: int
     tombstoned: int
     new_users: list[dict]
-    rows: list[tuple]  # (row id, user id, sealed payload), sorted by row id
+    rows: list[tuple]  # (row id bytes, user id, sealed payload), sorted by row id
 SQL_IN_CHUNK = 900  # stay under every backend's bound-parameter limit
 # Test-only hook (documented in api/store_cli.py): seconds to sleep inside each batch's open
 # transaction, so the kill -9 tests land mid-batch deterministically. Unset in production.
@@ -177,7 +177,7 @@ class Store:
                     uid = known[h] = created[h]
                     sealed = self.keys.cipher(uid).seal(ext.encode(), associated_data("users", "external_id_sealed", uid, uid))
                     new_users.append({"id": uid, "uid_hash": h, "external_id_sealed": sealed, "created_at": now})
-        rows: dict[str, tuple] = {}
+        rows: dict[bytes, tuple] = {}
         cipher_of = {uid: self.keys.cipher(uid) for uid in (known[h] for h in live.values())}
         event_hash, event_aad, tombstoned = hasher.event, aad_builder("events", "payload"), 0
         for e, payload in zip(batch, payloads):
@@ -187,7 +187,7 @@ class Store:
                 continue
             uid = known[h]
             rid = event_hash(e.event_id)
-            rows[rid] = (rid, uid, cipher_of[uid].seal(payload, event_aad(uid, rid)))
+            rows[rid] = (rid, uid, cipher_of[uid].seal(payload, event_aad(uid, rid.hex())))
         # Sorted keys: B-tree inserts land close together.
         return _PreparedBatch(len(batch), tombstoned, new_users, [rows[rid] for rid in sorted(rows)])
 
@@ -210,11 +210,11 @@ class Store:
         return [] if uid is None else self._history(uid, external_id)
 
     def _history(self, uid: int, external_id: str) -> list[Event]:
-        cipher = self.keys.cipher(uid)
+        cipher, event_aad = self.keys.cipher(uid), aad_builder("events", "payload")
         with self.data.connect() as conn:
             rows = conn.execute(select(EventRow.id, EventRow.payload).where(EventRow.user_id == uid)).all()
         events = [
-            decode_payload(cipher.open(p, associated_data("events", "payload", uid, rid), where=f"events.payload row {rid}"), external_id)
+            decode_payload(cipher.open(p, event_aad(uid, rid.hex()), where=f"events.payload row {rid.hex()}"), external_id)
             for rid, p in rows
         ]
         events.sort(key=lambda e: (e.timestamp, e.event_id))

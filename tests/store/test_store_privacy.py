@@ -110,5 +110,6 @@ def test_kek_from_env_sources(tmp_path):
 def test_keyed_hash_is_stable_and_keyed():
     a, b = KeyedHasher(b"k" * 32), KeyedHasher(b"j" * 32)
     assert a.user("alice") == a.user("alice") != b.user("alice")
-    assert len(a.user("alice")) == 64 and len(a.event("e1")) == 32
-    assert a.user("x") != a.event("x")
+    assert len(a.user("alice")) == 64 and len(a.event("e1")) == 16
+    assert a.event("e1") == a.event("e1") != b.event("e1")
+    assert a.user("x")[:32] != a.event("x").hex()  # domain-separated

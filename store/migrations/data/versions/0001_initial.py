@@ -23,7 +23,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "events",
-        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("id", sa.LargeBinary(), primary_key=True),
         sa.Column("user_id", sa.BigInteger(), sa.ForeignKey("users.id"), nullable=False),
         sa.Column("payload", sa.LargeBinary(), nullable=False),
     )
