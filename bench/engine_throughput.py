@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
     ap.add_argument("--batch1-tokens", type=int, default=64)
     ap.add_argument("--skip-hf-sequential", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="runs per path; the table keeps each path's fastest (CPU seconds)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,10 +184,19 @@ def main() -> None:
     engine.generate([warm], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     hf_generate(hf, [warm], 4, pad_id, device)
 
-    eng_t, engine_out, steps = run_engine(engine, prompts, olens, device)
-    print(f"engine: {eng_t.wall:.1f}s wall, {eng_t.cpu:.1f}s cpu", flush=True)
-    hf_b_t, hf_b_out = timed(lambda: hf_generate(hf, prompts, max(olens), pad_id, device), device)
-    print(f"hf batched: {hf_b_t.wall:.1f}s wall, {hf_b_t.cpu:.1f}s cpu", flush=True)
+    def best(name, runs):
+        """Run `runs()` -> (Timing, out) args.repeats times; keep the lowest CPU time."""
+        all_runs = [runs() for _ in range(max(1, args.repeats))]
+        for t, _ in all_runs:
+            print(f"{name}: {t.wall:.1f}s wall, {t.cpu:.1f}s cpu", flush=True)
+        repeats[name] = [{"wall_seconds": t.wall, "cpu_seconds": t.cpu} for t, _ in all_runs]
+        return min(all_runs, key=lambda r: r[0].cpu)
+
+    repeats: dict = {}
+    eng_t, (engine_out, steps) = best("engine", lambda: (
+        lambda r: (r[0], (r[1], r[2])))(run_engine(engine, prompts, olens, device)))
+    hf_b_t, hf_b_out = best("hf_batched", lambda: timed(
+        lambda: hf_generate(hf, prompts, max(olens), pad_id, device), device))
     results: dict = {
         "engine": {**eng_t.rates(useful), "steps": len(steps),
                    "preemptions": engine.scheduler.num_preemptions},
@@ -195,15 +206,15 @@ def main() -> None:
     }
     # Greedy agreement with transformers: a numerics check, not a speed figure. Batched HF rows
     # are left-padded (another attention layout), so they may drift on near-ties.
-    results["engine_equals_hf_batched"] = sum(e == h for e, h in zip(engine_out, hf_b_out))
+    results["engine_equals_hf_batched"] = sum(
+        e == h[:len(e)] for e, h in zip(engine_out, hf_b_out))
     if not args.skip_hf_sequential:
-        seq_out = []
-
         def sequential():
-            for p, o in zip(prompts, olens):
-                seq_out.append(hf_generate(hf, [p], o, pad_id, device)[0])
-        hf_s_t, _ = timed(sequential, device)
-        print(f"hf sequential: {hf_s_t.wall:.1f}s wall, {hf_s_t.cpu:.1f}s cpu", flush=True)
+            return [hf_generate(hf, [p], o, pad_id, device)[0] for p, o in zip(prompts, olens)]
+        hf_s_t, seq_out = best("hf_sequential", lambda: timed(sequential, device))
+        # transformers against itself: padded batch vs one request at a time.
+        results["hf_batched_equals_hf_sequential"] = sum(
+            s == b[:len(s)] for s, b in zip(seq_out, hf_b_out))
         results["hf_sequential"] = hf_s_t.rates(useful)
         results["speedup_vs_hf_sequential"] = {"wall": hf_s_t.wall / eng_t.wall,
                                                "cpu": hf_s_t.cpu / eng_t.cpu}
@@ -237,6 +248,7 @@ def main() -> None:
           "hf_wall": n1 / max(long_t.wall - short_t.wall, 1e-9),
           "hf_cpu": n1 / max(long_t.cpu - short_t.cpu, 1e-9)}
     results["batch1_decode_tok_s"] = b1
+    results["repeats"] = repeats
     print(f"batch-1 decode: {b1}", flush=True)
 
     config = dict(vars(args))
@@ -262,7 +274,11 @@ def main() -> None:
                             "engine speed-up (wall)", "engine speed-up (cpu)"], rows)
           + f"\nGreedy outputs equal to transformers: "
             f"{results.get('engine_equals_hf_sequential', '-')}/{args.num_requests} (sequential), "
-            f"{results['engine_equals_hf_batched']}/{args.num_requests} (batched, left-padded)."
+            f"{results['engine_equals_hf_batched']}/{args.num_requests} (batched, left-padded); "
+            f"transformers batched vs its own sequential: "
+            f"{results.get('hf_batched_equals_hf_sequential', '-')}/{args.num_requests} (random-"
+            f"token prompts give flat distributions, so fp32 rounding of other shapes flips "
+            f"near-ties). Each path ran {args.repeats} time(s); the fastest (CPU) is shown."
             f"\n\n"
           + markdown_table(["KV cache", "reserved token slots unused (avg over steps)"], [
               [f"paged pool (block {bs})", f"{kv['waste_paged']:.1%}"],
