@@ -139,15 +139,16 @@ def delete_user(store: Store, external_id: str, batch_size: int = 10_000, on_pro
 
 
 def _delete_chunked(store: Store, model, uid: int, key_col, batch_size: int, on_progress) -> int:  # noqa: ANN001
+    """Delete the user's rows, at most batch_size per transaction (one statement each)."""
     total = 0
     while True:
+        chunk = select(key_col).where(model.user_id == uid).limit(batch_size).scalar_subquery()
         with store.data.begin() as conn:
-            ids = conn.execute(select(key_col).where(model.user_id == uid).limit(batch_size)).scalars().all()
-            if ids:
-                conn.execute(delete(model).where(model.user_id == uid, key_col.in_(ids)))
+            n = conn.execute(delete(model).where(model.user_id == uid, key_col.in_(chunk))).rowcount
+            if n:
                 batch_pause()  # tests only: a kill lands inside this chunk's transaction
-        total += len(ids)
-        if len(ids) < batch_size:
+        total += n
+        if n < batch_size:
             return total
         if on_progress:
             on_progress(f"{model.__tablename__}-chunk", total)
