@@ -15,12 +15,16 @@ def make_events(n_users: int, per_user: int, prefix: str = "u", title: str = "A 
     ]
 
 
-def subprocess_env(backend, kek_b64: str, **extra: str) -> dict[str, str]:
-    """Environment for `python -m api.cli ...` against the same databases and KEK."""
+def subprocess_env(backend, kek_b64: str | None, **extra: str) -> dict[str, str]:
+    """Environment for `python -m api.cli ...` against the same databases and KEK (None: the
+    key directory USERLLM_HOME/kek, as an in-process Store.open(home=...) uses)."""
     _, data_url, keys_url, home = backend
     env = dict(os.environ)
-    env.update(USERLLM_HOME=str(home), USERLLM_DATABASE_URL=data_url, USERLLM_KEYS_DATABASE_URL=keys_url, USERLLM_KEK=kek_b64)
+    env.update(USERLLM_HOME=str(home), USERLLM_DATABASE_URL=data_url, USERLLM_KEYS_DATABASE_URL=keys_url)
     env.pop("USERLLM_KEK_FILE", None)
+    env.pop("USERLLM_KEK", None)
+    if kek_b64 is not None:
+        env["USERLLM_KEK"] = kek_b64
     env.update(extra)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     return env

@@ -110,8 +110,13 @@ def test_restore_check_reapplies_tombstone_to_restored_backup(backend):
     assert not clean and left["events"] == 30 and left["index"] == 2  # the backup brought them back...
     with pytest.raises(LookupError):
         s.history("u1")  # ...unreadable (the key was shredded), but still present
-    counts = restore_check(s)
-    assert counts["reapplied_data"] == 1 and counts["users_cleaned"] == 1
+    env = subprocess_env(backend, None)
+    run = lambda *a: subprocess.run(cli_command() + list(a), env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+    found = run("admin", "verify-deleted", "u1")
+    assert found.returncode == 1 and "30 REMAINING" in found.stdout and "NOT DELETED" in found.stderr
+    fixed = run("admin", "restore-check")
+    assert fixed.returncode == 0 and "re-applied 1 to the data database" in fixed.stdout and "cleaned 1 users" in fixed.stdout, fixed.stderr
+    assert run("admin", "verify-deleted", "u1").returncode == 0
     clean, left, tombstone = verify_deleted(s, "u1")
     assert clean and tombstone, left
     assert "u1" not in [u for u, _ in s.similar_users("u0", k=10)]
@@ -165,7 +170,7 @@ def test_audit_verify_detects_edit_removal_and_truncation(backend, kek_b64):
     s.close()
 
 
-def test_stale_models_lists_checkpoints_trained_on_erased_users(store, tmp_path):
+def test_stale_models_lists_checkpoints_trained_on_erased_users(store, backend, tmp_path):
     store.ingest(make_events(4, 2))
     runs = tmp_path / "runs"
     for ckpt, users in (("a", ["u0", "u1"]), ("b", ["u2", "u3"])):
@@ -177,6 +182,9 @@ def test_stale_models_lists_checkpoints_trained_on_erased_users(store, tmp_path)
     delete_user(store, "u1")
     status = {r.path.name: (r.status, r.erased_users) for r in stale_models(store, runs)}
     assert status == {"a": ("stale", 1), "b": ("current", 0), "c": ("unknown", 0)}
+    r = subprocess.run(cli_command() + ["admin", "stale-models", "--runs", str(runs)], env=subprocess_env(backend, None), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "1 stale of 3 checkpoints" in r.stderr, r.stderr
+    assert f"STALE    {runs / 'a'}  1 users erased since training" in r.stdout and f"CURRENT  {runs / 'b'}" in r.stdout
     # A new checkpoint cannot include an erased user: the manifest refuses it.
     with pytest.raises(ValueError, match="erased"):
         manifest_users(store, ["u1", "u2"])
