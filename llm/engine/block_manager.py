@@ -108,6 +108,18 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached hash of a block nobody holds (they stay free, uncached).
+        Returns how many blocks were forgotten."""
+        forgotten = 0
+        for block in self.pool.blocks:
+            if block.ref_count == 0 and block.hash is not None:
+                if self.hash_to_block.get(block.hash) == block.block_id:
+                    del self.hash_to_block[block.hash]
+                block.hash = block.token_ids = None
+                forgotten += 1
+        return forgotten
+
     # -- admission -------------------------------------------------------------------------
     def match_prefix(self, seq) -> int:
         """At admission of a sequence holding no blocks: take the longest chain of cached full

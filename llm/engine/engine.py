@@ -255,6 +255,11 @@ class Engine:
                 self.cancel(rid)
             KVCache.unbind(self.model)
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's idle entries (blocks held by running requests stay)."""
+        with self._lock:
+            return self.block_manager.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         with self._lock:
             return self.scheduler.has_unfinished()

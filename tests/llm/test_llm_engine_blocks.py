@@ -217,3 +217,17 @@ def test_stop_string_hold_back():
     assert _held_back_tail("hello", ("world",)) == 0
     assert _held_back_tail("abc\ufffd", ()) == 1
     assert _held_back_tail("abc</", ("</s>",)) == 2
+
+
+def test_reset_prefix_cache_forgets_idle_blocks_only():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = make_seq(range(9), rid="a")
+    bm.match_prefix(a)
+    compute_all(bm, a)
+    b = make_seq(range(100, 109), rid="b")
+    bm.match_prefix(b)
+    compute_all(bm, b)
+    bm.free(a)
+    assert bm.reset_prefix_cache() == 2  # a's two full blocks; b still holds its own
+    assert bm.match_prefix(make_seq(range(9), rid="c")) == 0
+    assert bm.match_prefix(make_seq(range(100, 109), rid="d")) == 8

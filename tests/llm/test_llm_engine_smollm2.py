@@ -22,23 +22,6 @@ CHATS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hf_llama(smollm2_checkpoint):
-    """transformers' LlamaForCausalLM on the checkpoint's (de-quantised) weights. Built on the
-    meta device; the rotary module (its inv_freq is a non-persistent buffer, not in the state
-    dict) is rebuilt on the CPU."""
-    from transformers import AutoModelForCausalLM
-
-    ckpt = smollm2_checkpoint
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(ckpt.hf_config, dtype=torch.float32)
-    hf.load_state_dict(ckpt.state_dict, assign=True, strict=False)
-    hf.tie_weights()
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=ckpt.hf_config)
-    assert not any(t.is_meta for t in list(hf.parameters()) + list(hf.buffers()))
-    return hf.eval()
-
-
 def hf_generate(hf, tokenizer, messages, n):
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = ids if isinstance(ids, list) else ids["input_ids"]
@@ -49,7 +32,7 @@ def hf_generate(hf, tokenizer, messages, n):
     return out[0, len(ids):].tolist()
 
 
-def test_greedy_chat_generations_match_hf_generate(smollm2, hf_llama, smollm2_checkpoint):
+def test_greedy_chat_generations_match_hf_generate(smollm2, smollm2_hf, smollm2_checkpoint):
     tokenizer = smollm2_checkpoint.tokenizer
     chats = [[{"role": "user", "content": c}] for c in CHATS]
     eng = Engine(smollm2, tokenizer, EngineConfig(kv_cache_bytes=64 << 20,
@@ -60,14 +43,14 @@ def test_greedy_chat_generations_match_hf_generate(smollm2, hf_llama, smollm2_ch
     finally:
         eng.close()
     for chat, out in zip(chats, outs):
-        expected = hf_generate(hf_llama, tokenizer, chat, 32)
+        expected = hf_generate(smollm2_hf, tokenizer, chat, 32)
         assert out.token_ids == expected, (chat, out.text)
         assert out.text == tokenizer.decode(expected, skip_special_tokens=True)
     assert sum(len(o.token_ids) for o in outs) > 8 * 16  # real generations, not early eos
 
 
 def test_cross_blocks_gate_zero_equal_base_and_open_gates_personalise(smollm2_checkpoint,
-                                                                      hf_llama):
+                                                                      smollm2_hf):
     from llm.loader import build_model
 
     ckpt = smollm2_checkpoint
@@ -80,7 +63,7 @@ def test_cross_blocks_gate_zero_equal_base_and_open_gates_personalise(smollm2_ch
     sp = SamplingParams(temperature=0, max_tokens=12)
     try:
         closed = eng.generate([chat, chat, chat], sp, user_tokens=[u1, u2, None])
-        expected = hf_generate(hf_llama, ckpt.tokenizer, chat, 12)
+        expected = hf_generate(smollm2_hf, ckpt.tokenizer, chat, 12)
         assert all(o.token_ids == expected for o in closed)  # gates at 0: the base model
         for block in model.model.cross_blocks.values():
             block.gate_attn.data.fill_(1.0)
