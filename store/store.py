@@ -24,7 +24,7 @@ from store.db import insert_ignoring_duplicates, make_engine, resolve_home, reso
 from store.index import UserIndex, check_version
 from store.keystore import INDEX_KEY, KeyStore
 from store.migrations import upgrade
-from store.models import EmbeddingRow, EventRow, Tombstone, User
+from store.models import EmbeddingRow, EventRow, User
 from store.records import IngestCounts, decode_payload, encode_payload
 from userenc.events import Event
 

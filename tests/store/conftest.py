@@ -7,7 +7,6 @@ import base64
 import os
 import secrets
 import socket
-from pathlib import Path
 
 import pytest
 
