@@ -51,6 +51,11 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA cache_size=-65536")  # 64 MiB: random-key index inserts stay in memory
+            # Checkpoint every 64 MiB of WAL instead of 4 MiB: bulk ingest rewrites the same index
+            # pages many times between checkpoints, and fewer, larger checkpoints copy (and fsync)
+            # each page once. Measured ~1.4x faster ML-1M ingest; the WAL is capped at that size.
+            cur.execute("PRAGMA wal_autocheckpoint=16384")
+            cur.execute("PRAGMA journal_size_limit=67108864")
             cur.close()
 
         return engine
