@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from userenc.layers import RMSNorm
 from userenc.spec import PAD_ID, Feature, FeatureSpec
 
 
@@ -32,11 +33,12 @@ class EarlyFusion(nn.Module):
         self.embed = nn.ModuleDict({f.name: FeatureEmbedding(f, vocab_sizes[f.name]) for f in spec.features})
         width = sum(f.dim for f in spec.features)
         self.mlp = nn.Sequential(nn.Linear(width, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+        self.norm = RMSNorm(d_model)  # the transformer sees unit-scale tokens whatever the tables' scale
         self.drop = nn.Dropout(dropout)
 
     def forward(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
         x = torch.cat([self.embed[n](ids[n]) for n in self.names], dim=-1)
-        return self.drop(self.mlp(x))
+        return self.drop(self.norm(self.mlp(x)))
 
 
 class LateFusion(nn.Module):

@@ -61,12 +61,14 @@ class UserEncoder(nn.Module):
 
     @staticmethod
     def _init(m: nn.Module) -> None:
+        # Variance-preserving: these layers are narrow (d_model 64), where GPT's fixed 0.02 shrinks
+        # the item signal through the fusion MLP until the encoder only learns popularity.
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
+            nn.init.normal_(m.weight, std=m.in_features**-0.5)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
+            nn.init.normal_(m.weight, std=m.embedding_dim**-0.5)
             if m.padding_idx is not None:
                 m.weight.data[m.padding_idx].zero_()
 

@@ -213,8 +213,9 @@ def _hand_check(model, ids, valid, attrs, parts) -> None:
             h = states[b, t]
             target = int(ids["item"][b, t + 1])
             if target != 1:
+                # The training loss is a softmax over the raw catalogue logits (padding and OOV
+                # included: they are never targets); ranking masks them, training does not.
                 scores = heads.query(h) @ cand.T
-                scores[:2] = float("-inf")
                 item_terms.append(torch.logsumexp(scores, 0) - scores[target])
             logits = heads.others["genres"](h)[2:]
             hot = torch.zeros_like(logits)
