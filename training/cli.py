@@ -7,16 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from training import distributed as dist
+from training.config import TrainConfig, encoder_config_from, env_threads, train_config_from
 from training.sources import add_source_args, data_source_name, open_source
-from training.evaluate import evaluate, model_scorer, popularity_scorer
-from training.split import leave_one_out
-from training.train_encoder import TrainConfig, encoder_config_from, env_threads, train_config_from, train_encoder
-from userenc.checkpoint import load_checkpoint
 from userenc.config import FUSIONS, ITEM_LOSSES, NEGATIVES, POSITIONS, EncoderConfig
+
+# torch and the model code load inside the commands: `userllm admin ...` should not pay for them.
 
 
 def _data_args(p: argparse.ArgumentParser, spec: bool = False) -> None:
@@ -81,12 +76,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _threads(args: argparse.Namespace) -> None:
+    import torch
+
     if args.threads is not None and args.threads <= 0:
         raise ValueError("--threads must be > 0")
     torch.set_num_threads(args.threads or env_threads())
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from training import distributed as dist
+    from training.train_encoder import train_encoder
+
     _threads(args)
     cfg, tcfg = encoder_config_from(args), train_config_from(args)
     if not 0.0 <= cfg.dropout < 1.0:
@@ -118,6 +118,10 @@ def _format_row(name: str, m: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate, model_scorer, popularity_scorer
+    from training.split import leave_one_out
+    from userenc.checkpoint import load_checkpoint
+
     _threads(args)
     loaded = load_checkpoint(args.checkpoint)
     source = open_source(args)
@@ -141,6 +145,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from userenc.checkpoint import load_checkpoint
+
     _threads(args)
     if not args.out and not args.to_store:
         raise ValueError("say where embeddings go: --out FILE.npz and/or --to-store")

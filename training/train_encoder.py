@@ -22,6 +22,7 @@ from safetensors.torch import load_file, load_model
 from tqdm import tqdm
 
 from training import distributed as dist
+from training.config import TrainConfig
 from training.evaluate import evaluate, model_scorer
 from training.split import Split, data_fingerprint, leave_one_out, windows
 from userenc.checkpoint import save_checkpoint
@@ -30,22 +31,6 @@ from userenc.events import Event
 from userenc.model import UserEncoder
 from userenc.spec import FeatureSpec
 from userenc.tokenize import EventTokenizer, left_pad
-
-
-@dataclass(slots=True)
-class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    warmup_frac: float = 0.05
-    patience: int = 4
-    seed: int = 0
-    max_minutes: float = 0.0  # 0: no time budget; else stop after the epoch that crosses it
-    # With a time budget: after epoch 1, shrink the cosine schedule to the epochs that fit in it,
-    # so the learning rate still anneals (timing-dependent, hence off by default).
-    fit_schedule_to_budget: bool = False
-    grad_clip: float = 1.0
 
 
 @dataclass(slots=True)
@@ -144,7 +129,9 @@ def train_encoder(
     steps_per_epoch = math.ceil(len(items) / tcfg.batch_size)
     total_steps = steps_per_epoch * tcfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
-    schedule = CosineSchedule(total_steps, max(1, int(tcfg.warmup_frac * total_steps)))
+    # Warm-up is a fraction of the run, but never longer than one epoch: with a large --epochs
+    # and a time budget, a fraction of the nominal run would never finish warming up.
+    schedule = CosineSchedule(total_steps, max(1, min(int(tcfg.warmup_frac * total_steps), steps_per_epoch)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     wrapped = dist.wrap(model)
 
@@ -217,15 +204,3 @@ def train_encoder(
             break
     dist.barrier()
     return TrainResult(out, meta["best_epoch"], meta.get("best_valid", {}), meta["history"], meta["seconds"])
-
-
-def train_config_from(args: Any) -> TrainConfig:
-    return TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if getattr(args, k, None) is not None})
-
-
-def encoder_config_from(args: Any) -> EncoderConfig:
-    return EncoderConfig(**{k: getattr(args, k) for k in EncoderConfig.__dataclass_fields__ if k != "vocab_sizes" and getattr(args, k, None) is not None})
-
-
-def env_threads(default: int | None = None) -> int:
-    return int(os.environ.get("USERLLM_THREADS", default or os.cpu_count() or 1))
