@@ -2,7 +2,8 @@
 
 Same model, same weights (one checkpoint read; our LlamaForCausalLM and transformers' built on
 its state dict), same requests: N requests with prompt lengths drawn from [32, 512] and output
-lengths from [16, 128] (greedy, eos ignored so every request produces exactly its length).
+lengths from [16, 128] (greedy; eos masked until the requested length on both sides, min_tokens / min_new_tokens,
+so every request produces exactly its length).
 
   engine          all requests submitted at once; continuous batching, chunked prefill, paged KV
   hf_batched      one transformers generate() over the left-padded batch, as a user would call
@@ -69,7 +70,9 @@ def run_engine(engine: Engine, prompts, olens, device, cold: bool = True):
     cold: the prefix cache is emptied first (an earlier run's blocks would otherwise be hit)."""
     if cold:
         engine.reset_prefix_cache()
-    sp = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in olens]
+    # min_tokens = max_tokens: eos masked, as transformers' min_new_tokens does.
+    sp = [SamplingParams(temperature=0, max_tokens=o, min_tokens=o, ignore_eos=True)
+          for o in olens]
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     ids = [engine.add_request(p, sampling=s) for p, s in zip(prompts, sp)]

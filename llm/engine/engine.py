@@ -112,7 +112,8 @@ class Engine:
                                        -(-self.max_model_len // bs), bs, self.device,
                                        capture=self.device.type == "cuda")
         self.runner = ModelRunner(model, bs, self.device, has_cross=cross_shape is not None,
-                                  decode_graphs=graphs)
+                                  decode_graphs=graphs,
+                                  eos_token_ids=tuple(sorted(self.eos_token_ids)))
         self.detokenizer = Detokenizer(tokenizer)
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()

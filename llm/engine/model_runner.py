@@ -30,8 +30,10 @@ def _padded(rows: list[list[int]], device) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, block_size: int, device: torch.device,
-                 has_cross: bool, decode_graphs: DecodeGraphRunner | None = None) -> None:
+                 has_cross: bool, decode_graphs: DecodeGraphRunner | None = None,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
         self.model = model
+        self.eos_token_ids = tuple(eos_token_ids)
         self.block_size = block_size
         self.device = device
         self.has_cross = has_cross
@@ -137,6 +139,11 @@ class ModelRunner:
         if not sampling:
             return [None] * len(batch.seqs)
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=hidden.device)])
+        for row, s in enumerate(sampling):
+            if s.num_output_tokens < s.sampling.min_tokens:  # no eos / stop token yet
+                banned = list(self.eos_token_ids) + list(s.sampling.stop_token_ids)
+                if banned:
+                    logits[row, torch.tensor(banned, device=logits.device)] = float("-inf")
         previous = None
         if any(s.sampling.repetition_penalty != 1.0 for s in sampling):
             previous = [s.token_ids for s in sampling]

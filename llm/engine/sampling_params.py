@@ -17,6 +17,9 @@ class SamplingParams:
     # A per-request torch.Generator makes the draw independent of batch composition.
     seed: int | None = None
     max_tokens: int = 64
+    # eos and stop_token_ids cannot be sampled before this many output tokens (masked out, as
+    # transformers' min_new_tokens does). ignore_eos only keeps going after an eos.
+    min_tokens: int = 0
     # Finish when the detokenized output contains one of these; the stop string is not returned.
     stop: tuple[str, ...] | list[str] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] | list[int] = field(default_factory=tuple)
@@ -38,6 +41,9 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 

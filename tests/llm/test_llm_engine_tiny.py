@@ -225,6 +225,12 @@ def test_chat_messages_and_eos(tiny_path):
     out2 = eng.generate([msgs], SamplingParams(temperature=0, max_tokens=8,
                                                stop_token_ids=[first]))[0]
     assert out2.token_ids == [first] and out2.finish_reason == "stop"
+    # min_tokens masks stop tokens (and eos) until that many tokens exist.
+    out3 = eng.generate([msgs], SamplingParams(temperature=0, max_tokens=8, min_tokens=3,
+                                               stop_token_ids=[first]))[0]
+    assert len(out3.token_ids) >= 3 and first not in out3.token_ids[:3]
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=2, min_tokens=3)
 
 
 def test_bad_input_is_refused_and_others_keep_running(tiny_path, tmp_path):
