@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from llm.engine.engine import Engine, Prompt
+from llm.engine.engine import Engine
+from llm.engine.inputs import Prompt
 from llm.engine.sampling_params import SamplingParams
 from llm.engine.sequence import RequestOutput
 

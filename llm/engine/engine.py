@@ -25,13 +25,12 @@ from torch import nn
 from llm.engine.block_manager import BlockManager, CrossBlockManager, user_salt
 from llm.engine.decode_graphs import DecodeGraphRunner
 from llm.engine.detokenizer import Detokenizer
+from llm.engine.inputs import Prompt, checked_user_tokens, prompt_token_ids
 from llm.engine.kv_cache import KVCache, PoolShape
 from llm.engine.model_runner import ModelRunner
 from llm.engine.sampling_params import SamplingParams
 from llm.engine.scheduler import Scheduler
 from llm.engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
-
-Prompt = str | list[int] | list[dict]
 
 
 @dataclass(slots=True)
@@ -157,8 +156,11 @@ class Engine:
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        prompt_ids = self._prompt_ids(prompt)
-        user = self._check_user_tokens(user_tokens)
+        with self._lock:  # a fast tokenizer must not encode while a step decodes (threads)
+            prompt_ids = prompt_token_ids(self.tokenizer, prompt, self.model_config.vocab_size)
+        user = checked_user_tokens(user_tokens, self.user_dim, self.config.max_user_tokens)
+        if user is not None:
+            user = user.to(device=self.device, dtype=self.dtype).contiguous()
         if user is not None and self.soft_prompt:
             prompt_ids = [self.placeholder_id] * user.shape[0] + prompt_ids
         total = len(prompt_ids) + sampling.max_tokens
@@ -183,60 +185,6 @@ class Engine:
             self._seqs[rid] = seq
             self.scheduler.add(seq)
         return rid
-
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise ValueError("empty prompt")
-            ids = self.tokenizer(prompt)["input_ids"]
-        elif isinstance(prompt, (list, tuple)) and prompt and all(
-                isinstance(m, dict) for m in prompt):
-            for m in prompt:
-                if "role" not in m or "content" not in m:
-                    raise ValueError(f"chat messages need 'role' and 'content', got {m!r}")
-            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True,
-                                                     tokenize=True)
-            if not isinstance(ids, list):  # transformers v5 returns a BatchEncoding
-                ids = ids["input_ids"]
-        elif isinstance(prompt, (list, tuple)):
-            if not prompt:
-                raise ValueError("empty prompt")
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                raise ValueError("a token prompt must be a list of ints")
-            vocab = self.model_config.vocab_size
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
-            ids = list(prompt)
-        else:
-            raise ValueError(f"prompt must be str, list[int] or chat messages, "
-                             f"got {type(prompt).__name__}")
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise ValueError("the prompt tokenizes to nothing")
-        return ids
-
-    def _check_user_tokens(self, user_tokens: torch.Tensor | None) -> torch.Tensor | None:
-        if user_tokens is None:
-            return None
-        if not isinstance(user_tokens, torch.Tensor):
-            raise ValueError(f"user_tokens must be a tensor [K, D], got {type(user_tokens).__name__}")
-        if self.user_dim is None:
-            raise ValueError("this engine's model has no cross-attention blocks (nor a soft "
-                             "prompt); load it with cross_every_n > 0 and user_dim to pass "
-                             "user tokens")
-        if user_tokens.dim() != 2:
-            raise ValueError(f"user_tokens must be [K, D], got shape {tuple(user_tokens.shape)}")
-        k, d = user_tokens.shape
-        if d != self.user_dim:
-            raise ValueError(f"user_tokens width {d} does not match the model's user_dim "
-                             f"{self.user_dim}")
-        if not 1 <= k <= self.config.max_user_tokens:
-            raise ValueError(f"user_tokens count {k} must be in [1, {self.config.max_user_tokens}]"
-                             f" (max_user_tokens)")
-        if not user_tokens.is_floating_point() or not torch.isfinite(user_tokens).all():
-            raise ValueError("user_tokens must be finite floats")
-        return user_tokens.detach().to(device=self.device, dtype=self.dtype).contiguous()
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request and give back all its blocks. False if it is unknown or finished."""
