@@ -70,28 +70,30 @@ def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
+# Messages name the file, line and field but never echo the value: a malformed line may hold
+# personal data, and these messages reach stderr and logs.
+
+
 def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{what} must be an integer")
     if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"{what} must be an integer, got {value!r}")
         return int(value)
     try:
         return int(str(value).strip())
     except ValueError:
-        raise ValueError(f"{what} must be an integer, got {str(value)[:40]!r}") from None
+        raise ValueError(f"{what} must be an integer") from None
 
 
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{what} must be a number, got {value!r}")
+        raise ValueError(f"{what} must be a number")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {str(value)[:40]!r}") from None
+        raise ValueError(f"{what} must be a number") from None
     if not math.isfinite(number):
-        raise ValueError(f"{what} must be finite, got {value!r}")
+        raise ValueError(f"{what} must be finite")
     return number
 
 
