@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -112,5 +112,4 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    metrics: dict = field(default_factory=dict)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
