@@ -11,7 +11,7 @@ from userenc.config import EncoderConfig
 @dataclass(slots=True)
 class TrainConfig:
     epochs: int = 40
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
