@@ -142,8 +142,11 @@ def train_encoder(
         load_model(model, str(state_dir / "model.safetensors"))
         _restore_state(model, opt, load_file(str(state_dir / "training_state.safetensors")))
         schedule.total_steps = steps_per_epoch * meta.get("planned_epochs", tcfg.epochs)
-        sched.last_epoch = meta["epoch"] * steps_per_epoch - 1
-        sched.step()  # re-derive the learning rate at the resumed step
+        # Put the schedule at the resumed step without stepping it (no optimizer step happened).
+        sched.last_epoch = meta["epoch"] * steps_per_epoch
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * schedule(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in opt.param_groups]
     elif resume:
         raise FileNotFoundError(f"nothing to resume: {state_dir} has no training state")
 
