@@ -75,7 +75,12 @@ def main() -> int:
 
     store = Store.open()
     try:
-        user = next(ext for ext, _ in store.histories())
+        titles: dict[str, str] = {}  # item id -> title, from every history (decrypted in memory only)
+        user = None
+        for ext, events in store.histories():
+            user = user or ext
+            titles.update((e.item_id, e.fields["title"]) for e in events if "title" in e.fields)
+        assert user is not None
         history = store.history(user)
         similar = store.similar_users(user, k=3)
     finally:
@@ -89,12 +94,11 @@ def main() -> int:
         scores = encoder.model.heads.item_scores(encoder.model.states(ids, valid, last_only=True)[:, -1])[0]
     item_vocab = encoder.tokenizer.vocabs[encoder.tokenizer.spec.item.name]
     seen = {e.item_id for e in history}
-    titles = {e.item_id: e.fields.get("title", f"item {e.item_id}") for e in history}
     ranked = [item_vocab.value(int(i)) for i in scores.argsort(descending=True)[:50]]
     picks = [i for i in ranked if i and i not in seen][:5]
-    recent = [titles[e.item_id] for e in history[-5:]]
+    recent = [titles.get(e.item_id, f"item {e.item_id}") for e in history[-5:]]
     print("recent:", "; ".join(recent))
-    print("encoder's top next items (not yet seen):", ", ".join(picks))
+    print("encoder's top next items (not yet seen):", "; ".join(titles.get(i, f"item {i}") for i in picks))
 
     step("personalized answer from the engine (SmolLM2-135M-Instruct, user tokens attached)")
     if not Path(args.model).is_file():
