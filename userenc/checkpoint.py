@@ -43,20 +43,26 @@ class LoadedEncoder:
         ids, valid = left_pad(encoded, self.tokenizer.spec, self.model.cfg.max_len)
         return {k: torch.from_numpy(v).to(device) for k, v in ids.items()}, torch.from_numpy(valid).to(device)
 
-    def embed(self, histories: Iterable[list[Event]], batch_size: int = 256) -> np.ndarray:
-        """[N, out_dim] user embeddings (float32), in input order."""
+    def embed(self, histories: Iterable[list[Event]], batch_size: int = 256, bf16: bool = False) -> np.ndarray:
+        """[N, out_dim] user embeddings (float32), in input order. `bf16` runs the matrix products
+        under bf16 autocast (~1.6x faster on CPUs with bf16 dot products; cosine to fp32 ~0.999)."""
         self.model.eval()
         device = next(self.model.parameters()).device
         out, chunk = [], []
+
+        def flush() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out.append(self.model.user_embedding(*self.batch(chunk, device)).float().cpu().numpy())
+            chunk.clear()
+
         for h in histories:
             if not h:
                 raise ValueError("cannot embed a user with an empty history")
             chunk.append(h)
             if len(chunk) == batch_size:
-                out.append(self.model.user_embedding(*self.batch(chunk, device)).float().cpu().numpy())
-                chunk = []
+                flush()
         if chunk:
-            out.append(self.model.user_embedding(*self.batch(chunk, device)).float().cpu().numpy())
+            flush()
         return np.concatenate(out) if out else np.zeros((0, self.model.cfg.out_dim), dtype=np.float32)
 
 
