@@ -76,12 +76,12 @@ def main() -> int:
     store = Store.open()
     try:
         titles: dict[str, str] = {}  # item id -> title, from every history (decrypted in memory only)
-        user = None
+        user, history = None, []
         for ext, events in store.histories():
-            user = user or ext
+            if user is None:
+                user, history = ext, events
             titles.update((e.item_id, e.fields["title"]) for e in events if "title" in e.fields)
         assert user is not None
-        history = store.history(user)
         similar = store.similar_users(user, k=3)
     finally:
         store.close()

@@ -14,7 +14,7 @@ import torch
 from userenc.events import Event
 from userenc.model import UserEncoder
 from userenc.spec import FIRST_ID, OOV_ID
-from userenc.tokenize import EventTokenizer, left_pad
+from userenc.tokenize import EventTokenizer, left_pad_tensors
 
 CUTOFFS = (1, 5, 10, 50)
 # Histories longer than these event counts fall in the next bucket (for HR@10 by length).
@@ -60,10 +60,9 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen: list[np.ndar
 
 def model_scorer(model: UserEncoder, tokenizer: EventTokenizer) -> ScoreFn:
     def score(histories: list[list[Event]], encoded: list[dict[str, np.ndarray]]) -> torch.Tensor:
-        ids, valid = left_pad(encoded, tokenizer.spec, model.cfg.max_len)
-        device = next(model.parameters()).device
+        ids, valid = left_pad_tensors(encoded, tokenizer.spec, model.cfg.max_len, next(model.parameters()).device)
         with torch.inference_mode():
-            states = model.states({k: torch.from_numpy(v).to(device) for k, v in ids.items()}, torch.from_numpy(valid).to(device), last_only=True)
+            states = model.states(ids, valid, last_only=True)
             return model.heads.item_scores(states[:, -1]).cpu()
 
     return score

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from userenc.config import EncoderConfig
 from userenc.events import Event
 from userenc.model import UserEncoder
 from userenc.spec import FeatureSpec
-from userenc.tokenize import EventTokenizer, left_pad
+from userenc.tokenize import EventTokenizer, left_pad_tensors
 
 
 @dataclass(slots=True)
@@ -65,13 +64,13 @@ def lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:
     return CosineSchedule(total_steps, warmup)
 
 
-def _batches(items: list[dict[str, np.ndarray]], batch_size: int, rng: np.random.Generator) -> list[list[dict[str, np.ndarray]]]:
+def _batches(items: list[dict[str, np.ndarray]], lengths: list[int], batch_size: int, rng: np.random.Generator) -> list[list[dict[str, np.ndarray]]]:
     """Shuffled batches of similar lengths (less padding): shuffle, sort within chunks of 50 batches."""
     order = rng.permutation(len(items))
     chunk = batch_size * 50
     batches = []
     for i in range(0, len(order), chunk):
-        part = sorted(order[i : i + chunk], key=lambda j: len(items[j]["__len__"]))
+        part = sorted(order[i : i + chunk], key=lambda j: lengths[j])
         batches += [[items[j] for j in part[k : k + batch_size]] for k in range(0, len(part), batch_size)]
     rng.shuffle(batches)
     return batches
@@ -120,12 +119,8 @@ def train_encoder(
     device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
 
-    items = []
-    for user in sorted(split.train):
-        for w in windows(tokenizer.encode(split.train[user]), cfg.max_len):
-            w["__len__"] = w[spec.item.name]
-            items.append(w)
-    items = dist.shard(items)
+    items = dist.shard([w for user in sorted(split.train) for w in windows(tokenizer.encode(split.train[user]), cfg.max_len)])
+    lengths = [len(w[spec.item.name]) for w in items]
     steps_per_epoch = math.ceil(len(items) / tcfg.batch_size)
     total_steps = steps_per_epoch * tcfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
@@ -163,20 +158,19 @@ def train_encoder(
     for epoch in range(meta["epoch"] + 1, tcfg.epochs + 1):
         model.train()
         rng = np.random.default_rng([tcfg.seed, epoch, dist.rank()])
-        batches = _batches(items, tcfg.batch_size, rng)
+        batches = _batches(items, lengths, tcfg.batch_size, rng)
         bar = tqdm(batches, desc=f"epoch {epoch}/{tcfg.epochs}", unit="batch", disable=not progress or dist.rank() != 0, dynamic_ncols=True, mininterval=1.0)
         seen_events, t0, losses = 0, time.perf_counter(), []
         for batch in bar:
-            ids_np, valid_np = left_pad(batch, spec, cfg.max_len)
-            ids = {k: torch.from_numpy(v).to(device) for k, v in ids_np.items()}
-            loss, _ = wrapped(ids, torch.from_numpy(valid_np).to(device))
+            ids, valid = left_pad_tensors(batch, spec, cfg.max_len, device)
+            loss, _ = wrapped(ids, valid)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
-            seen_events += int(valid_np.sum())
+            seen_events += int(valid.sum())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", ev_s=f"{seen_events / (time.perf_counter() - t0):.0f}", lr=f"{sched.get_last_lr()[0]:.1e}")
         train_loss = dist.mean(float(np.mean(losses)) if losses else 0.0)
         stop = False
@@ -196,9 +190,8 @@ def train_encoder(
             meta["epoch"], meta["seconds"] = epoch, time.perf_counter() - started
             if epoch == 1 and tcfg.max_minutes and tcfg.fit_schedule_to_budget:
                 meta["planned_epochs"] = max(1, min(tcfg.epochs, int(60 * tcfg.max_minutes / meta["seconds"])))
-            over_time = tcfg.max_minutes and meta["seconds"] > 60 * tcfg.max_minutes
-            stop = stop or epoch >= meta["planned_epochs"]
-            stop = stop or meta["bad_epochs"] >= tcfg.patience or bool(over_time)
+            over_time = bool(tcfg.max_minutes) and meta["seconds"] > 60 * tcfg.max_minutes
+            stop = epoch >= meta["planned_epochs"] or meta["bad_epochs"] >= tcfg.patience or over_time
             save_checkpoint(state_dir, model, tokenizer, manifest, extra=_training_state(model, opt), files=files)
             (state_dir / "state.json").write_text(json.dumps(meta, indent=1))
         planned = dist.broadcast_int(meta["planned_epochs"])

@@ -21,7 +21,7 @@ from safetensors.torch import load_model, save_file, save_model
 from userenc.config import EncoderConfig
 from userenc.events import Event
 from userenc.model import UserEncoder
-from userenc.tokenize import EventTokenizer, left_pad
+from userenc.tokenize import EventTokenizer, left_pad_tensors
 
 
 @dataclass(slots=True)
@@ -40,8 +40,7 @@ class LoadedEncoder:
     def batch(self, histories: list[list[Event]], device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Tokenize, left-truncate to max_len and left-pad a batch of histories."""
         encoded = [self.tokenizer.encode(h) for h in histories]
-        ids, valid = left_pad(encoded, self.tokenizer.spec, self.model.cfg.max_len)
-        return {k: torch.from_numpy(v).to(device) for k, v in ids.items()}, torch.from_numpy(valid).to(device)
+        return left_pad_tensors(encoded, self.tokenizer.spec, self.model.cfg.max_len, device)
 
     def embed(self, histories: Iterable[list[Event]], batch_size: int = 256, bf16: bool = False) -> np.ndarray:
         """[N, out_dim] user embeddings (float32), in input order. `bf16` runs the matrix products

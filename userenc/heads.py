@@ -56,9 +56,13 @@ class NextEventHeads(nn.Module):
             {f.name: nn.Linear(cfg.d_model, cfg.vocab_sizes[f.name]) for f in spec.features if f.target and not f.is_item}
         )
 
+    def item_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Raw scores over the whole catalogue [*, num_items], padding and OOV ids included."""
+        return self.query(states) @ self.candidates().T
+
     def item_scores(self, states: torch.Tensor) -> torch.Tensor:
         """Scores over the whole catalogue [*, num_items]; padding and OOV ids can never win."""
-        scores = self.query(states) @ self.candidates().T
+        scores = self.item_logits(states)
         scores[..., :FIRST_ID] = float("-inf")
         return scores
 
@@ -93,7 +97,7 @@ class NextEventHeads(nn.Module):
         if self.cfg.item_loss == "full" or not self.training:
             # Raw logits: padding and OOV are never targets, so the softmax learns to push them
             # down; masking them here would cost a copy of the [positions, catalogue] matrix.
-            return F.cross_entropy(self.query(h) @ self.candidates().T, target)
+            return F.cross_entropy(self.item_logits(h), target)
         q = self.query(h)
         if self.cfg.negatives == "in_batch":
             # The batch's distinct target items are the candidates: every other one is a negative.

@@ -9,9 +9,12 @@ import bisect
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from userenc.events import Event
 from userenc.spec import FIRST_ID, OOV_ID, PAD_ID, Feature, FeatureSpec
@@ -157,6 +160,14 @@ class EventTokenizer:
             if f.item_attribute:
                 attrs[f.name] = np.asarray(json.loads((folder / f"item_{f.name}.json").read_text()), dtype=np.int64)
         return cls(spec, vocabs, attrs)
+
+
+def left_pad_tensors(batch: list[dict[str, np.ndarray]], spec: FeatureSpec, max_len: int, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`left_pad`, as tensors on `device`: what the encoder takes (torch loads only when called)."""
+    import torch
+
+    ids, valid = left_pad(batch, spec, max_len)
+    return {k: torch.from_numpy(v).to(device) for k, v in ids.items()}, torch.from_numpy(valid).to(device)
 
 
 def left_pad(batch: list[dict[str, np.ndarray]], spec: FeatureSpec, max_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
