@@ -9,7 +9,7 @@ Token layout: the engine flattens all sequences of a step into one [N] stream of
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -39,6 +39,9 @@ class ForwardContext:
     # front of the prompt, e.g. the pad id, and lists where they landed in this step's stream).
     soft_prompt_inputs: torch.Tensor | None = None  # [P, D_user]
     soft_prompt_positions: torch.Tensor | None = None  # [P] int64, indices into the [N] stream
+    # Work the layers of this step share (the reference decode path's gather plans), built by
+    # the first layer that needs it.
+    plans: dict = field(default_factory=dict)
 
 
 _current: ForwardContext | None = None

@@ -25,16 +25,17 @@ hf_config)` lives in llm/loader.py. The model (`LlamaForCausalLM`) offers:
   `cross_v_cache` [num_cross_blocks, block_size, cross_num_heads, head_dim].
 - `num_layers`, `num_kv_heads`, `head_dim`, `cross_num_heads`, `user_dim`, `dtype`, `device`,
   `config` (our ModelConfig: `cross_layer_indices`, `cross_heads`, `max_position_embeddings`...).
+- `prepack_linears()` -> packed weights for small CPU batches (the engine calls it on CPU).
 - `user_parameters()` -> the cross-block / soft-prompt parameters (adapter training).
 
 Decode (is_prefill False) makes no host syncs in our layers, so it can be captured in a CUDA
 graph when the kernels allow it; prefill reads cu_seqlens_q / context_lens on the host.
 
 How the paged path reads the ForwardContext (llm/context.py):
-- every step: slot_mapping, context_lens, block_tables; prefill also cu_seqlens_q. A prefill in
-  which no sequence has a cached prefix attends over its own new K/V (so it also runs before
-  the pools are assigned: the engine's warm-up); otherwise each sequence's K/V is gathered from
-  its blocks. Decode (one token per sequence) calls llm.kernels.ops.paged_decode_attention.
+- every step: slot_mapping, context_lens, block_tables; prefill also cu_seqlens_q. In a prefill, a
+  sequence without a cached prefix attends over its own new K/V (so it also runs before the
+  pools are assigned: the engine's warm-up); one with a cached prefix gathers its K/V from its
+  blocks. Decode (one token per sequence) calls llm.kernels.ops.paged_decode_attention.
 - cross integration (config.cross_every_n > 0, blocks before layers i with (i+1) % N == 0):
   cross_block_tables and cross_lens on every step when the model has cross blocks (cross_lens 0
   = no user tokens: exactly the base model for that sequence); cross_inputs [M, user_dim] +
@@ -55,6 +56,7 @@ from llm.config import ModelConfig
 from llm.context import get_context
 from llm.layers.attention import Attention
 from llm.layers.cross_attention import CrossAttention, GatedCrossAttentionBlock, check_user_width
+from llm.layers.linear import Linear
 from llm.layers.mlp import SwiGLU
 from llm.layers.rmsnorm import RMSNorm
 from llm.layers.rotary import RotaryEmbedding
@@ -101,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -139,6 +141,18 @@ class LlamaForCausalLM(nn.Module):
 
     def cross_attention_modules(self) -> list[CrossAttention]:
         return [block.cross_attn for block in self.model.cross_blocks.values()]
+
+    def prepack_linears(self, batch_size: int = 16) -> int:
+        """MKL-packed copies of the base model's Linear weights for small CPU batches
+        (llm/layers/linear.py); the LM head pads small batches to 16 rows, where its GEMM is
+        fastest. The user modules are left unpacked: they are trained and swapped at run time,
+        and a pack is a copy. Returns how many layers were packed (0 off CPU fp32 / no MKL)."""
+        packed = 0
+        for module in [*self.model.layers.modules(), self.lm_head]:
+            if isinstance(module, Linear):
+                pad = batch_size if module is self.lm_head else 0
+                packed += module.prepack(batch_size, pad_rows_to=pad)
+        return packed
 
     def user_parameters(self) -> list[nn.Parameter]:
         """Our user-token modules' parameters (cross blocks or soft-prompt projection): what

@@ -72,21 +72,25 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, plans: dict | None = None) -> torch.Tensor:
     """q [S, Hq, D] (one token per sequence) over its first context_lens[s] cached tokens.
 
     block_tables [S, max_blocks] int32 (-1 padded), context_lens [S] int32. GQA when Hq is a
-    multiple of Hkv. Returns [S, Hq, D] in q's dtype; context_len 0 -> zeros.
+    multiple of Hkv. Returns [S, Hq, D] in q's dtype; context_len 0 -> zeros. plans: a dict
+    kept for one forward step, in which the reference path builds its gather plan once for
+    all layers (the Triton path needs none).
     """
     if backend_for(q) == "triton":
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens,
                                              scale)
-    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                        plans)
 
 
 def cross_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            cross_block_tables: torch.Tensor, cross_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, plans: dict | None = None) -> torch.Tensor:
     """Decode-time cross-attention to user tokens held in the cross pool (no causal mask:
     every user token is visible). Exactly paged_decode_attention over the cross blocks."""
-    return paged_decode_attention(q, k_cache, v_cache, cross_block_tables, cross_lens, scale)
+    return paged_decode_attention(q, k_cache, v_cache, cross_block_tables, cross_lens, scale,
+                                  plans)

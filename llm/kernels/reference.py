@@ -45,21 +45,52 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.
     return k[:, :max_len], v[:, :max_len], valid[:, :max_len]
 
 
-def _gather_pages(k_cache, v_cache, block_tables, context_lens, max_len, workspace=False):
+class _PagePlan:
+    """Which pool blocks to copy and which copied token rows are padding, for one
+    (block_tables, context_lens, max_len). Every layer of a step reads the same tables, so the
+    plan is built once per step (see _page_plan) instead of once per layer."""
+    __slots__ = ("index", "pad_rows", "valid", "num_seqs", "span")
+
+    def __init__(self, block_tables, context_lens, max_len, block_size, device) -> None:
+        s = block_tables.shape[0]
+        pages = (max_len + block_size - 1) // block_size
+        assert pages <= block_tables.shape[1], "block table narrower than context length"
+        self.num_seqs, self.span = s, pages * block_size
+        self.valid = (torch.arange(self.span, device=device)[None, :]
+                      < context_lens.long()[:, None])
+        blocks = block_tables[:, :pages].long()
+        page_used = self.valid[:, ::block_size]  # [S, pages]: the page's first token is real
+        assert bool((blocks[page_used] >= 0).all()), "a -1 block-table entry inside context_lens"
+        # -1 entries past a sequence's length are read as block 0 and zeroed, never used.
+        self.index = blocks.clamp(min=0).flatten()
+        self.pad_rows = (~self.valid).flatten().nonzero().squeeze(1)
+
+
+def _page_plan(block_tables, context_lens, max_len, block_size, plans: dict | None
+               ) -> _PagePlan:
+    """plans: a dict the caller keeps for one forward step (the engine's ForwardContext), in
+    which the plan for these tables is built once and found by every later layer."""
+    if plans is None:
+        return _PagePlan(block_tables, context_lens, max_len, block_size, block_tables.device)
+    key = (id(block_tables), id(context_lens), max_len, block_size)
+    entry = plans.get(key)
+    if entry is None:
+        # The entry holds the tensors, so their ids cannot be reused while the dict lives.
+        entry = plans[key] = (block_tables, context_lens,
+                              _PagePlan(block_tables, context_lens, max_len, block_size,
+                                        block_tables.device))
+    return entry[2]
+
+
+def _gather_pages(k_cache, v_cache, block_tables, context_lens, max_len, workspace=False,
+                  plans: dict | None = None):
     """K, V [S, pages * block_size, Hkv, D] (whole pages, padding zeroed) and the valid mask.
     workspace=True reuses this thread's scratch buffers: the caller must be done with the
     result before the next call (decode consumes it at once)."""
     num_blocks, block_size, hkv, d = k_cache.shape
-    s = block_tables.shape[0]
-    pages = (max_len + block_size - 1) // block_size
-    assert pages <= block_tables.shape[1], "block table narrower than context length"
-    span = pages * block_size
-    valid = torch.arange(span, device=k_cache.device)[None, :] < context_lens.long()[:, None]
-    blocks = block_tables[:, :pages].long()
-    page_used = valid[:, ::block_size]  # [S, pages]: the page's first token is real
-    assert bool((blocks[page_used] >= 0).all()), "a -1 block-table entry inside context_lens"
+    plan = _page_plan(block_tables, context_lens, max_len, block_size, plans)
+    s, span, index = plan.num_seqs, plan.span, plan.index
     # Whole blocks at a time (one block_size * Hkv * D copy each) into a contiguous buffer.
-    index = blocks.clamp(min=0).flatten()
     if workspace:
         k_buf, v_buf = _scratch(2 * index.numel() * block_size * hkv * d, k_cache)
         k = torch.index_select(k_cache, 0, index, out=k_buf.view(-1, block_size, hkv, d))
@@ -69,10 +100,9 @@ def _gather_pages(k_cache, v_cache, block_tables, context_lens, max_len, workspa
     # A pool made with torch.empty can hold NaN/inf in slots nobody wrote; padded positions
     # read such slots, and 0 * NaN is NaN, so they are zeroed rather than only masked
     # (index_fill_ over whole token rows: about half the time of a broadcast masked_fill_).
-    pad_rows = (~valid).flatten().nonzero().squeeze(1)
-    k.view(s * span, hkv * d).index_fill_(0, pad_rows, 0)
-    v.view(s * span, hkv * d).index_fill_(0, pad_rows, 0)
-    return k.view(s, span, hkv, d), v.view(s, span, hkv, d), valid
+    k.view(s * span, hkv * d).index_fill_(0, plan.pad_rows, 0)
+    v.view(s * span, hkv * d).index_fill_(0, plan.pad_rows, 0)
+    return k.view(s, span, hkv, d), v.view(s, span, hkv, d), plan.valid
 
 
 _scratch_local = threading.local()
@@ -96,12 +126,13 @@ def _scratch(numel: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                 scale: float) -> torch.Tensor:
+                                 scale: float, plans: dict | None = None) -> torch.Tensor:
     """One query token per sequence attending to its first context_lens[s] cached tokens.
 
     q: [S, Hq, D] with Hq a multiple of Hkv (GQA: q head h reads kv head h // (Hq // Hkv)).
     Returns [S, Hq, D] in q's dtype; a sequence with context_len 0 gets zeros (not NaN).
-    Math runs in fp32 whatever the input dtype.
+    Math runs in fp32 whatever the input dtype. plans: see _page_plan (one step's layers share
+    the gather plan).
     """
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     s, hq, d = q.shape
@@ -111,7 +142,7 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     if max_len == 0:
         return torch.zeros_like(q)
     k, v, valid = _gather_pages(k_cache, v_cache, block_tables, context_lens, max_len,
-                                workspace=True)
+                                workspace=True, plans=plans)
     # GQA without repeating K/V: the group's q heads are SDPA's "query length" dimension.
     out = F.scaled_dot_product_attention(
         q.float().view(s, hkv, group, d),

@@ -7,7 +7,7 @@ Paged (a ForwardContext is set, see llm/context.py): x [N, hidden] is the engine
 The new K/V go to the pool at ctx.slot_mapping (`write_kv`), then prefill attends over each
 sequence's cached prefix + new tokens and decode calls `paged_decode_attention`. The engine
 assigns `k_cache` / `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) to every
-instance. A prefill step in which no sequence has a cached prefix attends over its own new K/V
+instance. In a prefill step a sequence without a cached prefix attends over its own new K/V
 (no read-back from the pool); that also covers the engine's warm-up run before it has a pool.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.context import ForwardContext, get_context
-from llm.layers.paged import (fresh_prefill_attention, has_cached_prefix,
-                              paged_prefill_attention)
+from llm.layers.linear import Linear
+from llm.layers.paged import paged_prefill_attention
 from llm.layers.rotary import RotaryEmbedding
 
 
@@ -30,12 +30,12 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim,
-                                bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim,
-                                bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim,
+                             bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim,
+                             bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         # Pool views, assigned by the engine; plain attributes so they stay out of state_dict.
         self.k_cache = torch.empty(0, device="cpu")
         self.v_cache = torch.empty(0, device="cpu")
@@ -79,11 +79,12 @@ class Attention(nn.Module):
         if has_pool:
             write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
-            if not has_pool or not has_cached_prefix(ctx.context_lens, ctx.cu_seqlens_q):
-                return fresh_prefill_attention(q, k, v, ctx.cu_seqlens_q, self.scale)
+            # Sequences without a cached prefix use their own new K/V (so the warm-up run works
+            # before there is a pool); the others read their prefix from the pool.
             return paged_prefill_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
-                                           ctx.context_lens, ctx.cu_seqlens_q, self.scale)
+                                           ctx.context_lens, ctx.cu_seqlens_q, self.scale,
+                                           k_new=k, v_new=v)
         assert has_pool, "decode needs the engine to have assigned k_cache/v_cache"
         assert q.shape[0] == ctx.context_lens.shape[0], "decode: one new token per sequence"
         return paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
-                                      ctx.context_lens, self.scale)
+                                      ctx.context_lens, self.scale, ctx.plans)

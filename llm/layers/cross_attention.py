@@ -24,6 +24,7 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.context import ForwardContext, get_context
+from llm.layers.linear import Linear
 from llm.layers.mlp import SwiGLU
 from llm.layers.paged import paged_prefill_attention, token_sequence_index
 from llm.layers.rmsnorm import RMSNorm
@@ -49,10 +50,10 @@ class CrossAttention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         inner = cfg.cross_heads * cfg.head_dim
         self.user_norm = RMSNorm(cfg.user_dim, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
-        self.k_proj = nn.Linear(cfg.user_dim, inner, bias=False)
-        self.v_proj = nn.Linear(cfg.user_dim, inner, bias=False)
-        self.o_proj = nn.Linear(inner, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, inner, bias=False)
+        self.k_proj = Linear(cfg.user_dim, inner, bias=False)
+        self.v_proj = Linear(cfg.user_dim, inner, bias=False)
+        self.o_proj = Linear(inner, cfg.hidden_size, bias=False)
         # Cross pool views, assigned by the engine (plain attributes: not in state_dict).
         self.cross_k_cache = torch.empty(0, device="cpu")
         self.cross_v_cache = torch.empty(0, device="cpu")
@@ -92,7 +93,8 @@ class CrossAttention(nn.Module):
                                           ctx.cu_seqlens_q, self.scale, causal=False)
         else:
             out = paged_decode_attention(q, self.cross_k_cache, self.cross_v_cache,
-                                         ctx.cross_block_tables, ctx.cross_lens, self.scale)
+                                         ctx.cross_block_tables, ctx.cross_lens, self.scale,
+                                         ctx.plans)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
     def write_user_kv(self, ctx: ForwardContext) -> None:
