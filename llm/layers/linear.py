@@ -1,12 +1,13 @@
-"""nn.Linear with an optional prepacked weight for small CPU batches (the engine's decode).
+"""nn.Linear with an optional prepacked weight for CPU inference (the engine).
 
 On CPU in fp32, MKL's GEMM for a few rows (a decode step: one row per running sequence) is
 slow: 8 rows cost as much as 16 and up to 3x one row. MKL's packed GEMM (the weight reordered
 once into its kernel's layout, `torch.ops.mkl._mkl_reorder_linear_weight`; the same op
-Inductor's CPU weight prepacking uses) runs 3-64 rows 1.6-2.5x faster on SmolLM2's shapes
-(bench/results/engine_throughput.md). Prefill chunks (hundreds of rows) keep the plain GEMM,
-which is as fast there. The pack costs memory (about the weights' size again: +453 MiB resident
-for SmolLM2-135M), so only the engine asks for it (EngineConfig.cpu_packed_weights).
+Inductor's CPU weight prepacking uses) runs SmolLM2's layers 1.5-2x faster at 4-16 rows and
+~7-25% faster at 32-512 rows when packed for 512 rows (packed for 16 it is slower on big
+chunks; measured in one process, alternating). One and two rows keep the plain product (no
+gain there). The pack costs memory (about the weights' size again: +453 MiB resident for
+SmolLM2-135M), so only the engine asks for it (EngineConfig.cpu_packed_weights).
 
 The pack is a copy: it is used only while the weight tensor is the one it was made from and
 unmodified (same storage, same version counter), and never when autograd needs the weight.
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PACK_MIN_ROWS, PACK_MAX_ROWS = 3, 64  # where the packed GEMM was measured faster
+PACK_MIN_ROWS = 3  # from here on the packed GEMM was measured faster
+PACK_BATCH_HINT = 512  # the row count MKL lays the pack out for (fast from 3 rows to 2k)
 
 
 def packing_available() -> bool:
@@ -33,7 +35,7 @@ class Linear(nn.Linear):
         self._pack: tuple[torch.Tensor, int, int] | None = None  # (pack, data_ptr, version)
         self.pad_rows_to = 0  # run the packed GEMM on this many rows when given fewer
 
-    def prepack(self, batch_size: int = 16, pad_rows_to: int = 0) -> bool:
+    def prepack(self, batch_size: int = PACK_BATCH_HINT, pad_rows_to: int = 0) -> bool:
         """Make the packed copy (CPU fp32 only); False when it cannot be made here.
         pad_rows_to: pad small batches to this many rows (the LM head's GEMM is faster on
         16 rows than on 8 or 12; measured, see the module doc)."""
@@ -59,7 +61,7 @@ class Linear(nn.Linear):
     def _usable_pack(self, x: torch.Tensor) -> torch.Tensor | None:
         if self._pack is None or x.dim() != 2 or x.dtype != torch.float32:
             return None
-        if not PACK_MIN_ROWS <= x.shape[0] <= PACK_MAX_ROWS:
+        if x.shape[0] < PACK_MIN_ROWS:
             return None
         pack, ptr, version = self._pack
         w = self.weight
