@@ -25,7 +25,8 @@ hf_config)` lives in llm/loader.py. The model (`LlamaForCausalLM`) offers:
   `cross_v_cache` [num_cross_blocks, block_size, cross_num_heads, head_dim].
 - `num_layers`, `num_kv_heads`, `head_dim`, `cross_num_heads`, `user_dim`, `dtype`, `device`,
   `config` (our ModelConfig: `cross_layer_indices`, `cross_heads`, `max_position_embeddings`...).
-- `prepack_linears()` -> MKL-packed weights for CPU inference (the engine calls it on CPU).
+- `prepack_linears()` / `drop_packed_linears()` -> MKL-packed weights for CPU inference (the
+  engine makes them on CPU and drops them on close).
 - `user_parameters()` -> the cross-block / soft-prompt parameters (adapter training).
 
 Decode (is_prefill False) makes no host syncs in our layers, so it can be captured in a CUDA
@@ -154,6 +155,11 @@ class LlamaForCausalLM(nn.Module):
                 pad = lm_head_rows if module is self.lm_head else 0
                 packed += module.prepack(pad_rows_to=pad)
         return packed
+
+    def drop_packed_linears(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.drop_pack()
 
     def user_parameters(self) -> list[nn.Parameter]:
         """Our user-token modules' parameters (cross blocks or soft-prompt projection): what

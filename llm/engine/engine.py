@@ -203,11 +203,13 @@ class Engine:
             return True
 
     def close(self) -> None:
-        """Cancel everything and detach the pools from the model (which may outlive us)."""
+        """Cancel everything, detach the pools from the model (which may outlive us) and drop
+        the packed weight copies we made (their memory goes with them)."""
         with self._lock:
             for rid in list(self._seqs):
                 self.cancel(rid)
             KVCache.unbind(self.model)
+            self.model.drop_packed_linears()
 
     def reset_prefix_cache(self) -> int:
         """Drop the prefix cache's idle entries (blocks held by running requests stay)."""

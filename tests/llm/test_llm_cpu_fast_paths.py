@@ -197,3 +197,22 @@ def test_model_packs_base_layers_only(tiny_checkpoint):
     assert users and packed == len(base)
     assert all(m._pack is not None for m in base) and all(m._pack is None for m in users)
     assert model.lm_head.pad_rows_to == 16
+    model.drop_packed_linears()
+    assert not any(m.is_packed for m in base)
+
+
+@needs_mkl
+def test_engine_packs_on_cpu_and_drops_on_close(tiny_checkpoint):
+    from llm.engine import Engine, EngineConfig
+    from llm.loader import load_model
+
+    folder, _ = tiny_checkpoint()
+    model, tokenizer, _ = load_model(folder)
+    engine = Engine(model, tokenizer, EngineConfig(kv_cache_bytes=1 << 20))
+    assert model.lm_head.is_packed
+    engine.close()
+    assert not any(m.is_packed for m in model.modules() if isinstance(m, Linear))
+    unpacked = Engine(model, tokenizer, EngineConfig(kv_cache_bytes=1 << 20,
+                                                     cpu_packed_weights=False))
+    assert not model.lm_head.is_packed
+    unpacked.close()
