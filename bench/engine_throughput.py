@@ -215,12 +215,10 @@ def main() -> None:
         return {name: min(done, key=lambda r: r[0].cpu) for name, done in runs.items()}
 
     # Ablation: the same engine without MKL-packed weights (plain F.linear for every batch).
-    linears = [m for m in ours.modules() if isinstance(m, Linear)]
-    packed = any(m.is_packed for m in linears)
+    packed = any(m.is_packed for m in ours.modules() if isinstance(m, Linear))
 
     def engine_unpacked():
-        for m in linears:
-            m.drop_pack()
+        ours.drop_packed_linears()
         try:
             return run_engine(engine, prompts, olens, device)[:2]
         finally:

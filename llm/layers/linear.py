@@ -79,5 +79,7 @@ class Linear(nn.Linear):
         rows = x.shape[0]
         if rows < self.pad_rows_to:
             x = torch.cat([x, x.new_zeros(self.pad_rows_to - rows, x.shape[1])])
-        out = torch.ops.mkl._mkl_linear(x.contiguous(), pack, self.weight, self.bias, rows)
+        # The last argument must be the row count actually passed: on any other value the op
+        # silently falls back to the plain product.
+        out = torch.ops.mkl._mkl_linear(x.contiguous(), pack, self.weight, self.bias, x.shape[0])
         return out[:rows]

@@ -72,9 +72,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                     out[start:end] = _masked_attention_matmul(q[start:end], k, v, mask, scale)
                     continue
         out[start:end] = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), k.to(q.dtype).transpose(0, 1),
-            v.to(q.dtype).transpose(0, 1), attn_mask=mask, is_causal=is_causal, scale=scale,
-            enable_gqa=gqa,
+            q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa,
         ).transpose(0, 1)
     return out
 

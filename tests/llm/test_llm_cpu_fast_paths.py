@@ -136,6 +136,24 @@ def test_packed_linear_matches_plain(rows, bias):
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
 
 
+def ops_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@needs_mkl
+@pytest.mark.parametrize("rows, pad", [(8, 0), (5, 16)])
+def test_packed_product_really_runs(rows, pad):
+    """_mkl_linear falls back to a plain mm when told the wrong row count: see none ran."""
+    lin = Linear(32, 300, bias=False)
+    assert lin.prepack(pad_rows_to=pad)
+    x = torch.randn(rows, 32)
+    with torch.inference_mode():
+        ran = ops_run(lambda: lin(x))
+    assert "mkl::_mkl_linear" in ran and not ran & {"aten::mm", "aten::addmm"}
+
+
 @needs_mkl
 def test_padded_rows_give_the_same_rows():
     torch.manual_seed(0)
