@@ -72,34 +72,47 @@ def _inputs(arm: Arm, batch: list[Example], budget: int) -> tuple[list[list[int]
 
 
 def evaluate_closed(arm: Arm, examples: list[Example], catalogue: Catalogue,
-                    beam_width: int = 10, batch_size: int = 8) -> dict[str, Any]:
-    """Per task: recall@k (next_movie) or accuracy (genres), with every prediction kept."""
+                    beam_width: int = 10, users_per_call: int = 4) -> dict[str, Any]:
+    """Per task: recall@k (next_movie) or accuracy (genres), with every prediction kept. A
+    user's questions go to the engine together: they share the history prefix (text arm) or
+    the user tokens, and are prefilled once."""
+    exs = [ex for ex in examples if ex.task in CLOSED_TASKS]
+    tries = {t: answer_trie(arm, catalogue.answers(t)) for t in {ex.task for ex in exs}}
+    if not tries:
+        return {}
+    longest = max(trie.max_length for trie, _ in tries.values())
+    budget = arm.engine.max_model_len - longest - 1
+    by_user: dict[str, list[Example]] = {}
+    for ex in exs:
+        by_user.setdefault(ex.user, []).append(ex)
+    users = list(by_user)
+    rank: dict[int, float] = {}
+    pred: dict[int, str | None] = {}
+    shown: dict[int, int] = {}
+    for i in range(0, len(users), users_per_call):
+        batch = [ex for u in users[i:i + users_per_call] for ex in by_user[u]]
+        prompts, tokens, events = _inputs(arm, batch, budget)
+        results = arm.engine.beam_search(prompts, [tries[ex.task][0] for ex in batch],
+                                         beam_width, tokens)
+        for ex, res, n in zip(batch, results, events):
+            answers = [tries[ex.task][1][tuple(a)] for a, _ in res]
+            rank[id(ex)] = answers.index(ex.target) + 1 if ex.target in answers else np.inf
+            pred[id(ex)] = answers[0] if answers else None
+            shown[id(ex)] = n
     out: dict[str, Any] = {}
     for task in CLOSED_TASKS:
-        exs = [ex for ex in examples if ex.task == task]
-        if not exs:
+        task_exs = [ex for ex in exs if ex.task == task]
+        if not task_exs:
             continue
-        trie, by_ids = answer_trie(arm, catalogue.answers(task))
-        budget = arm.engine.max_model_len - trie.max_length - 1
-        ranks, shown, preds = [], [], []
-        for i in range(0, len(exs), batch_size):
-            batch = exs[i:i + batch_size]
-            prompts, users, events = _inputs(arm, batch, budget)
-            results = arm.engine.beam_search(prompts, trie, beam_width, users)
-            for ex, res in zip(batch, results):
-                answers = [by_ids[tuple(a)] for a, _ in res]
-                ranks.append(answers.index(ex.target) + 1 if ex.target in answers else np.inf)
-                preds.append(answers[0] if answers else None)
-            shown += events
-        ranks = np.asarray(ranks, dtype=float)
-        metrics: dict[str, Any] = {"examples": len(exs)}
+        ranks = np.asarray([rank[id(ex)] for ex in task_exs], dtype=float)
+        metrics: dict[str, Any] = {"examples": len(task_exs)}
         if task == "next_movie":
             metrics |= {f"recall@{k}": float((ranks <= k).mean()) for k in RECALL_AT}
         else:
             metrics["accuracy"] = float((ranks == 1).mean())
         if arm.kind == "text":
-            metrics["events_shown_mean"] = float(np.mean(shown))
-        metrics["predictions"] = preds
+            metrics["events_shown_mean"] = float(np.mean([shown[id(ex)] for ex in task_exs]))
+        metrics["predictions"] = [pred[id(ex)] for ex in task_exs]
         out[task] = metrics
     return out
 

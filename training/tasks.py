@@ -1,14 +1,16 @@
 """USER-LLM tasks built from event histories: (what the model may read, the answer text).
 
-Each task is a rule applied to a user's events in time order, `seq`: it cuts `seq` into an
-input history and an answer, always from its end, so the same rule makes
+Every example cuts a user's events (time order) at a point: the model reads (the last
+max_events of) the events before the cut, and the task's answer comes from the cut on.
 
-- test examples from the whole history,
-- validation examples from the history without its held-out tail (`holdout` events),
-- training examples from random prefixes of the encoder's training part (split.py),
-
-and no test event (nor, with holdout >= 10, any event of the future-genre window) is read by
-either training stage.
+- test: the cut is the start of the held-out tail (len - holdout: the encoder never trained
+  on anything from there, training/split.py), so every test question about one user reads the
+  same events (their prompts share that prefix: one prefill serves all of them);
+- validation: the cut before the validation event (the future-genre task: W events before
+  the end, its window then overlaps training events, which is fine for model selection);
+- training: random cuts inside the encoder's training part, with the answer inside it too.
+So no test event (with holdout >= 10, no event of the future-genre window) is read by either
+training stage. With holdout = 1 the test cut is leave-one-out's: the last event is the answer.
 
 Tasks (ML-1M unless noted):
 - next_movie: the title of the next movie (answers: the catalogue's titles, trie-constrained).
@@ -86,22 +88,25 @@ def most_frequent_genre(events: list[Event], order: list[str]) -> str | None:
     return min(counts, key=lambda g: (-counts[g], rank.get(g, len(rank)), g))
 
 
-def make_example(task: str, user: str, seq: list[Event], cat: Catalogue,
+def answer_span(task: str) -> int:
+    """Events at and after the cut a task's answer needs."""
+    return FUTURE_WINDOW if task == "genre_future" else 0 if task == "genre_history" else 1
+
+
+def make_example(task: str, user: str, events: list[Event], cut: int, cat: Catalogue,
                  max_events: int) -> Example | None:
-    """The task's rule on `seq` (see the module doc); the input keeps its last max_events
-    events. None when seq cannot make this example (too short, no title, no genres...)."""
-    if task == "genre_future":
-        cut = len(seq) - FUTURE_WINDOW
-        history = seq[max(0, cut - max_events):cut]
-        label = most_frequent_genre(seq[cut:], cat.genres) if cut >= MIN_HISTORY else None
-        return Example(user, task, history, label) if label else None
-    if task == "genre_history":
-        history = seq[-max_events:]
-        label = most_frequent_genre(history, cat.genres) if len(seq) >= MIN_HISTORY else None
-        return Example(user, task, history, label) if label else None
-    if len(seq) < MIN_HISTORY + 1:
+    """The example that reads events[:cut] (its last max_events) and answers from events[cut:].
+    None when it cannot be made (too short, no title, no genres, no summary...)."""
+    if cut < MIN_HISTORY or cut + answer_span(task) > len(events):
         return None
-    history, answer = seq[:-1][-max_events:], seq[-1]
+    history = events[max(0, cut - max_events):cut]
+    if task == "genre_history":
+        label = most_frequent_genre(history, cat.genres)
+        return Example(user, task, history, label) if label else None
+    if task == "genre_future":
+        label = most_frequent_genre(events[cut:cut + FUTURE_WINDOW], cat.genres)
+        return Example(user, task, history, label) if label else None
+    answer = events[cut]
     if task == "next_movie":
         title = cat.titles.get(answer.item_id)
         return Example(user, task, history, title) if title else None
@@ -124,10 +129,11 @@ def check_tasks(tasks: list[str], holdout: int) -> None:
 
 @dataclass(slots=True)
 class TaskSplit:
-    """The encoder's split as sequences the task rules cut from their end."""
-    train: dict[str, list[Event]]  # training parts (random prefixes make training examples)
-    valid: dict[str, list[Event]]  # histories up to the validation event
-    test: dict[str, list[Event]]  # whole histories (the last event is the test target)
+    """The encoder's split, as the sequences the examples cut."""
+    train: dict[str, list[Event]]  # training parts (random cuts make training examples)
+    valid: dict[str, list[Event]]  # histories up to and with the validation event
+    test: dict[str, list[Event]]  # whole histories
+    holdout: int
 
 
 def task_split(histories: dict[str, list[Event]], holdout: int) -> TaskSplit:
@@ -135,32 +141,45 @@ def task_split(histories: dict[str, list[Event]], holdout: int) -> TaskSplit:
 
     split = leave_one_out(histories, holdout)
     return TaskSplit(split.train, {u: inp + [t] for u, (inp, t) in split.valid.items()},
-                     {u: inp + [t] for u, (inp, t) in split.test.items()})
+                     {u: histories[u] for u in split.test}, holdout)
 
 
-def examples_at_end(seqs: dict[str, list[Event]], tasks: list[str], cat: Catalogue,
-                    max_events: int) -> list[Example]:
-    """One example per user and task, cut at the end of each sequence (valid / test)."""
-    return [ex for user in sorted(seqs) for t in tasks
-            if (ex := make_example(t, user, seqs[user], cat, max_events))]
+def held_out_examples(split: TaskSplit, tasks: list[str], cat: Catalogue, max_events: int,
+                  users: list[str] | None = None) -> list[Example]:
+    """Per user (in order), one example per task, all cut at the start of the held-out tail."""
+    out = []
+    for user in users if users is not None else sorted(split.test):
+        h = split.test[user]
+        out += [ex for t in tasks
+                if (ex := make_example(t, user, h, len(h) - split.holdout, cat, max_events))]
+    return out
+
+
+def valid_examples(split: TaskSplit, tasks: list[str], cat: Catalogue,
+                   max_events: int) -> list[Example]:
+    out = []
+    for user in sorted(split.valid):
+        seq = split.valid[user]
+        out += [ex for t in tasks if (ex := make_example(
+            t, user, seq, len(seq) - max(1, answer_span(t)), cat, max_events))]
+    return out
 
 
 def train_examples(train: dict[str, list[Event]], tasks: list[str], cat: Catalogue,
                    per_user: int, lengths: list[int], seed: int) -> list[Example]:
-    """`per_user` examples per user and task from random prefixes of the training parts; each
-    reads the last N events of its prefix, N drawn from `lengths`."""
+    """`per_user` examples per user and task at random cuts of the training parts; each reads
+    the last N events before its cut, N drawn from `lengths`."""
     rng = random.Random(seed)
     out = []
     for user in sorted(train):
         part = train[user]
         for task in tasks:
-            low = MIN_HISTORY + (FUTURE_WINDOW if task == "genre_future" else
-                                 0 if task == "genre_history" else 1)
-            if len(part) < low:
+            last = len(part) - answer_span(task)
+            if last < MIN_HISTORY:
                 continue
             for _ in range(per_user):
-                end = rng.randint(low, len(part))
-                ex = make_example(task, user, part[:end], cat, rng.choice(lengths))
+                ex = make_example(task, user, part, rng.randint(MIN_HISTORY, last), cat,
+                                  rng.choice(lengths))
                 if ex is not None:
                     out.append(ex)
     rng.shuffle(out)

@@ -27,7 +27,7 @@ from training.adapter_checkpoint import encoder_with_tokens, save_adapter, weigh
 from training.adapter_data import Encoded, collate, encode_examples, length_batches
 from training.config import AdapterConfig, AdapterTrainConfig
 from training.split import data_fingerprint, encoder_holdout
-from training.tasks import Catalogue, check_tasks, examples_at_end, task_split, train_examples
+from training.tasks import Catalogue, check_tasks, task_split, train_examples, valid_examples
 from training.train_encoder import CosineSchedule, _restore_state, _training_state, seed_everything
 from training.userllm import UserLLM, parameter_counts
 from userenc.events import Event
@@ -147,7 +147,7 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
     if not examples:
         raise ValueError("no training examples: the histories are too short for these tasks")
     rng = np.random.default_rng(tcfg.seed)
-    valid_ex = examples_at_end(split.valid, acfg.tasks, s2.catalogue, max(lengths))
+    valid_ex = valid_examples(split, acfg.tasks, s2.catalogue, max(lengths))
     if len(valid_ex) > tcfg.valid_examples:
         keep = sorted(rng.choice(len(valid_ex), tcfg.valid_examples, replace=False).tolist())
         valid_ex = [valid_ex[i] for i in keep]

@@ -68,6 +68,8 @@ class _Request:
     cross: list[int]
     user_len: int
     tails: list[list[int]]  # beam_width private tails; beam j of a step uses tails[j]
+    start: int = 0  # prompt tokens whose K/V an earlier prompt of the call already wrote
+    trie: TokenTrie | None = None
     beams: list[_Beam] = field(default_factory=list)
     finished: list[tuple[list[int], float]] = field(default_factory=list)
     done: bool = False
@@ -102,20 +104,24 @@ class BeamSearch:
     # -- prefill -----------------------------------------------------------------------------
     def _prefill(self, reqs: list[_Request], prompts: list[list[int]],
                  users: list[torch.Tensor | None]) -> torch.Tensor:
-        """Prefill every prompt (in groups of at most max_batched_tokens) -> last-token logits
-        [R, V]. Prompt tokens go to the shared blocks, then the partial last block."""
-        out: list[torch.Tensor] = []
-        group: list[int] = []
-        total = 0
-        for i, p in enumerate(prompts):
-            if group and total + len(p) > self.max_batched_tokens:
-                out.append(self._prefill_group(reqs, prompts, users, group))
-                group, total = [], 0
-            group.append(i)
-            total += len(p)
-        if group:
-            out.append(self._prefill_group(reqs, prompts, users, group))
-        return torch.cat(out)
+        """Prefill every prompt -> last-token logits [R, V]. Prompts that share a prefix with an
+        earlier one (same user tokens) skip its blocks: the first wave writes them, the
+        second reads them as a cached prefix. Waves are cut at max_batched_tokens."""
+        logits: list[torch.Tensor | None] = [None] * len(reqs)
+        for wave in ([i for i, r in enumerate(reqs) if r.start == 0],
+                     [i for i, r in enumerate(reqs) if r.start > 0]):
+            group: list[int] = []
+            total = 0
+            for i in wave + [-1]:
+                size = len(prompts[i]) - reqs[i].start if i >= 0 else 0
+                if group and (i < 0 or total + size > self.max_batched_tokens):
+                    for j, row in zip(group, self._prefill_group(reqs, prompts, users, group)):
+                        logits[j] = row
+                    group, total = [], 0
+                if i >= 0:
+                    group.append(i)
+                    total += size
+        return torch.stack(logits)  # type: ignore[arg-type]
 
     def _prefill_group(self, reqs, prompts, users, group: list[int]) -> torch.Tensor:
         dev, bs = self.device, self.bs
@@ -125,13 +131,13 @@ class BeamSearch:
             r, p = reqs[i], prompts[i]
             table = r.shared + r.beams[0].tail
             tables.append(table)
-            ids += p
-            pos += range(len(p))
-            slots += [table[j // bs] * bs + j % bs for j in range(len(p))]
-            if self.soft_prompt and users[i] is not None:
+            ids += p[r.start:]
+            pos += range(r.start, len(p))
+            slots += [table[j // bs] * bs + j % bs for j in range(r.start, len(p))]
+            if self.soft_prompt and users[i] is not None and r.start == 0:
                 soft_in.append(users[i])
                 soft_rows += range(cu[-1], cu[-1] + users[i].shape[0])
-            cu.append(cu[-1] + len(p))
+            cu.append(cu[-1] + len(p) - r.start)
             if self.has_cross and users[i] is not None:
                 cross_in.append(users[i])
                 cross_slots += [r.cross[j // bs] * bs + j % bs for j in range(r.user_len)]
@@ -197,18 +203,24 @@ class BeamSearch:
         elif any(u is not None for u in users) and not self.has_cross:
             raise ValueError("user tokens given, but the model has no user-token integration")
         tail_blocks = self._blocks(self.bs - 1 + max_new)
-        need = sum(len(p) // self.bs for p in prompts) + len(prompts) * width * tail_blocks
+        leaders: list[tuple[int, int]] = []
+        for i in range(len(prompts)):  # only prompts written in the first wave can lead
+            firsts = [j for j in range(i) if leaders[j][1] == 0]
+            leaders.append(_leader(prompts, users, i, firsts, self.bs))
+        need = sum(len(p) // self.bs - n for p, (_, n) in zip(prompts, leaders))
+        need += len(prompts) * width * tail_blocks
         cross_need = sum(self._blocks(u.shape[0]) for u in users if u is not None)
         pool = self._pool(need, cross_need)
         free = list(range(pool.num_blocks))
         free_cross = list(range(pool.num_cross_blocks))
-        reqs = []
-        for p, u in zip(prompts, users):
+        reqs: list[_Request] = []
+        for p, u, (lead, n) in zip(prompts, users, leaders):
             k = 0 if u is None or not self.has_cross else u.shape[0]
             cross = [free_cross.pop() for _ in range(self._blocks(k))]
-            shared = [free.pop() for _ in range(len(p) // self.bs)]
+            shared = reqs[lead].shared[:n] if n else []
+            shared = shared + [free.pop() for _ in range(len(p) // self.bs - n)]
             tails = [[free.pop() for _ in range(tail_blocks)] for _ in range(width)]
-            reqs.append(_Request(len(p), shared, cross, k, tails))
+            reqs.append(_Request(len(p), shared, cross, k, tails, start=n * self.bs))
         return prompts, users, reqs, pool
 
     @torch.inference_mode()
@@ -235,18 +247,23 @@ class BeamSearch:
 
     # -- search ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, prompts: list[list[int]], trie: TokenTrie, beam_width: int = 10,
-            user_tokens: Sequence[torch.Tensor | None] | None = None
+    def run(self, prompts: list[list[int]], trie: TokenTrie | Sequence[TokenTrie],
+            beam_width: int = 10, user_tokens: Sequence[torch.Tensor | None] | None = None
             ) -> list[list[tuple[list[int], float]]]:
-        """Top answers per prompt: [(answer ids without the end token, log-prob)], best first."""
+        """Top answers per prompt: [(answer ids without the end token, log-prob)], best first.
+        `trie`: one for every prompt, or one per prompt. Prompts sharing a prefix (and their
+        user tokens) are prefilled once: put a user's questions in one call."""
         if beam_width < 1:
             raise ValueError(f"beam_width must be >= 1, got {beam_width}")
         users = list(user_tokens) if user_tokens is not None else [None] * len(prompts)
-        if len(users) != len(prompts):
-            raise ValueError("user_tokens must match the prompts")
-        prompts, users, reqs, pool = self._setup(prompts, users, beam_width, trie.max_length)
-        for r in reqs:
-            r.beams = [_Beam([], 0.0, trie.root, r.tails[0])]
+        tries = list(trie) if isinstance(trie, (list, tuple)) else [trie] * len(prompts)
+        if len(users) != len(prompts) or len(tries) != len(prompts):
+            raise ValueError("user_tokens and tries must match the prompts")
+        max_new = max(t.max_length for t in tries)
+        prompts, users, reqs, pool = self._setup(prompts, users, beam_width, max_new)
+        for r, t in zip(reqs, tries):
+            r.trie = t
+            r.beams = [_Beam([], 0.0, t.root, r.tails[0])]
         previous = _bound_pools(self.model)
         pool.bind(self.model)
         try:
@@ -260,7 +277,7 @@ class BeamSearch:
                 for r in reqs:
                     if id(r) in by_req:
                         self._advance(r, [rows[i][1] for i in by_req[id(r)]],
-                                      logp[by_req[id(r)]], beam_width, trie, pool)
+                                      logp[by_req[id(r)]], beam_width, r.trie, pool)
                 rows = [(r, b) for r in reqs if not r.done for b in r.beams]
                 if rows:
                     logits = self._decode(rows)
@@ -306,6 +323,26 @@ class BeamSearch:
             dev = pool.kv.device
             pool.kv[:, :, torch.tensor(dst, device=dev)] = pool.kv[:, :, torch.tensor(src, device=dev)]
         r.beams = next_beams
+
+
+def _leader(prompts: list[list[int]], users: list, i: int, candidates: list[int], bs: int
+            ) -> tuple[int, int]:
+    """(a candidate prompt, whole blocks of prompt i it already holds): the longest shared
+    prefix among the candidates with the same user tokens, cut to whole blocks and one token
+    short of prompt i's end (its last token must run to give logits). (i, 0): none."""
+    best, best_n = i, 0
+    p = prompts[i]
+    for j in candidates:
+        if (users[j] is None) != (users[i] is None) or (
+                users[i] is not None and not torch.equal(users[j], users[i])):
+            continue
+        q = prompts[j]
+        limit = min(len(p) - 1, len(q))
+        common = next((k for k in range(limit) if p[k] != q[k]), limit)
+        n = min(common // bs, len(q) // bs)
+        if n > best_n:
+            best, best_n = j, n
+    return best, best_n
 
 
 def _padded(rows: list[list[int]], device) -> torch.Tensor:

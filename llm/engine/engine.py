@@ -321,28 +321,30 @@ class Engine:
             if not finished:
                 self.cancel(rid)
 
-    def beam_search(self, prompts: Seq[Prompt], trie: TokenTrie, beam_width: int = 10,
-                    user_tokens: Seq[torch.Tensor | None] | None = None
+    def beam_search(self, prompts: Seq[Prompt], trie: TokenTrie | Seq[TokenTrie],
+                    beam_width: int = 10, user_tokens: Seq[torch.Tensor | None] | None = None
                     ) -> list[list[tuple[list[int], float]]]:
-        """Beam search constrained to `trie` (llm/engine/beam_search.py) on this engine's model
-        and paged path, run between steps (it holds the engine lock; the engine's own pool is
-        untouched). Per prompt: [(answer token ids, summed log-prob)], best first."""
+        """Beam search constrained to `trie` (one, or one per prompt; llm/engine/beam_search.py)
+        on this engine's model and paged path, run between steps (it holds the engine lock;
+        the engine's own pool is untouched). Prompts sharing a prefix and user tokens are
+        prefilled once. Per prompt: [(answer token ids, summed log-prob)], best first."""
         users = list(user_tokens) if user_tokens is not None else [None] * len(prompts)
-        if len(users) != len(prompts):
-            raise ValueError("user_tokens must match the prompts")
+        tries = list(trie) if isinstance(trie, (list, tuple)) else [trie] * len(prompts)
+        if len(users) != len(prompts) or len(tries) != len(prompts):
+            raise ValueError("user_tokens and tries must match the prompts")
         with self._lock:
             ids = [prompt_token_ids(self.tokenizer, p, self.model_config.vocab_size)
                    for p in prompts]
             users = [checked_user_tokens(u, self.user_dim, self.config.max_user_tokens)
                      for u in users]
-            for p, u in zip(ids, users):
+            for p, u, t in zip(ids, users, tries):
                 extra = u.shape[0] if u is not None and self.soft_prompt else 0
-                if len(p) + extra + trie.max_length > self.max_model_len:
+                if len(p) + extra + t.max_length > self.max_model_len:
                     raise ValueError(f"prompt ({len(p)} tokens) + the longest answer "
-                                     f"({trie.max_length}) exceed the context length "
+                                     f"({t.max_length}) exceed the context length "
                                      f"{self.max_model_len}")
             searcher = BeamSearch(self.model, self.config.block_size)
-            return searcher.run(ids, trie, beam_width, users)
+            return searcher.run(ids, tries, beam_width, users)
 
     def stats(self) -> dict:
         bm = self.block_manager
