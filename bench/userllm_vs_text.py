@@ -150,7 +150,7 @@ def run_ml1m(a, results: dict, save) -> None:
         r["training"][spec.name] = ensure_arm(spec, hist, a.model, enc_dir, work / "ml1m", a.seed)
         save()
     split = task_split(hist, HOLDOUT)
-    cat = Catalogue.from_histories(split.train.values())
+    cat = Catalogue.from_histories(hist.values(), ranked_by=split.train.values())
     users = pick_users(split, max(a.ns), a.users, a.seed)
     r["users"] = {"count": len(users), "rule": f">= {max(a.ns)} events before the held-out tail"}
     for n in a.ns:
@@ -231,7 +231,7 @@ def run_amazon(a, results: dict, save) -> None:
         hist, "amazon", enc_dir, a.amazon_encoder_minutes, 1, 64, a.seed).items()
         if k in ("metrics", "train_config", "epoch")}
     split = task_split(hist, 1)
-    cat = Catalogue.from_histories(split.train.values())
+    cat = Catalogue.from_histories(hist.values(), ranked_by=split.train.values())
     users = pick_users(split, 4, a.amazon_users, a.seed)
     exs = held_out_examples(split, ["review"], cat, 64, users)
     r["users"] = len(users)

@@ -93,7 +93,12 @@ def build_stage2(model_path: str | Path, encoder_dir: str | Path | None, acfg: A
                            "holdout": holdout}
     return Stage2(model, tok, enc.tokenizer if enc else None,
                   enc.model.cfg.max_len if enc else 0, holdout,
-                  Catalogue.from_histories(histories.values()), int(end), int(pad), meta)
+                  _catalogue(histories, holdout), int(end), int(pad), meta)
+
+
+def _catalogue(histories: dict[str, list[Event]], holdout: int) -> Catalogue:
+    return Catalogue.from_histories(histories.values(),
+                                    ranked_by=task_split(histories, holdout).train.values())
 
 
 def _optimizer(model: UserLLM, tcfg: AdapterTrainConfig) -> torch.optim.Optimizer:
