@@ -124,12 +124,17 @@ def _loss(model, items: list[Encoded], s2: Stage2, device, wrapped=None) -> torc
 @torch.no_grad()
 def validation_loss(model: UserLLM, items: list[Encoded], s2: Stage2, device,
                     batch_size: int = 16) -> dict[str, float]:
-    """Mean answer loss per task and overall (each example weighs the same)."""
+    """Mean answer loss per task and overall; each example weighs the same (its own loss is
+    the mean over its answer tokens)."""
     model.eval()
     per_task: dict[str, list[float]] = {}
     for i in range(0, len(items), batch_size):
-        for it in items[i:i + batch_size]:  # per example: a mean over its own answer tokens
-            per_task.setdefault(it.task, []).append(float(_loss(model, [it], s2, device)))
+        chunk = items[i:i + batch_size]
+        batch = collate(chunk, s2.pad_token, s2.enc_tokenizer, s2.enc_max_len, device)
+        token_loss = model(*batch.args(), reduce=False)
+        sums = torch.zeros(len(chunk)).index_add_(0, batch.label_rows.cpu(), token_loss.cpu())
+        for it, total in zip(chunk, sums.tolist()):
+            per_task.setdefault(it.task, []).append(total / len(it.answer))
     out = {t: float(np.mean(v)) for t, v in per_task.items()}
     out["all"] = float(np.mean([x for v in per_task.values() for x in v])) if per_task else 0.0
     return out
@@ -221,9 +226,8 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
         (state_dir / "state.json").write_text(json.dumps(meta, indent=1))
 
     started = time.perf_counter() - meta["seconds"]
-    if meta["step"] == 0:
-        validate()  # the untrained adapter is the first candidate (gates at 0: the base model;
-        # for a zero-shot arm the only one)
+    if meta["step"] == 0 and (opt is None or tcfg.validate_first):
+        validate()  # zero-shot: the base model is the only candidate
     epoch = meta["step"] // steps_per_epoch
     bar = tqdm(total=meta["planned_steps"], initial=meta["step"], unit="step",
                disable=not progress or dist.rank() != 0, dynamic_ncols=True, mininterval=1.0)
