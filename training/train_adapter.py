@@ -248,7 +248,8 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
             meta["seconds"] = time.perf_counter() - started
             losses.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", lr=f"{g['lr']:.1e}")
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}",
+                            lr=f"{opt.param_groups[0]['lr']:.1e}")
             if meta["step"] == PROBE_STEPS and tcfg.max_minutes and meta["planned_steps"] > PROBE_STEPS:
                 per_step = meta["seconds"] / PROBE_STEPS
                 fit = int(60 * tcfg.max_minutes / per_step)
