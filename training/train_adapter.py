@@ -178,7 +178,7 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
 
     state_dir = out.with_name(out.name + ".last")
     meta: dict[str, Any] = {"step": 0, "best_loss": math.inf, "history": [], "seconds": 0.0,
-                            "planned_steps": total}
+                            "planned_steps": total, "warmup": schedule.warmup}
     if resume and (state_dir / "state.json").is_file():
         meta = json.loads((state_dir / "state.json").read_text())
         state = load_file(str(state_dir / "training_state.safetensors"))
@@ -191,7 +191,7 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
             _restore_state(model, opt, {k: v for k, v in state.items() if not k.startswith("param.")})
     elif resume:
         raise FileNotFoundError(f"nothing to resume: {state_dir} has no training state")
-    schedule.total_steps = meta["planned_steps"]
+    schedule.total_steps, schedule.warmup = meta["planned_steps"], meta["warmup"]
 
     manifest = {
         "kind": "adapter", "data_sha256": data_fingerprint(histories),
@@ -255,7 +255,7 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
                 fit = int(60 * tcfg.max_minutes / per_step)
                 meta["planned_steps"] = dist.broadcast_int(max(PROBE_STEPS + 1, min(total, fit)))
                 schedule.total_steps = meta["planned_steps"]
-                schedule.warmup = max(1, int(tcfg.warmup_frac * meta["planned_steps"]))
+                schedule.warmup = meta["warmup"] = max(1, int(tcfg.warmup_frac * meta["planned_steps"]))
                 bar.total = meta["planned_steps"]
             end_of_epoch = meta["step"] % steps_per_epoch == 0
             if (tcfg.eval_every and meta["step"] % tcfg.eval_every == 0) or end_of_epoch \
