@@ -143,7 +143,7 @@ def run_ml1m(a, results: dict, save) -> None:
     enc_dir = work / "ml1m-encoder"
     r = results["ml1m"]
     r["encoder"] = {k: v for k, v in ensure_encoder(
-        hist, "movielens", enc_dir, a.encoder_minutes, HOLDOUT, 512, a.seed).items()
+        hist, "movielens", enc_dir, a.encoder_epochs, HOLDOUT, 512, a.seed).items()
         if k in ("metrics", "train_config", "epoch")}
     arms = ml1m_arms(a)
     for spec in arms:
@@ -231,7 +231,7 @@ def run_amazon(a, results: dict, save) -> None:
     enc_dir = work / "amazon-encoder"
     r = results["amazon"]
     r["encoder"] = {k: v for k, v in ensure_encoder(
-        hist, "amazon", enc_dir, a.amazon_encoder_minutes, 1, 64, a.seed).items()
+        hist, "amazon", enc_dir, a.amazon_encoder_epochs, 1, 64, a.seed).items()
         if k in ("metrics", "train_config", "epoch")}
     split = task_split(hist, 1)
     cat = Catalogue.from_histories(hist.values(), ranked_by=split.train.values())
@@ -264,12 +264,12 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=24, help="ML-1M users evaluated (every arm, every N)")
     ap.add_argument("--amazon-users", type=int, default=200)
     ap.add_argument("--latency-requests", type=int, default=6)
-    ap.add_argument("--encoder-minutes", type=float, default=15)
+    ap.add_argument("--encoder-epochs", type=int, default=8)
     ap.add_argument("--adapter-minutes", type=float, default=40)
     ap.add_argument("--text-minutes", type=float, default=40)
     ap.add_argument("--none-minutes", type=float, default=15)
     ap.add_argument("--amazon-minutes", type=float, default=15)
-    ap.add_argument("--amazon-encoder-minutes", type=float, default=4)
+    ap.add_argument("--amazon-encoder-epochs", type=int, default=15)
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--ablation-minutes", type=float, default=12)
     ap.add_argument("--skip-amazon", action="store_true")
