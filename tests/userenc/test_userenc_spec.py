@@ -27,7 +27,9 @@ def test_builtin_specs_load():
     ]
     assert ml.item.name == "item" and ml.features[1].item_attribute and ml.features[3].boundaries  # gap gets default buckets
     assert [f.name for f in load_spec("movielens_id_only").features] == ["item"]
-    assert [f.name for f in load_spec("amazon").features] == ["item", "rating", "gap"]
+    amazon = load_spec("amazon")
+    assert [f.name for f in amazon.features] == ["item", "rating", "gap", "summary_words", "text_words"]
+    assert [f.split for f in amazon.features[3:]] == ["words", "words"]
     assert [f.name for f in load_spec("generic").features] == ["item", "gap", "hour"]
     assert [f.name for f in ml.only(["item", "rating"]).features] == ["item", "rating"]
 
@@ -164,3 +166,18 @@ def test_left_pad_truncates_on_the_left(spec, sample_tokenizer, sample_histories
     assert (ids["item"][0, :7] == PAD_ID).all() and ids["item"][0, 7:].tolist() == enc[0]["item"].tolist()
     assert ids["item"][2].tolist() == enc[2]["item"][-10:].tolist()  # the latest 10 events kept
     np.testing.assert_array_equal(ids["genres"][1], enc[1]["genres"][-10:])
+
+
+def test_words_split_reads_free_text_as_lowercased_words():
+    from userenc.events import Event
+    from userenc.spec import Feature, FeatureSpec
+    from userenc.tokenize import EventTokenizer
+
+    spec = FeatureSpec("t", [Feature("item", "categorical", source="item_id"),
+                             Feature("words", "multi_categorical", source="summary", split="words", max_values=3)])
+    h = [Event("a", "u", "i1", 1, {"summary": "Great strings, GREAT tone!"}), Event("b", "u", "i2", 2, {"summary": "great"})]
+    tok = EventTokenizer.fit(spec, [h])
+    assert tok.vocabs["words"].values == ["great", "strings", "tone"]
+    assert tok.encode(h)["words"].tolist() == [[2, 3, 2], [2, 0, 0]]
+    with pytest.raises(ValueError, match="split must be one of"):
+        Feature("x", "categorical", split="words")
