@@ -1,7 +1,9 @@
 """Alembic migrations for the two databases, run from code (no alembic.ini), so they work from an
 installed package: `upgrade(engine, "data")` / `upgrade(engine, "keys")`.
 
-Each database has its own script folder and version table, so both can live in one database."""
+Each database has its own script folder and version table, so both can live in one database.
+Revisions that re-bind stored data need keys: `attributes` hands them in (the KEK for the key
+store, the opened key store for the data database)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,15 +17,17 @@ VERSION_TABLES = {"data": "alembic_version", "keys": "alembic_version_keys"}
 
 
 def alembic_config(which: str) -> Config:
-    assert which in VERSION_TABLES, which
+    if which not in VERSION_TABLES:
+        raise ValueError(f"unknown database role {which!r}")
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE / which))
     cfg.attributes["version_table"] = VERSION_TABLES[which]
     return cfg
 
 
-def upgrade(engine: Engine, which: str, revision: str = "head") -> None:
+def upgrade(engine: Engine, which: str, revision: str = "head", **attributes) -> None:  # noqa: ANN003
     cfg = alembic_config(which)
+    cfg.attributes.update(attributes)
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
@@ -33,7 +37,8 @@ def run_env(context, target_metadata) -> None:  # noqa: ANN001
     """Body shared by both env.py files: online mode only, on the connection we pass in."""
     config = context.config
     conn = config.attributes.get("connection")
-    assert conn is not None, "run migrations through store.migrations.upgrade(engine, ...)"
+    if conn is None:
+        raise RuntimeError("run migrations through store.migrations.upgrade(engine, ...)")
     context.configure(
         connection=conn,
         target_metadata=target_metadata,
