@@ -102,6 +102,6 @@ def store(backend):
     from store import Store
 
     _, data_url, keys_url, home = backend
-    s = Store.open(home=home, url=data_url, keys_url=keys_url)
+    s = Store.open(home=home, url=data_url, keys_url=keys_url, create=True)
     yield s
     s.close()

@@ -31,7 +31,7 @@ def _kek_versions(store):
 
 def test_rotate_kek_rewraps_keys_only_and_old_kek_can_go(backend):
     _, data_url, keys_url, home = backend
-    s = Store.open(home=home, url=data_url, keys_url=keys_url)
+    s = Store.open(home=home, url=data_url, keys_url=keys_url, create=True)
     assert isinstance(s.keys.kek, KekDirectory)
     events = make_events(5, 4)
     s.ingest(events)
@@ -43,7 +43,7 @@ def test_rotate_kek_rewraps_keys_only_and_old_kek_can_go(backend):
 
     assert s.keys.kek.new_version() == 2
     counts = s.keys.rewrap_all()
-    assert counts == {"data_keys": 5, "secrets": 2}
+    assert counts == {"data_keys": 5, "secrets": 3}
     assert _kek_versions(s) == [2]
     assert s.keys.rewrap_all() == {"data_keys": 0, "secrets": 0}  # resumable / idempotent
     assert _ciphertexts(s) == before  # record ciphertexts byte-identical
@@ -72,16 +72,16 @@ def test_rotate_kek_cli_with_environment_keys(backend):
 
     k1, k2 = (base64.b64encode(os.urandom(32)).decode() for _ in range(2))
     _, data_url, keys_url, home = backend
-    s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({1: base64.b64decode(k1)}))
+    s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({1: base64.b64decode(k1)}), create=True)
     s.ingest(make_events(3, 2))
     before = _ciphertexts(s)
     s.close()
     both = f"1:{k1},2:{k2}"
     r = subprocess.run(cli_command() + ["admin", "rotate-kek"], env=subprocess_env(backend, both), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "rewrapped 3 data keys and 2 secrets; all keys at KEK version 2" in r.stdout
+    assert "rewrapped 3 data keys and 3 secrets; all keys at KEK version 2" in r.stdout
     s2 = Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({2: base64.b64decode(k2)}))  # old KEK removed
     assert _ciphertexts(s2) == before and _kek_versions(s2) == [2]
     assert [len(h) for _, h in s2.histories()] == [2, 2, 2]
-    assert s2.audit_problems() == []
+    assert s2.audit_report().problems == []
     s2.close()
