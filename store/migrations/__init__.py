@@ -10,7 +10,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, text
 
 HERE = Path(__file__).resolve().parent
 VERSION_TABLES = {"data": "alembic_version", "keys": "alembic_version_keys"}
@@ -25,8 +26,25 @@ def alembic_config(which: str) -> Config:
     return cfg
 
 
+_HEADS: dict[str, str] = {}
+
+
+def _at_head(engine: Engine, which: str, cfg: Config) -> bool:
+    """Whether the database is already at the head revision (one cheap query: every command
+    opens the store, and Alembic's full upgrade path costs far more than the check)."""
+    if which not in _HEADS:
+        _HEADS[which] = ScriptDirectory.from_config(cfg).get_current_head()
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLES[which]}")).scalars().all() == [_HEADS[which]]
+    except Exception:  # noqa: BLE001 - no version table yet: run the migrations
+        return False
+
+
 def upgrade(engine: Engine, which: str, revision: str = "head", **attributes) -> None:  # noqa: ANN003
     cfg = alembic_config(which)
+    if revision == "head" and _at_head(engine, which, cfg):
+        return
     cfg.attributes.update(attributes)
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
