@@ -146,10 +146,10 @@ def delete_user(store: Store, external_id: str, batch_size: int = 10_000, on_pro
         left = remaining(store, h, uid)
         if any(left.values()):
             raise RuntimeError(f"erasure request {req.id} is not complete ({left}); stop writers for this user and run delete-user again")
-    report.notes = store.compact_after_erasure(full=compact)
     with store.data.begin() as conn:
         conn.execute(update(ErasureRequest).where(ErasureRequest.id == req.id).values(status="done", finished_at=int(time.time())))
     store.audit("erasure.completed", {"request": req.id, "uid_hash": h, "deleted": report.deleted, "remaining": left, "resumed": resumed})
+    report.notes = store.compact_after_erasure(full=compact)  # last: no later write re-fills the WAL
     log.info("erasure %d complete for %s…: %s", req.id, h[:12], report.deleted)
     return report
 
