@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 
 import pytest
 from sqlalchemy import event, select
