@@ -13,6 +13,7 @@ best of --repeats:
 
 Writes bench/results/store_speed.json (machine, config, results) and store_speed.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,7 +88,13 @@ class Backend:
         home = Path(self.tmp.name) / tag
         kek = LocalKek({1: os.urandom(32)})
         if self.name == "sqlite":
-            return Store.open(home=home, url=f"sqlite:///{home}/store.db", keys_url=f"sqlite:///{home}/keys.db", kek=kek, create=True)
+            return Store.open(
+                home=home,
+                url=f"sqlite:///{home}/store.db",
+                keys_url=f"sqlite:///{home}/keys.db",
+                kek=kek,
+                create=True,
+            )
         import psycopg
 
         urls = []
@@ -96,7 +103,10 @@ class Backend:
                 schema = f"bench_{tag}_{role}_{secrets.token_hex(4)}"
                 conn.execute(f'CREATE SCHEMA "{schema}"')
                 self.schemas.append(schema)
-                urls.append(self.pg_url.replace("postgresql://", "postgresql+psycopg://", 1) + f"?options=-csearch_path%3D{schema}")
+                urls.append(
+                    self.pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
+                    + f"?options=-csearch_path%3D{schema}"
+                )
         return Store.open(home=home, url=urls[0], keys_url=urls[1], kek=kek, create=True)
 
     def close(self) -> None:
@@ -116,7 +126,13 @@ def timed_ingest(store: Store, events: list[Event], batch_size: int) -> dict:
     assert counts.inserted == len(events), counts
     # Per CPU-second of this process too: on a shared, loaded machine wall time understates it
     # (for SQLite all the work is in-process; for PostgreSQL the server's share is not counted).
-    return {"events": len(events), "seconds": round(dt, 3), "events_per_s": round(len(events) / dt), "cpu_seconds": round(cpu, 3), "events_per_cpu_s": round(len(events) / cpu)}
+    return {
+        "events": len(events),
+        "seconds": round(dt, 3),
+        "events_per_s": round(len(events) / dt),
+        "cpu_seconds": round(cpu, 3),
+        "events_per_cpu_s": round(len(events) / cpu),
+    }
 
 
 def history_latency(store: Store, users: list[str], reads: int) -> dict:
@@ -127,20 +143,42 @@ def history_latency(store: Store, users: list[str], reads: int) -> dict:
         h = store.history(str(u))
         times.append((time.perf_counter() - t0) * 1e3)
         sizes.append(len(h))
-    return {"reads": reads, "history_len_mean": round(statistics.mean(sizes), 1), "p50_ms": round(percentile(times, 50), 3), "p99_ms": round(percentile(times, 99), 3)}
+    return {
+        "reads": reads,
+        "history_len_mean": round(statistics.mean(sizes), 1),
+        "p50_ms": round(percentile(times, 50), 3),
+        "p99_ms": round(percentile(times, 99), 3),
+    }
 
 
 def erasure_latency(store: Store, n_users: int, per_user: int) -> dict:
     times = []
     for k in range(n_users):
         ext = f"bench-erase-{k}"
-        store.ingest([Event(f"erase:{k}:{i}", ext, str(i % 3706 + 1), 978_300_000 + i, {"rating": 1 + i % 5, "genres": ["Drama"], "title": "x"}) for i in range(per_user)], batch_size=per_user)
+        store.ingest(
+            [
+                Event(
+                    f"erase:{k}:{i}",
+                    ext,
+                    str(i % 3706 + 1),
+                    978_300_000 + i,
+                    {"rating": 1 + i % 5, "genres": ["Drama"], "title": "x"},
+                )
+                for i in range(per_user)
+            ],
+            batch_size=per_user,
+        )
         store.put_embeddings({ext: np.ones(64, dtype=np.float32)}, "bench")
         t0 = time.perf_counter()
         report = delete_user(store, ext)
         times.append((time.perf_counter() - t0) * 1e3)
         assert report.deleted["events"] == per_user
-    return {"users": n_users, "events_per_user": per_user, "p50_ms": round(percentile(times, 50), 2), "max_ms": round(max(times), 2)}
+    return {
+        "users": n_users,
+        "events_per_user": per_user,
+        "p50_ms": round(percentile(times, 50), 2),
+        "max_ms": round(max(times), 2),
+    }
 
 
 def run_backend(name: str, pg_url: str | None, events: list[Event], args) -> dict:  # noqa: ANN001
@@ -159,7 +197,9 @@ def run_backend(name: str, pg_url: str | None, events: list[Event], args) -> dic
         counts: dict[str, int] = {}
         for e in events:
             counts[e.user_id] = counts.get(e.user_id, 0) + 1
-        target = sorted(counts, key=lambda u: (abs(counts[u] - 200), u))[:20]  # users with ~200 events
+        target = sorted(counts, key=lambda u: (abs(counts[u] - 200), u))[
+            :20
+        ]  # users with ~200 events
         history = {v: history_latency(stores[v], target, args.reads) for v in VARIANTS}
         enc = stores["encrypted"]
         # Embeddings for every user, so erasure has a realistic FAISS index to update.
@@ -172,8 +212,12 @@ def run_backend(name: str, pg_url: str | None, events: list[Event], args) -> dic
             "ingest_encrypted": best["encrypted"],
             "ingest_unbound_aad": best["unbound_aad"],
             "ingest_plain": best["plain"],
-            "encryption_overhead_ratio": round(best["plain"]["events_per_s"] / best["encrypted"]["events_per_s"], 3),
-            "owner_binding_overhead_ratio": round(best["unbound_aad"]["events_per_s"] / best["encrypted"]["events_per_s"], 3),
+            "encryption_overhead_ratio": round(
+                best["plain"]["events_per_s"] / best["encrypted"]["events_per_s"], 3
+            ),
+            "owner_binding_overhead_ratio": round(
+                best["unbound_aad"]["events_per_s"] / best["encrypted"]["events_per_s"], 3
+            ),
             "history_encrypted": history["encrypted"],
             "history_unbound_aad": history["unbound_aad"],
             "history_plain": history["plain"],
@@ -184,7 +228,13 @@ def run_backend(name: str, pg_url: str | None, events: list[Event], args) -> dic
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(), "sqlite": sqlite3.sqlite_version, "load_average_at_start": LOAD_AT_START}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "sqlite": sqlite3.sqlite_version,
+        "load_average_at_start": LOAD_AT_START,
+    }
     try:
         info["load_average_at_end"] = os.getloadavg()
     except OSError:
@@ -208,21 +258,33 @@ def write_markdown(path: Path, result: dict) -> None:
         if "skipped" in r:
             lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | |")
             continue
-        he, hu, hp, er = r["history_encrypted"], r["history_unbound_aad"], r["history_plain"], r["erasure_1000_events"]
+        he, hu, hp, er = (
+            r["history_encrypted"],
+            r["history_unbound_aad"],
+            r["history_plain"],
+            r["erasure_1000_events"],
+        )
         ie, iu, ip = r["ingest_encrypted"], r["ingest_unbound_aad"], r["ingest_plain"]
         lines.append(
             f"| {name} | {ie['events_per_s']:,} ({ie['events_per_cpu_s']:,}) | {iu['events_per_s']:,} ({iu['events_per_cpu_s']:,}) | {ip['events_per_s']:,} ({ip['events_per_cpu_s']:,}) "
             f"| {r['owner_binding_overhead_ratio']:.2f}x | {r['encryption_overhead_ratio']:.2f}x "
             f"| {he['p50_ms']:.2f} / {hu['p50_ms']:.2f} / {hp['p50_ms']:.2f} (p99 {he['p99_ms']:.2f} / {hu['p99_ms']:.2f} / {hp['p99_ms']:.2f}) | {er['p50_ms']:.1f} / {er['max_ms']:.1f} |"
         )
-    lines += ["", "Targets: encrypted ingest >= 50,000 events/s on SQLite; erasure of a 1,000-event user <= 100 ms on SQLite.", ""]
+    lines += [
+        "",
+        "Targets: encrypted ingest >= 50,000 events/s on SQLite; erasure of a 1,000-event user <= 100 ms on SQLite.",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ml-1m"))
-    p.add_argument("--pg-url", default=os.environ.get("USERLLM_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+    p.add_argument(
+        "--pg-url",
+        default=os.environ.get("USERLLM_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
     p.add_argument("--no-postgres", action="store_true")
     p.add_argument("--batch-size", type=int, default=5000)
     p.add_argument("--reads", type=int, default=300)
@@ -251,7 +313,15 @@ def main() -> int:
         print("postgresql", json.dumps(results["postgresql"]), flush=True)
     result = {
         "machine": machine(),
-        "config": {"data": args.data, "events": len(events), "users": len({e.user_id for e in events}), "batch_size": args.batch_size, "reads": args.reads, "erase_users": args.erase_users, "repeats": args.repeats},
+        "config": {
+            "data": args.data,
+            "events": len(events),
+            "users": len({e.user_id for e in events}),
+            "batch_size": args.batch_size,
+            "reads": args.reads,
+            "erase_users": args.erase_users,
+            "repeats": args.repeats,
+        },
         "results": results,
     }
     out = Path(args.out)

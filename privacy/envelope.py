@@ -33,7 +33,9 @@ def _check_place(table: str, column: str, parts: tuple[str, ...]) -> None:
         raise ValueError("AAD row ids and owner ids never hold '|'")
 
 
-def associated_data(table: str, column: str, user_id: int, row_id: str | int, version: int = FORMAT_VERSION) -> bytes:
+def associated_data(
+    table: str, column: str, user_id: int, row_id: str | int, version: int = FORMAT_VERSION
+) -> bytes:
     """The v1 AAD: node-level fields (owner 0) and stores written before owner binding."""
     row = str(row_id)
     _check_place(table, column, (row,))

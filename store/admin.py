@@ -15,7 +15,9 @@ from store.errors import StoreIntegrityError
 from store.store import Store
 
 
-def init_store(home: str | os.PathLike | None = None, url: str | None = None, keys_url: str | None = None) -> tuple[Store, bool]:
+def init_store(
+    home: str | os.PathLike | None = None, url: str | None = None, keys_url: str | None = None
+) -> tuple[Store, bool]:
     """Open the store, creating it where none exists at all: (store, created)."""
     store = Store.open(home, url, keys_url, create=True)
     return store, store.created
@@ -38,7 +40,13 @@ class RotationReport:
     removed_versions: list[int] = field(default_factory=list)
 
 
-def rotate_kek(store: Store, mint: bool = True, remove_old: bool = False, batch: int = 500, on_batch: Callable[[int], None] | None = None) -> RotationReport:
+def rotate_kek(
+    store: Store,
+    mint: bool = True,
+    remove_old: bool = False,
+    batch: int = 500,
+    on_batch: Callable[[int], None] | None = None,
+) -> RotationReport:
     """Rewrap every key under the current KEK version; first mint a new version in the key
     directory, unless an interrupted rotation is still under way (then resume it: each key is
     rewrapped exactly once). `remove_old` then destroys the older versions, which closes the
@@ -46,7 +54,9 @@ def rotate_kek(store: Store, mint: bool = True, remove_old: bool = False, batch:
     kek = store.keys.kek
     directory = kek if isinstance(kek, KekDirectory) else None
     if remove_old and directory is None:
-        raise ValueError("--remove-old works on the key directory only; remove old versions from USERLLM_KEK or USERLLM_KEK_FILE yourself")
+        raise ValueError(
+            "--remove-old works on the key directory only; remove old versions from USERLLM_KEK or USERLLM_KEK_FILE yourself"
+        )
     if batch < 1:
         raise ValueError("batch size must be at least 1")
     behind = set(store.keys.kek_versions_in_use()) - {kek.current_version()}
@@ -57,9 +67,16 @@ def rotate_kek(store: Store, mint: bool = True, remove_old: bool = False, batch:
     counts = store.keys.rewrap_all(batch=batch, on_batch=on_batch)
     in_use = store.keys.kek_versions_in_use()
     if set(in_use) - {kek.current_version()}:
-        raise StoreIntegrityError(f"keys remain under KEK versions {sorted(set(in_use) - {kek.current_version()})} after rewrapping; old versions were kept")
-    report = RotationReport(kek.current_version(), minted, resumed, counts["data_keys"], counts["secrets"])
-    store.audit("kek.rotated", {"to_version": report.to_version, "minted": minted, "resumed": resumed, **counts})
+        raise StoreIntegrityError(
+            f"keys remain under KEK versions {sorted(set(in_use) - {kek.current_version()})} after rewrapping; old versions were kept"
+        )
+    report = RotationReport(
+        kek.current_version(), minted, resumed, counts["data_keys"], counts["secrets"]
+    )
+    store.audit(
+        "kek.rotated",
+        {"to_version": report.to_version, "minted": minted, "resumed": resumed, **counts},
+    )
     if remove_old:
         for v in directory.versions()[:-1]:
             directory.remove_version(v)

@@ -7,7 +7,7 @@ written, each with a MAC under a key-store secret:
   - the key store's anchor (survives a restore of the data database), written inside the
     append's transaction, so the log always ends at its `latest` entry or, after a crash between
     the two commits, at its `prior` one;
-  - a node file, USERLLM_HOME/audit-anchor.json (survives a restore of both databases): the log
+  - a node file, USERLLM_HOME/audit-anchor-<store id>.json (survives a restore of both databases): the log
     must still hold the entry it names.
 Each append checks both before it extends the chain; on a mismatch it still records the entry
 but refuses to re-anchor, so the gap stays visible until `restore-check` acknowledges it.
@@ -44,7 +44,9 @@ def entry_hash(seq: int, at: int, action: str, details_json: str, prev_hash: str
 
 
 def tail(conn: Connection) -> Tail:
-    last = conn.execute(select(AuditEntry.seq, AuditEntry.entry_hash).order_by(AuditEntry.seq.desc()).limit(1)).first()
+    last = conn.execute(
+        select(AuditEntry.seq, AuditEntry.entry_hash).order_by(AuditEntry.seq.desc()).limit(1)
+    ).first()
     return (last.seq, last.entry_hash) if last else (0, GENESIS)
 
 
@@ -52,12 +54,16 @@ def append(conn: Connection, prev: Tail, action: str, details: dict[str, Any]) -
     """Append after `prev` (the tail read in this transaction); returns the new tail."""
     seq, at, body = prev[0] + 1, int(time.time()), canonical(details)
     h = entry_hash(seq, at, action, body, prev[1])
-    conn.execute(AuditEntry.__table__.insert().values(seq=seq, at=at, action=action, details=body, prev_hash=prev[1], entry_hash=h))
+    conn.execute(
+        AuditEntry.__table__.insert().values(
+            seq=seq, at=at, action=action, details=body, prev_hash=prev[1], entry_hash=h
+        )
+    )
     return seq, h
 
 
 class NodeAnchor:
-    """USERLLM_HOME/audit-anchor.json: the last tail this node wrote, with a MAC."""
+    """USERLLM_HOME/audit-anchor-<store id>.json: the last tail this node wrote, with a MAC."""
 
     def __init__(self, path: Path, mac: RecordMac):
         self.path, self.mac = path, mac
@@ -76,7 +82,9 @@ class NodeAnchor:
         tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"seq": t[0], "entry_hash": t[1], "mac": self.mac.tag("node-anchor", t[0], t[1])}, f)
+            json.dump(
+                {"seq": t[0], "entry_hash": t[1], "mac": self.mac.tag("node-anchor", t[0], t[1])}, f
+            )
         os.replace(tmp, self.path)
 
 
@@ -85,7 +93,9 @@ def anchor_gaps(conn: Connection, log_tail: Tail, anchor, node: Tail | None) -> 
     gaps = []
     if anchor is None:
         if log_tail[0] > 0:
-            gaps.append(f"the log holds {log_tail[0]} entries but the key store has no anchor for them (key store replaced?)")
+            gaps.append(
+                f"the log holds {log_tail[0]} entries but the key store has no anchor for them (key store replaced?)"
+            )
     elif log_tail not in anchor:
         prior, latest = anchor
         gaps.append(
@@ -96,9 +106,13 @@ def anchor_gaps(conn: Connection, log_tail: Tail, anchor, node: Tail | None) -> 
         if node[0] < 0:
             gaps.append(f"the node's audit anchor file is {node[1]}")
         elif node[0] > 0:
-            at = conn.execute(select(AuditEntry.entry_hash).where(AuditEntry.seq == node[0])).scalar()
+            at = conn.execute(
+                select(AuditEntry.entry_hash).where(AuditEntry.seq == node[0])
+            ).scalar()
             if at != node[1]:
-                gaps.append(f"this node wrote entry {node[0]}, which the log no longer holds as written: both databases were restored or rolled back")
+                gaps.append(
+                    f"this node wrote entry {node[0]}, which the log no longer holds as written: both databases were restored or rolled back"
+                )
     return gaps
 
 
@@ -122,7 +136,9 @@ def verify(engine: Engine, anchor, node: Tail | None) -> AuditReport:  # noqa: A
             if entry_hash(e.seq, e.at, e.action, e.details, e.prev_hash) != e.entry_hash:
                 report.problems.append(f"entry {e.seq}: contents do not match its hash (edited)")
             elif e.action == GAP_ACTION:
-                report.notes.append(f"entry {e.seq}: restore-check acknowledged a gap: {'; '.join(json.loads(e.details).get('gaps', []))}")
+                report.notes.append(
+                    f"entry {e.seq}: restore-check acknowledged a gap: {'; '.join(json.loads(e.details).get('gaps', []))}"
+                )
             prev, expected_seq = e.entry_hash, e.seq + 1
             report.entries += 1
         report.problems += anchor_gaps(conn, tail(conn), anchor, node)

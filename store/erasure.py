@@ -60,12 +60,16 @@ def authenticate(store: Store, uid_hash: str) -> Authenticated | None:
     """The user's internal id from authenticated records only; None when nothing names them."""
     key, tomb = store.keys.user_key(uid_hash), store.keys.tombstone(uid_hash)
     if key is not None and tomb is not None and key.user_id != tomb.user_id:
-        raise StoreIntegrityError("this user's key and tombstone name different internal ids (the key store was altered)")
+        raise StoreIntegrityError(
+            "this user's key and tombstone name different internal ids (the key store was altered)"
+        )
     if key is not None or tomb is not None:
         return Authenticated(key.user_id if key else tomb.user_id, key, tomb)
     with store.data.connect() as conn:
         for model in (User, ErasureRequest, DataTombstone):
-            if conn.execute(select(func.count()).select_from(model).where(model.uid_hash == uid_hash)).scalar_one():
+            if conn.execute(
+                select(func.count()).select_from(model).where(model.uid_hash == uid_hash)
+            ).scalar_one():
                 raise StoreIntegrityError(
                     f"the data database names this user ({model.__tablename__}) but the key store holds neither their key nor their tombstone "
                     "(key store altered or older than the data); nothing was changed"
@@ -78,20 +82,36 @@ def _preflight(store: Store, h: str, who: Authenticated) -> None:
     every row filed under them opens as theirs. Raises before anything changes."""
     uid = who.user_id
     with store.data.connect() as conn:
-        for model, id_col in ((User, User.id), (ErasureRequest, ErasureRequest.user_id), (DataTombstone, DataTombstone.user_id)):
-            for rid, rh in conn.execute(select(id_col, model.uid_hash).where((model.uid_hash == h) | (id_col == uid))):
+        for model, id_col in (
+            (User, User.id),
+            (ErasureRequest, ErasureRequest.user_id),
+            (DataTombstone, DataTombstone.user_id),
+        ):
+            for rid, rh in conn.execute(
+                select(id_col, model.uid_hash).where((model.uid_hash == h) | (id_col == uid))
+            ):
                 if (rid, rh) != (uid, h):
-                    raise StoreIntegrityError(f"a {model.__tablename__} row maps this user to another internal id or keyed id (altered); nothing was changed")
+                    raise StoreIntegrityError(
+                        f"a {model.__tablename__} row maps this user to another internal id or keyed id (altered); nothing was changed"
+                    )
         if who.key is None:
             return
         k, aad = who.key, store.event_aad
         try:
-            for rid, payload in conn.execute(select(EventRow.id, EventRow.payload).where(EventRow.user_id == uid)):
+            for rid, payload in conn.execute(
+                select(EventRow.id, EventRow.payload).where(EventRow.user_id == uid)
+            ):
                 k.cipher.open(payload, aad(uid, h, rid.hex()))
-            for version, vec in conn.execute(select(EmbeddingRow.encoder_version, EmbeddingRow.vector).where(EmbeddingRow.user_id == uid)):
+            for version, vec in conn.execute(
+                select(EmbeddingRow.encoder_version, EmbeddingRow.vector).where(
+                    EmbeddingRow.user_id == uid
+                )
+            ):
                 k.cipher.open(vec, owner_aad("embeddings", "vector", uid, h, f"{uid}.{version}"))
         except DecryptionError:
-            raise StoreIntegrityError("a row filed under this user does not authenticate as theirs (moved from another user, or altered); nothing was changed") from None
+            raise StoreIntegrityError(
+                "a row filed under this user does not authenticate as theirs (moved from another user, or altered); nothing was changed"
+            ) from None
 
 
 def _open_request(store: Store, uid_hash: str):  # noqa: ANN202
@@ -104,7 +124,13 @@ def _open_request(store: Store, uid_hash: str):  # noqa: ANN202
         ).first()
 
 
-def delete_user(store: Store, external_id: str, batch_size: int = 10_000, on_progress=None, compact: bool = False) -> ErasureReport:  # noqa: ANN001
+def delete_user(
+    store: Store,
+    external_id: str,
+    batch_size: int = 10_000,
+    on_progress=None,
+    compact: bool = False,
+) -> ErasureReport:  # noqa: ANN001
     """Erase one user everywhere. Unknown user: ValueError and nothing changes."""
     if batch_size < 1:
         raise ValueError("batch size must be at least 1")
@@ -122,12 +148,20 @@ def delete_user(store: Store, external_id: str, batch_size: int = 10_000, on_pro
             return ErasureReport(0, h, before, already_erased=True)
         with store.data.begin() as conn:
             steps = json.dumps({s: "pending" for s in STEPS})
-            values = dict(uid_hash=h, user_id=uid, status="running", steps=steps, created_at=int(time.time()))
-            req_id = conn.execute(ErasureRequest.__table__.insert().values(**values)).inserted_primary_key[0]
+            values = dict(
+                uid_hash=h, user_id=uid, status="running", steps=steps, created_at=int(time.time())
+            )
+            req_id = conn.execute(
+                ErasureRequest.__table__.insert().values(**values)
+            ).inserted_primary_key[0]
         store.audit("erasure.requested", {"request": req_id, "uid_hash": h, "counts": before})
         req = _open_request(store, h)
     steps = json.loads(req.steps)
-    kek_version = who.key.kek_version if who.key else (who.tombstone.kek_version if who.tombstone else store.keys.kek.current_version())
+    kek_version = (
+        who.key.kek_version
+        if who.key
+        else (who.tombstone.kek_version if who.tombstone else store.keys.kek.current_version())
+    )
     report = ErasureReport(req.id, h, before, resumed=resumed)
     for step in STEPS:
         if steps[step] == "done":
@@ -135,26 +169,51 @@ def delete_user(store: Store, external_id: str, batch_size: int = 10_000, on_pro
         report.deleted[step] = _run_step(store, step, h, uid, kek_version, batch_size, on_progress)
         steps[step] = "done"
         with store.data.begin() as conn:
-            conn.execute(update(ErasureRequest).where(ErasureRequest.id == req.id).values(steps=json.dumps(steps)))
+            conn.execute(
+                update(ErasureRequest)
+                .where(ErasureRequest.id == req.id)
+                .values(steps=json.dumps(steps))
+            )
         if on_progress:
             on_progress(step, report.deleted[step])
     left = remaining(store, h, uid)
     if any(left.values()):
         # Rows written by an ingest that was already past its tombstone check: sweep once more.
         for step in STEPS[1:]:
-            report.deleted[step] = report.deleted.get(step, 0) + _run_step(store, step, h, uid, kek_version, batch_size, None)
+            report.deleted[step] = report.deleted.get(step, 0) + _run_step(
+                store, step, h, uid, kek_version, batch_size, None
+            )
         left = remaining(store, h, uid)
         if any(left.values()):
-            raise RuntimeError(f"erasure request {req.id} is not complete ({left}); stop writers for this user and run delete-user again")
+            raise RuntimeError(
+                f"erasure request {req.id} is not complete ({left}); stop writers for this user and run delete-user again"
+            )
     with store.data.begin() as conn:
-        conn.execute(update(ErasureRequest).where(ErasureRequest.id == req.id).values(status="done", finished_at=int(time.time())))
-    store.audit("erasure.completed", {"request": req.id, "uid_hash": h, "deleted": report.deleted, "remaining": left, "resumed": resumed})
-    report.notes = store.compact_after_erasure(full=compact)  # last: no later write re-fills the WAL
+        conn.execute(
+            update(ErasureRequest)
+            .where(ErasureRequest.id == req.id)
+            .values(status="done", finished_at=int(time.time()))
+        )
+    store.audit(
+        "erasure.completed",
+        {
+            "request": req.id,
+            "uid_hash": h,
+            "deleted": report.deleted,
+            "remaining": left,
+            "resumed": resumed,
+        },
+    )
+    report.notes = store.compact_after_erasure(
+        full=compact
+    )  # last: no later write re-fills the WAL
     log.info("erasure %d complete for %s…: %s", req.id, h[:12], report.deleted)
     return report
 
 
-def _run_step(store: Store, step: str, h: str, uid: int, kek_version: int, batch_size: int, on_progress) -> int:  # noqa: ANN001
+def _run_step(
+    store: Store, step: str, h: str, uid: int, kek_version: int, batch_size: int, on_progress
+) -> int:  # noqa: ANN001
     if step == "tombstone":
         write_data_tombstone(store, store.keys.add_tombstone(h, uid, kek_version))
         return 1
@@ -178,7 +237,9 @@ class Verification:
     clean: bool
     remaining: dict[str, int]
     tombstone: bool
-    known: bool  # False: no authenticated record of this user at all (never stored, or not verifiable)
+    known: (
+        bool  # False: no authenticated record of this user at all (never stored, or not verifiable)
+    )
 
 
 def verify_deleted(store: Store, external_id: str) -> Verification:

@@ -34,7 +34,12 @@ class PreparedBatch:
 class Ingest:
     """The ingest half of Store (a mixin: it uses the store's keys, hasher and engines)."""
 
-    def ingest(self, events: Iterable[Event], batch_size: int = 1000, on_batch: Callable[[IngestCounts], None] | None = None) -> IngestCounts:
+    def ingest(
+        self,
+        events: Iterable[Event],
+        batch_size: int = 1000,
+        on_batch: Callable[[IngestCounts], None] | None = None,
+    ) -> IngestCounts:
         """A batch is acknowledged (`on_batch`) only after its commit; re-running the same input
         skips what is already stored, so a killed run loses and duplicates nothing."""
         if batch_size < 1:
@@ -49,7 +54,11 @@ class Ingest:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-ingest") as writer:
             in_flight = None
             for start in range(0, len(events), batch_size):
-                batch = self._prepare_batch(events[start : start + batch_size], payloads[start : start + batch_size], tombstones)
+                batch = self._prepare_batch(
+                    events[start : start + batch_size],
+                    payloads[start : start + batch_size],
+                    tombstones,
+                )
                 if in_flight is not None:
                     self._acknowledge(in_flight, counts, on_batch)
                 in_flight = (writer.submit(self._write_batch, batch), batch)
@@ -70,12 +79,16 @@ class Ingest:
         if on_batch:
             on_batch(counts)
 
-    def _prepare_batch(self, batch: list[Event], payloads: list[bytes], tombstones: set[str]) -> PreparedBatch:
+    def _prepare_batch(
+        self, batch: list[Event], payloads: list[bytes], tombstones: set[str]
+    ) -> PreparedBatch:
         """Everything but the data write: users' keys (committed to the key store before any
         data that needs them), users rows to add, row ids, sealed payloads."""
         hasher = self.hasher
         uid_hash = {ext: hasher.user(ext) for ext in dict.fromkeys(e.user_id for e in batch)}
-        tombstones.update(self.keys.tombstoned_among(list(uid_hash.values())))  # erasures since we started
+        tombstones.update(
+            self.keys.tombstoned_among(list(uid_hash.values()))
+        )  # erasures since we started
         live = {ext: h for ext, h in uid_hash.items() if h not in tombstones}
         keys = self.keys.get_or_create_many(list(live.values()))
         external = {h: ext for ext, h in live.items()}
@@ -83,7 +96,14 @@ class Ingest:
         for k in self.confirm_user_rows(keys.values()):
             aad = owner_aad("users", "external_id_sealed", k.user_id, k.uid_hash, k.user_id)
             sealed = k.cipher.seal(external[k.uid_hash].encode(), aad)
-            new_users.append({"id": k.user_id, "uid_hash": k.uid_hash, "external_id_sealed": sealed, "created_at": now})
+            new_users.append(
+                {
+                    "id": k.user_id,
+                    "uid_hash": k.uid_hash,
+                    "external_id_sealed": sealed,
+                    "created_at": now,
+                }
+            )
         rows: dict[tuple[int, bytes], tuple] = {}
         event_hash, aad, tombstoned = hasher.event, self.event_aad, 0
         for e, payload in zip(batch, payloads):
@@ -93,7 +113,11 @@ class Ingest:
                 continue
             k = keys[h]
             rid = event_hash(e.event_id)
-            rows[(k.user_id, rid)] = (k.user_id, rid, k.cipher.seal(payload, aad(k.user_id, h, rid.hex())))
+            rows[(k.user_id, rid)] = (
+                k.user_id,
+                rid,
+                k.cipher.seal(payload, aad(k.user_id, h, rid.hex())),
+            )
         # Key order: B-tree inserts land close together.
         return PreparedBatch(len(batch), tombstoned, new_users, [rows[key] for key in sorted(rows)])
 
@@ -104,7 +128,11 @@ class Ingest:
         with self.data.begin() as conn:
             if batch.new_users:
                 conn.execute(insert_ignoring_duplicates(self.data, User.__table__), batch.new_users)
-            inserted = conn.exec_driver_sql(self._insert_events_sql(), batch.rows).rowcount if batch.rows else 0
+            inserted = (
+                conn.exec_driver_sql(self._insert_events_sql(), batch.rows).rowcount
+                if batch.rows
+                else 0
+            )
             if inserted < 0:
                 raise RuntimeError("the database driver did not report executemany row counts")
             batch_pause()  # tests only: holds the batch's transaction open so a kill lands mid-batch

@@ -16,7 +16,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from privacy import KekDirectory, KekMissingError, KekProvider, kek_from_env
-from store.db import create_owner_only, describe, holds_schema, make_engine, resolve_urls, sqlite_path
+from store.db import (
+    create_owner_only,
+    describe,
+    holds_schema,
+    make_engine,
+    resolve_urls,
+    sqlite_path,
+)
 from store.errors import StoreStateError
 from store.keystore import KeyStore
 from store.migrations import VERSION_TABLES, upgrade
@@ -31,14 +38,22 @@ class OpenedParts:
 
 
 def unreachable(err: OperationalError, url: str) -> StoreStateError:
-    reason = str(getattr(err, "orig", err) or err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = (
+        str(getattr(err, "orig", err) or err).strip().splitlines()[0]
+        if str(err).strip()
+        else type(err).__name__
+    )
     return StoreStateError(f"cannot use the database {describe(url)}: {reason}")
 
 
-def open_parts(home: Path, url: str | None, keys_url: str | None, kek: KekProvider | None, create: bool) -> OpenedParts:
+def open_parts(
+    home: Path, url: str | None, keys_url: str | None, kek: KekProvider | None, create: bool
+) -> OpenedParts:
     data_url, keys_url = resolve_urls(home, url, keys_url)
     if sqlite_path(data_url) and sqlite_path(data_url) == sqlite_path(keys_url):
-        raise StoreStateError("the data and key databases name the same SQLite file: keep keys.db apart from store.db")
+        raise StoreStateError(
+            "the data and key databases name the same SQLite file: keep keys.db apart from store.db"
+        )
     data, keys_engine = make_engine(data_url), make_engine(keys_url)
     try:
         try:
@@ -61,7 +76,9 @@ def open_parts(home: Path, url: str | None, keys_url: str | None, kek: KekProvid
             )
         creating = not data_there
         if creating and not create:
-            raise StoreStateError(f"no store at {home} (create one with `userllm admin init`, or by a first `userllm ingest`)")
+            raise StoreStateError(
+                f"no store at {home} (create one with `userllm admin init`, or by a first `userllm ingest`)"
+            )
         if kek is None:
             try:
                 kek = kek_from_env(home, create=creating)

@@ -24,18 +24,32 @@ class RestoreReport:
     users_cleaned: int = 0
     forged_tombstones: int = 0
     audit_gaps: list[str] = field(default_factory=list)
-    exposed_kek_versions: list[int] = field(default_factory=list)  # wrapped erased users' keys, still present
+    exposed_kek_versions: list[int] = field(
+        default_factory=list
+    )  # wrapped erased users' keys, still present
     exposed_users: int = 0
     notes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("tombstones", "reapplied_keys", "reapplied_data", "users_cleaned", "forged_tombstones", "exposed_users")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "tombstones",
+                "reapplied_keys",
+                "reapplied_data",
+                "users_cleaned",
+                "forged_tombstones",
+                "exposed_users",
+            )
+        }
 
 
 def restore_check(store: Store) -> RestoreReport:
     data_tombs, forged = data_tombstones(store)
     key_tombs = store.keys.tombstones()
-    report = RestoreReport(tombstones=len(set(data_tombs) | set(key_tombs)), forged_tombstones=forged)
+    report = RestoreReport(
+        tombstones=len(set(data_tombs) | set(key_tombs)), forged_tombstones=forged
+    )
     for h in sorted(set(data_tombs) | set(key_tombs)):
         t = key_tombs.get(h) or data_tombs[h]
         report.reapplied_keys += store.keys.put_tombstone(t)

@@ -37,16 +37,33 @@ log = logging.getLogger("userllm.store")
 
 
 def _not_theirs(where: str) -> StoreIntegrityError:
-    return StoreIntegrityError(f"{where} does not authenticate as the user it was read for (moved between users, or altered); nothing was returned")
+    return StoreIntegrityError(
+        f"{where} does not authenticate as the user it was read for (moved between users, or altered); nothing was returned"
+    )
 
 
 class Store(Ingest):
-    def __init__(self, home: Path, data_url: str | None, keys_url: str | None, kek: KekProvider | None, create: bool = False):
+    def __init__(
+        self,
+        home: Path,
+        data_url: str | None,
+        keys_url: str | None,
+        kek: KekProvider | None,
+        create: bool = False,
+    ):
         parts = open_parts(home, data_url, keys_url, kek, create)
-        self.home, self.data, self.keys_engine, self.keys = home, parts.data, parts.keys_engine, parts.keys
+        self.home, self.data, self.keys_engine, self.keys = (
+            home,
+            parts.data,
+            parts.keys_engine,
+            parts.keys,
+        )
         self.hasher = self.keys.hasher
         self.index = UserIndex(home / "index", self.keys.index_key)
-        self.node_anchor = audit.NodeAnchor(home / "audit-anchor.json", self.keys.mac)
+        # One file per store (named by its MAC key): a node may serve several stores from one home.
+        self.node_anchor = audit.NodeAnchor(
+            home / f"audit-anchor-{self.keys.mac.tag('store-id')[:16]}.json", self.keys.mac
+        )
         self.event_aad = aad_builder("events", "payload")
         self._rows_confirmed: set[int] = set()  # users whose data-database row matches their key
         self.created = parts.created
@@ -55,7 +72,12 @@ class Store(Ingest):
 
     @classmethod
     def open(
-        cls, home: str | os.PathLike | None = None, url: str | None = None, keys_url: str | None = None, kek: KekProvider | None = None, create: bool = False
+        cls,
+        home: str | os.PathLike | None = None,
+        url: str | None = None,
+        keys_url: str | None = None,
+        kek: KekProvider | None = None,
+        create: bool = False,
     ) -> "Store":
         """Open an existing store; `create=True` also creates one where none exists at all."""
         return cls(resolve_home(home, create=False), url, keys_url, kek, create)
@@ -79,7 +101,9 @@ class Store(Ingest):
             try:
                 with self.data.begin() as conn:
                     prev = audit.tail(conn)
-                    gaps = audit.anchor_gaps(conn, prev, self.keys.audit_anchor(), self.node_anchor.read())
+                    gaps = audit.anchor_gaps(
+                        conn, prev, self.keys.audit_anchor(), self.node_anchor.read()
+                    )
                     if gaps and acknowledge_gaps:
                         prev = audit.append(conn, prev, audit.GAP_ACTION, {"gaps": gaps})
                     latest = audit.append(conn, prev, action, details)
@@ -96,7 +120,10 @@ class Store(Ingest):
         if acknowledge_gaps or not gaps:
             self.node_anchor.write(latest)
         else:
-            log.warning("audit log: %s; not re-anchored (run `userllm admin audit-verify`, then `userllm admin restore-check`)", "; ".join(gaps))
+            log.warning(
+                "audit log: %s; not re-anchored (run `userllm admin audit-verify`, then `userllm admin restore-check`)",
+                "; ".join(gaps),
+            )
         return gaps
 
     def audit_report(self) -> audit.AuditReport:
@@ -106,9 +133,6 @@ class Store(Ingest):
     def user_key(self, external_id: str) -> UserKey | None:
         """The user's authenticated key (None when the store does not know them)."""
         return self.keys.user_key(self.hasher.user(external_id))
-
-    def tombstoned(self) -> set[str]:
-        return set(self.keys.tombstones())
 
     def artefact_dir(self, uid_hash: str) -> Path:
         """Where any part may cache per-user artefacts (e.g. UserTokens), by keyed id
@@ -132,9 +156,13 @@ class Store(Ingest):
         ids = list(todo)
         with self.data.connect() as conn:
             for i in range(0, len(ids), SQL_IN_CHUNK):
-                for uid, h in conn.execute(select(User.id, User.uid_hash).where(User.id.in_(ids[i : i + SQL_IN_CHUNK]))):
+                for uid, h in conn.execute(
+                    select(User.id, User.uid_hash).where(User.id.in_(ids[i : i + SQL_IN_CHUNK]))
+                ):
                     if h != todo[uid].uid_hash:
-                        raise StoreIntegrityError("a users row names another keyed id than its key (the mapping was altered); nothing was changed")
+                        raise StoreIntegrityError(
+                            "a users row names another keyed id than its key (the mapping was altered); nothing was changed"
+                        )
                     self._rows_confirmed.add(uid)
         return [k for uid, k in todo.items() if uid not in self._rows_confirmed]
 
@@ -145,9 +173,17 @@ class Store(Ingest):
         return [] if key is None else self._history(key, external_id)
 
     def _history(self, key: UserKey, external_id: str) -> list[Event]:
-        uid, h, open_, aad, event_hash = key.user_id, key.uid_hash, key.cipher.open, self.event_aad, self.hasher.event
+        uid, h, open_, aad, event_hash = (
+            key.user_id,
+            key.uid_hash,
+            key.cipher.open,
+            self.event_aad,
+            self.hasher.event,
+        )
         with self.data.connect() as conn:
-            rows = conn.execute(select(EventRow.id, EventRow.payload).where(EventRow.user_id == uid)).all()
+            rows = conn.execute(
+                select(EventRow.id, EventRow.payload).where(EventRow.user_id == uid)
+            ).all()
         events = []
         try:
             for rid, p in rows:
@@ -164,13 +200,19 @@ class Store(Ingest):
         """(external id, history) for every live user, tombstoned users excluded."""
         tombstones = self.keys.tombstones()
         with self.data.connect() as conn:
-            users = conn.execute(select(User.id, User.uid_hash, User.external_id_sealed).order_by(User.id)).all()
+            users = conn.execute(
+                select(User.id, User.uid_hash, User.external_id_sealed).order_by(User.id)
+            ).all()
+        users = [u for u in users if u.uid_hash not in tombstones]
+        keys = self.keys.user_keys(
+            [u.uid_hash for u in users]
+        )  # one query per chunk, each row authenticated
         for uid, h, sealed in users:
-            if h in tombstones:
-                continue
-            key = self.keys.user_key(h, user_id=uid)
-            if key is None:
-                raise StoreIntegrityError("a users row has neither a key nor a tombstone (key store older than the data?); run `userllm admin restore-check`")
+            key = keys.get(h)
+            if key is None or key.user_id != uid:
+                raise StoreIntegrityError(
+                    "a users row has no key of its own (mapping altered, or a key store older than the data); nothing was returned"
+                )
             ext = self._external_id(key, sealed)
             yield ext, self._history(key, ext)
 
@@ -188,20 +230,40 @@ class Store(Ingest):
         tombstones = self.keys.tombstoned_among(list(mats))
         keys = self.keys.user_keys([h for h in mats if h not in tombstones])
         if len(keys) + len(tombstones) < len(mats) or self.confirm_user_rows(keys.values()):
-            raise ValueError("embedding for a user the store does not know (ingest their events first)")
+            raise ValueError(
+                "embedding for a user the store does not know (ingest their events first)"
+            )
         now, rows = int(time.time()), []
         for h, k in keys.items():
-            sealed = k.cipher.seal(mats[h].tobytes(), owner_aad("embeddings", "vector", k.user_id, h, f"{k.user_id}.{encoder_version}"))
-            rows.append({"user_id": k.user_id, "encoder_version": encoder_version, "dim": dim, "vector": sealed, "computed_at": now})
+            sealed = k.cipher.seal(
+                mats[h].tobytes(),
+                owner_aad("embeddings", "vector", k.user_id, h, f"{k.user_id}.{encoder_version}"),
+            )
+            rows.append(
+                {
+                    "user_id": k.user_id,
+                    "encoder_version": encoder_version,
+                    "dim": dim,
+                    "vector": sealed,
+                    "computed_at": now,
+                }
+            )
         if not rows:
             return 0
         ids = [r["user_id"] for r in rows]
         with self.data.begin() as conn:
             for i in range(0, len(ids), SQL_IN_CHUNK):
                 chunk = ids[i : i + SQL_IN_CHUNK]
-                conn.execute(delete(EmbeddingRow).where(EmbeddingRow.encoder_version == encoder_version, EmbeddingRow.user_id.in_(chunk)))
+                conn.execute(
+                    delete(EmbeddingRow).where(
+                        EmbeddingRow.encoder_version == encoder_version,
+                        EmbeddingRow.user_id.in_(chunk),
+                    )
+                )
             conn.execute(EmbeddingRow.__table__.insert(), rows)
-        self.index.upsert(encoder_version, np.array(ids, dtype=np.int64), np.stack([mats[h] for h in keys]))
+        self.index.upsert(
+            encoder_version, np.array(ids, dtype=np.int64), np.stack([mats[h] for h in keys])
+        )
         # An erasure that finished while we wrote must not be undone by our index update.
         for t in self.keys.tombstoned_among(list(keys)).values():
             self.index.remove_everywhere(t.user_id)
@@ -213,28 +275,39 @@ class Store(Ingest):
             return None
         uid = key.user_id
         with self.data.connect() as conn:
-            q = select(EmbeddingRow.vector).where(EmbeddingRow.user_id == uid, EmbeddingRow.encoder_version == encoder_version)
+            q = select(EmbeddingRow.vector).where(
+                EmbeddingRow.user_id == uid, EmbeddingRow.encoder_version == encoder_version
+            )
             row = conn.execute(q).scalar()
         if row is None:
             return None
         try:
-            raw = key.cipher.open(row, owner_aad("embeddings", "vector", uid, key.uid_hash, f"{uid}.{encoder_version}"))
+            raw = key.cipher.open(
+                row,
+                owner_aad("embeddings", "vector", uid, key.uid_hash, f"{uid}.{encoder_version}"),
+            )
         except DecryptionError:
             raise _not_theirs("an embeddings row") from None
         return np.frombuffer(raw, dtype=np.float32).copy()
 
-    def similar_users(self, external_id: str, k: int = 10, encoder_version: str | None = None) -> list[tuple[str, float]]:
+    def similar_users(
+        self, external_id: str, k: int = 10, encoder_version: str | None = None
+    ) -> list[tuple[str, float]]:
         """The k most similar live users (cosine), never the user itself nor an erased user."""
         version = encoder_version or self.index.current_version()
         key = self.user_key(external_id)
         if version is None or key is None:
             return []
-        hits = self.index.search(version, key.user_id, k + 8)  # a few spare in case some were erased
+        hits = self.index.search(
+            version, key.user_id, k + 8
+        )  # a few spare in case some were erased
         if not hits:
             return []
         tombstones = self.keys.tombstones()
         with self.data.connect() as conn:
-            q = select(User.id, User.uid_hash, User.external_id_sealed).where(User.id.in_([i for i, _ in hits]))
+            q = select(User.id, User.uid_hash, User.external_id_sealed).where(
+                User.id.in_([i for i, _ in hits])
+            )
             users = {r.id: r for r in conn.execute(q)}
         out = []
         for i, score in hits:
@@ -253,7 +326,10 @@ class Store(Ingest):
         key table always (rewritten on PostgreSQL: it is small), the data tables (PostgreSQL:
         plain VACUUM, rewritten only with `full`: a rewrite locks the table). Returns notes."""
         notes = []
-        for engine, tables, rewrite in ((self.keys_engine, ("keystore_data_keys",), True), (self.data, ("events", "embeddings", "users"), full)):
+        for engine, tables, rewrite in (
+            (self.keys_engine, ("keystore_data_keys",), True),
+            (self.data, ("events", "embeddings", "users"), full),
+        ):
             why = checkpoint_and_compact(engine, tables, full=rewrite)
             if why:
                 notes.append(why)

@@ -77,7 +77,9 @@ class _Collector:
         except KeyError as err:
             self._bad(path, lineno, f"missing field {err}")  # the key is one of our field names
         except (ValueError, TypeError, IndexError, RecursionError) as err:
-            self._bad(path, lineno, f"malformed record ({type(err).__name__})")  # foreign text may echo values
+            self._bad(
+                path, lineno, f"malformed record ({type(err).__name__})"
+            )  # foreign text may echo values
         else:
             if event is not None:
                 self.result.events.append(event)
@@ -85,7 +87,9 @@ class _Collector:
     def _bad(self, path: Path, lineno: int, reason: str) -> None:
         bad = BadLine(str(path), lineno, reason)
         if not self.skip_bad:
-            raise MalformedInputError(f"{bad} (use --skip-bad to count and skip malformed lines)") from None
+            raise MalformedInputError(
+                f"{bad} (use --skip-bad to count and skip malformed lines)"
+            ) from None
         self.result.bad.append(bad)
 
 
@@ -155,12 +159,18 @@ def _text(value: Any, what: str) -> str:
 def _checked(event: Event, raw_chars: int) -> Event:
     """The store's record-size check, done exactly only where the line could exceed it."""
     if len(event.event_id) > MAX_ID_CHARS:
-        raise _Bad(f"event_id (given or made of the record's ids) is longer than {MAX_ID_CHARS} characters")
+        raise _Bad(
+            f"event_id (given or made of the record's ids) is longer than {MAX_ID_CHARS} characters"
+        )
     if raw_chars >= _EXACT_SIZE_FROM:
         try:
-            size = len(_to_json([event.event_id, event.item_id, event.timestamp, event.fields]).encode())
+            size = len(
+                _to_json([event.event_id, event.item_id, event.timestamp, event.fields]).encode()
+            )
         except (TypeError, ValueError):
-            raise _Bad("fields must be JSON values (string, finite number, boolean, list, object)") from None
+            raise _Bad(
+                "fields must be JSON values (string, finite number, boolean, list, object)"
+            ) from None
         if size > MAX_PAYLOAD_BYTES:
             raise _Bad(f"record is over the store's {MAX_PAYLOAD_BYTES}-byte limit")
     return event
@@ -214,7 +224,10 @@ def read_movielens(root: Path, skip_bad: bool = False) -> ReadResult:
         parts = line.split("::")
         if len(parts) != 4:
             raise _Bad(f"expected UserID::MovieID::Rating::Timestamp, got {len(parts)} fields")
-        user, movie = _id(_int(parts[0], "UserID"), "UserID"), _id(_int(parts[1], "MovieID"), "MovieID")
+        user, movie = (
+            _id(_int(parts[0], "UserID"), "UserID"),
+            _id(_int(parts[1], "MovieID"), "MovieID"),
+        )
         rating, ts = _int(parts[2], "Rating"), _timestamp(parts[3], "Timestamp")
         if not 1 <= rating <= 5:
             raise _Bad("Rating must be 1..5")
@@ -222,7 +235,16 @@ def read_movielens(root: Path, skip_bad: bool = False) -> ReadResult:
             raise _Bad("MovieID is not in movies.dat")
         title, genres = movies[movie]
         # Titles are bounded when movies.dat is read, so the payload needs no exact check here.
-        return _checked(Event(f"ml:{user}:{movie}", user, movie, ts, {"rating": rating, "genres": list(genres), "title": title}), 0)
+        return _checked(
+            Event(
+                f"ml:{user}:{movie}",
+                user,
+                movie,
+                ts,
+                {"rating": rating, "genres": list(genres), "title": title},
+            ),
+            0,
+        )
 
     for lineno, line in _lines(ratings_path, "latin-1"):
         collector.line(ratings_path, lineno, lambda: parse(line))
@@ -265,7 +287,11 @@ def read_amazon(path: Path, skip_bad: bool = False) -> ReadResult:
         rating = _number(obj["overall"], "overall")
         if not 1.0 <= rating <= 5.0:
             raise _Bad("overall must be 1..5")
-        fields = {"rating": rating, "text": _text(obj.get("reviewText"), "reviewText"), "summary": _text(obj.get("summary"), "summary")}
+        fields = {
+            "rating": rating,
+            "text": _text(obj.get("reviewText"), "reviewText"),
+            "summary": _text(obj.get("summary"), "summary"),
+        }
         return _checked(Event(f"az:{user}:{item}:{ts}", user, item, ts, fields), len(line))
 
     for lineno, line in _lines(path, "utf-8"):
@@ -283,7 +309,9 @@ def _generic_event(obj: dict[str, Any], raw_chars: int) -> Event:
             raise _Bad("fields must be an object")
         fields = dict(obj["fields"])
     else:
-        fields = {k: v for k, v in obj.items() if k not in ("event_id", "user_id", "item_id", "timestamp")}
+        fields = {
+            k: v for k, v in obj.items() if k not in ("event_id", "user_id", "item_id", "timestamp")
+        }
     event_id = obj.get("event_id")
     event_id = _id(event_id, "event_id") if event_id is not None else f"{user}:{item}:{ts}"
     return _checked(Event(event_id, user, item, ts, fields), raw_chars)
@@ -333,7 +361,11 @@ def read_csv(path: Path, skip_bad: bool = False) -> ReadResult:
                     raise _Bad(f"expected {len(header)} columns, got {len(row)}")
                 obj: dict[str, Any] = {}
                 for name, cell in zip(header, row):
-                    obj[name] = cell if name in ("event_id", "user_id", "item_id", "timestamp") else _csv_value(cell)
+                    obj[name] = (
+                        cell
+                        if name in ("event_id", "user_id", "item_id", "timestamp")
+                        else _csv_value(cell)
+                    )
                 return _generic_event(obj, sum(len(c) for c in row))
 
             collector.line(path, lineno, parse)
@@ -345,7 +377,12 @@ def read_events(path: str | Path, fmt: str, *, skip_bad: bool = False) -> ReadRe
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
-    readers = {"movielens": read_movielens, "amazon": read_amazon, "jsonl": read_jsonl, "csv": read_csv}
+    readers = {
+        "movielens": read_movielens,
+        "amazon": read_amazon,
+        "jsonl": read_jsonl,
+        "csv": read_csv,
+    }
     if fmt not in readers:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt != "movielens" and path.is_dir():

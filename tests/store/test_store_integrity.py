@@ -42,7 +42,10 @@ def test_swapped_user_mapping_never_reads_erases_or_verifies_the_other_user(back
         with pytest.raises(StoreIntegrityError):
             list(s.histories())
     env = subprocess_env(backend, kek_b64)
-    for args in (("admin", "delete-user", "--ids-from", "-"), ("admin", "verify-deleted", "--ids-from", "-")):
+    for args in (
+        ("admin", "delete-user", "--ids-from", "-"),
+        ("admin", "verify-deleted", "--ids-from", "-"),
+    ):
         line = _one_line_error(cli(env, *args, stdin=a_ext + "\n"))
         assert "altered" in line and a not in line
     with open_store(backend, kek_b64, create=False) as s:
@@ -50,7 +53,9 @@ def test_swapped_user_mapping_never_reads_erases_or_verifies_the_other_user(back
         assert s.keys.tombstones() == {}
 
 
-def test_restored_data_database_shows_as_an_audit_gap_after_ordinary_commands(tmp_path, clean_env, kek_b64, cli):
+def test_restored_data_database_shows_as_an_audit_gap_after_ordinary_commands(
+    tmp_path, clean_env, kek_b64, cli
+):
     """Was: restoring an older store.db, then any ordinary command re-anchored the audit log at
     the restored tail, and audit-verify called the shortened log intact."""
     home = clean_env
@@ -67,11 +72,17 @@ def test_restored_data_database_shows_as_an_audit_gap_after_ordinary_commands(tm
     data = tmp_path / "more.jsonl"
     data.write_text('{"user_id": "u9", "item_id": "i", "timestamp": 5}\n')
     ingest = cli(env, "ingest", "--data", str(data), "--format", "jsonl")
-    assert ingest.returncode == 0 and "not re-anchored" in ingest.stderr  # the ordinary command warns
+    assert (
+        ingest.returncode == 0 and "not re-anchored" in ingest.stderr
+    )  # the ordinary command warns
     verify = cli(env, "admin", "audit-verify")
     assert verify.returncode == 1 and "key-store anchor names entry" in verify.stderr, verify.stderr
     fixed = cli(env, "admin", "restore-check")
-    assert fixed.returncode == 0 and "acknowledged" in fixed.stderr and "cleaned 1 users" in fixed.stdout, fixed.stderr
+    assert (
+        fixed.returncode == 0
+        and "acknowledged" in fixed.stderr
+        and "cleaned 1 users" in fixed.stdout
+    ), fixed.stderr
     after = cli(env, "admin", "audit-verify")
     assert after.returncode == 0 and "restore-check acknowledged a gap" in after.stdout
 
@@ -92,13 +103,19 @@ def test_missing_key_store_or_kek_refuses_instead_of_re_keying(clean_env, tmp_pa
     else:
         for suffix in ("", "-wal", "-shm"):
             (home / f"keys.db{suffix}").unlink(missing_ok=True)
-    for args in (("ingest", "--data", str(data), "--format", "jsonl"), ("admin", "audit-verify"), ("admin", "delete-user", "u1")):
+    for args in (
+        ("ingest", "--data", str(data), "--format", "jsonl"),
+        ("admin", "audit-verify"),
+        ("admin", "delete-user", "u1"),
+    ):
         line = _one_line_error(cli(env, *args))
         assert ("KEK directory" if lose == "kek" else "key store") in line and "restore" in line
     assert not (home / "kek").exists() if lose == "kek" else not (home / "keys.db").exists()
     assert (home / "store.db").read_bytes() == before
     with pytest.raises(StoreStateError):
-        open_store(backend, None, create=True)  # not even an explicit create re-keys beside old data
+        open_store(
+            backend, None, create=True
+        )  # not even an explicit create re-keys beside old data
 
 
 def test_same_event_id_from_two_users_is_two_events_whatever_the_batches(store):
@@ -106,11 +123,17 @@ def test_same_event_id_from_two_users_is_two_events_whatever_the_batches(store):
     which one depended on batch boundaries."""
     from userenc.events import Event
 
-    events = [Event("e-1", "alice", "i1", 10, {"r": 1}), Event("e-1", "bob", "i2", 11, {"r": 2}), Event("e-2", "alice", "i3", 12, {})]
+    events = [
+        Event("e-1", "alice", "i1", 10, {"r": 1}),
+        Event("e-1", "bob", "i2", 11, {"r": 2}),
+        Event("e-2", "alice", "i3", 12, {}),
+    ]
     c = store.ingest(events, batch_size=1)
     assert (c.inserted, c.duplicates) == (3, 0)
     assert store.ingest(events, batch_size=3).duplicates == 3
-    assert [e.item_id for e in store.history("alice")] == ["i1", "i3"] and [e.item_id for e in store.history("bob")] == ["i2"]
+    assert [e.item_id for e in store.history("alice")] == ["i1", "i3"] and [
+        e.item_id for e in store.history("bob")
+    ] == ["i2"]
 
 
 def test_erased_key_leaves_no_bytes_even_where_sqlite_defaults_to_keeping_them(clean_env, kek_b64):
@@ -121,16 +144,25 @@ def test_erased_key_leaves_no_bytes_even_where_sqlite_defaults_to_keeping_them(c
     def platform_default_off(dbapi_conn, _record):  # noqa: ANN001
         dbapi_conn.execute("PRAGMA secure_delete=OFF")
 
-    event.listen(Engine, "connect", platform_default_off, insert=True)  # runs before our own pragmas
+    event.listen(
+        Engine, "connect", platform_default_off, insert=True
+    )  # runs before our own pragmas
     try:
         home = clean_env
-        backend = ("sqlite", f"sqlite:///{home / 'store.db'}", f"sqlite:///{home / 'keys.db'}", home)
+        backend = (
+            "sqlite",
+            f"sqlite:///{home / 'store.db'}",
+            f"sqlite:///{home / 'keys.db'}",
+            home,
+        )
         from store import delete_user
 
         with open_store(backend, kek_b64) as s:
             s.ingest(make_events(30, 2))
             with s.keys_engine.connect() as conn:
-                wrapped = conn.execute(select(DataKey.wrapped).where(DataKey.user_id == s.user_key("u7").user_id)).scalar_one()
+                wrapped = conn.execute(
+                    select(DataKey.wrapped).where(DataKey.user_id == s.user_key("u7").user_id)
+                ).scalar_one()
             assert s.keys_engine.connect().exec_driver_sql("PRAGMA secure_delete").scalar() == 1
             delete_user(s, "u7")
         raw = b"".join(p.read_bytes() for p in home.iterdir() if p.name.startswith("keys.db"))
@@ -145,8 +177,12 @@ def test_cli_expected_failures_are_one_line(backend, kek_b64, tmp_path, cli):
     env = subprocess_env(backend, kek_b64)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert "no events in" in _one_line_error(cli(env, "ingest", "--data", str(empty), "--format", "jsonl"))
-    assert "no store at" in _one_line_error(cli(env, "admin", "audit-verify"))  # the empty input created none
+    assert "no events in" in _one_line_error(
+        cli(env, "ingest", "--data", str(empty), "--format", "jsonl")
+    )
+    assert "no store at" in _one_line_error(
+        cli(env, "admin", "audit-verify")
+    )  # the empty input created none
     bad_env = dict(env, USERLLM_DATABASE_URL="postgresql://postgres@127.0.0.1:1/none")
     assert "cannot use the database" in _one_line_error(cli(bad_env, "admin", "audit-verify"))
     with open_store(backend, kek_b64) as s:
@@ -163,7 +199,9 @@ def test_cli_expected_failures_are_one_line(backend, kek_b64, tmp_path, cli):
     assert "KEK does not open" in _one_line_error(cli(wrong, "admin", "audit-verify"))
     ids = tmp_path / "ids.txt"
     ids.write_text("u0\nnobody\n")
-    assert "unknown user (id 2 of 2)" in _one_line_error(cli(env, "admin", "delete-user", "--ids-from", str(ids)))
+    assert "unknown user (id 2 of 2)" in _one_line_error(
+        cli(env, "admin", "delete-user", "--ids-from", str(ids))
+    )
     with open_store(backend, kek_b64, create=False) as s:
         assert s.keys.tombstones() == {}  # all ids resolved before the first erasure
     ids.write_text("u0\nu1\n")
@@ -178,7 +216,9 @@ def test_expected_failure_messages_are_one_line_without_statements():
 
     from api.cli import expected_failure
 
-    err = OperationalError("SELECT secret FROM t WHERE x = ?", ("CanaryValue",), Exception("database is locked\nmore"))
+    err = OperationalError(
+        "SELECT secret FROM t WHERE x = ?", ("CanaryValue",), Exception("database is locked\nmore")
+    )
     msg = expected_failure(err)
     assert msg == "database unavailable or locked: database is locked" and "Canary" not in msg
     assert expected_failure(LookupError("no data key")) == "no data key"

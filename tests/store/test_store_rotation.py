@@ -105,12 +105,12 @@ def test_rotate_kek_at_scale_killed_mid_way_resumes_rewrapping_each_key_exactly_
         s.ingest([Event(f"e{i}", f"user{i}", "item", 1000 + i, {"i": i}) for i in range(n)], batch_size=2000)
         w0 = _wrapped(s)
     assert len(w0) == n
-    env = subprocess_env(backend, None, USERLLM_TEST_BATCH_DELAY="0.5")
+    env = subprocess_env(backend, None, USERLLM_TEST_BATCH_DELAY="0.3")
     proc = subprocess.Popen(cli_command() + ["admin", "rotate-kek", "-v"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while "rewrapped 500 data keys so far" not in proc.stdout.readline():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-    time.sleep(0.2)  # inside the second batch's transaction (it pauses 0.5 s before committing)
+    time.sleep(0.1)  # inside the second batch's transaction (it pauses 0.3 s before committing)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     with Store.open(home=home, url=data_url, keys_url=keys_url) as s:
