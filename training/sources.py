@@ -43,6 +43,21 @@ class Source:
         hashes = sorted({training_filter(self.store).keyed_hash(u) for u in users})
         return {"erasure": section}, {USER_HASHES_FILE: "\n".join(hashes) + ("\n" if hashes else "")}
 
+    def erasure_manifest_with(self, checkpoint: str | Path | None) -> tuple[dict[str, Any], dict[str, str]]:
+        """As erasure_manifest, with the users of a checkpoint this model builds on (an
+        adapter's encoder) added: erasing any of them makes this model stale too."""
+        section, files = self.erasure_manifest()
+        if not section or checkpoint is None:
+            return section, files
+        from store.erasure_training import USER_HASHES_FILE, user_set_sha256
+
+        theirs = Path(checkpoint) / USER_HASHES_FILE
+        if not theirs.is_file():
+            return section, files
+        hashes = sorted(set(files[USER_HASHES_FILE].split()) | set(theirs.read_text().split()))
+        section["erasure"] |= {"user_set_sha256": user_set_sha256(hashes), "user_count": len(hashes)}
+        return section, {USER_HASHES_FILE: "\n".join(hashes) + "\n"}
+
     def close(self) -> None:
         if self.store is not None:
             self.store.close()

@@ -3,6 +3,12 @@
 For each user (timestamp order): the last event is the test target, the second-to-last the
 validation target, the rest is training history. Validation reads the training history; test
 reads training history + the validation event. Users with fewer than 3 events train only.
+
+`holdout` > 1 keeps more of each user's tail out of training: the last `holdout` events are
+never trained on, the event before them is the validation target, and the test still asks for
+the last event (its input holds the unseen events before it). USER-LLM's future-window task
+(the favourite genre of the next 10 events) needs holdout >= 10, so that no event of the
+window is ever seen by the encoder; holdout = 1 is the plain leave-one-out split.
 """
 from __future__ import annotations
 
@@ -22,16 +28,24 @@ class Split:
     test: dict[str, tuple[list[Event], Event]] = field(default_factory=dict)
 
 
-def leave_one_out(histories: dict[str, list[Event]]) -> Split:
+def leave_one_out(histories: dict[str, list[Event]], holdout: int = 1) -> Split:
+    if holdout < 1:
+        raise ValueError(f"holdout must be >= 1, got {holdout}")
     split = Split()
     for user, h in histories.items():
-        if len(h) < 3:
-            split.train[user] = h
-            continue
-        split.train[user] = h[:-2]
-        split.valid[user] = (h[:-2], h[-2])
+        if len(h) < holdout + 2:
+            if holdout == 1:
+                split.train[user] = h
+            continue  # too short to hold its tail out: not used at all
+        split.train[user] = h[: -holdout - 1]
+        split.valid[user] = (h[: -holdout - 1], h[-holdout - 1])
         split.test[user] = (h[:-1], h[-1])
     return split
+
+
+def encoder_holdout(manifest: dict) -> int:
+    """The holdout an encoder checkpoint was trained with (1 for checkpoints that predate it)."""
+    return int((manifest.get("train_config") or {}).get("holdout", 1))
 
 
 def data_fingerprint(histories: dict[str, list[Event]]) -> str:

@@ -112,7 +112,7 @@ def train_encoder(
     `files` (e.g. the erasure section and keyed user list) go into every checkpoint written."""
     out = Path(out)
     seed_everything(tcfg.seed)
-    split: Split = leave_one_out(histories)
+    split: Split = leave_one_out(histories, tcfg.holdout)
     tokenizer = EventTokenizer.fit(spec, split.train.values())  # vocabularies from training only
     cfg.vocab_sizes = {f.name: tokenizer.vocab_size(f) for f in spec.features}
     model = UserEncoder(spec, cfg, tokenizer.item_attributes)

@@ -65,6 +65,21 @@ class LoadedEncoder:
         return np.concatenate(out) if out else np.zeros((0, self.model.cfg.out_dim), dtype=np.float32)
 
 
+    def user_tokens(self, histories: list[list[Event]], batch_size: int = 64) -> list[torch.Tensor]:
+        """The tokens an LLM reads for each history: [K, out_dim] from the Perceiver (or
+        [T, out_dim], one per event, without one), float32 on the model's device."""
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        out: list[torch.Tensor] = []
+        for i in range(0, len(histories), batch_size):
+            chunk = histories[i : i + batch_size]
+            if any(not h for h in chunk):
+                raise ValueError("cannot make user tokens from an empty history")
+            tokens, mask = self.model.encode(*self.batch(chunk, device))
+            out += [t[m].float() for t, m in zip(tokens, mask)]
+        return out
+
+
 def save_checkpoint(
     folder: str | Path,
     model: UserEncoder,

@@ -17,6 +17,7 @@ FIRST_ID = 2
 
 KINDS = ("categorical", "multi_categorical", "numeric", "time")
 TIME_PARTS = ("hour", "weekday", "gap")
+SPLITS = ("", "words")
 DAY = 86_400
 # Log-spaced gaps in seconds: same moment, minutes, hours, a day, days, weeks, months, a year.
 DEFAULT_GAP_BOUNDARIES = [1, 60, 600, 3600, 6 * 3600, DAY, 3 * DAY, 7 * DAY, 30 * DAY, 90 * DAY, 365 * DAY]
@@ -33,6 +34,9 @@ class Feature:
     max_vocab: int = 0  # 0: keep every value seen min_count times
     min_count: int = 1
     max_values: int = 8  # multi_categorical: values kept per event
+    # multi_categorical: how a text value becomes values: "" (a list, or "a|b|c"), or "words"
+    # (lowercased words of a free text such as a review: an encoder can read text this way).
+    split: str = ""
     # numeric / time "gap": bucket boundaries (value < b[0] -> bucket 0, ...).
     boundaries: list[float] = field(default_factory=list)
     part: str = ""  # time: hour | weekday | gap
@@ -58,6 +62,8 @@ class Feature:
             raise ValueError(f"feature {self.name!r}: boundaries must be increasing")
         if self.dim <= 0 or self.max_values <= 0 or self.max_vocab < 0 or self.min_count < 1:
             raise ValueError(f"feature {self.name!r}: dim, max_values, max_vocab, min_count out of range")
+        if self.split not in SPLITS or (self.split and self.kind != "multi_categorical"):
+            raise ValueError(f"feature {self.name!r}: split must be one of {SPLITS} (multi_categorical only)")
         if self.item_attribute and self.kind not in ("categorical", "multi_categorical"):
             raise ValueError(f"feature {self.name!r}: only categorical features can be item attributes")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -28,9 +29,14 @@ def _values(event: Event, feature: Feature) -> Any:
     return event.fields.get(feature.source)
 
 
-def _as_list(value: Any) -> list[str]:
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def _as_list(value: Any, split: str = "") -> list[str]:
     if value is None:
         return []
+    if split == "words":
+        return _WORD.findall(str(value).lower())
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
     return [part for part in str(value).split("|") if part]
@@ -77,7 +83,7 @@ class EventTokenizer:
                     if f.name not in counters:
                         continue
                     raw = _values(event, f)
-                    vals = _as_list(raw) if f.kind == "multi_categorical" else ([str(raw)] if raw is not None else [])
+                    vals = _as_list(raw, f.split) if f.kind == "multi_categorical" else ([str(raw)] if raw is not None else [])
                     counters[f.name].update(vals)
                     if f.item_attribute:
                         last_attr[f.name][event.item_id] = vals
@@ -110,7 +116,7 @@ class EventTokenizer:
                 arr = np.zeros((n, f.max_values), dtype=np.int64)
                 vocab = self.vocabs[f.name]
                 for t, e in enumerate(history):
-                    ids = [vocab.id(v) for v in _as_list(_values(e, f))[: f.max_values]] or [OOV_ID]
+                    ids = [vocab.id(v) for v in _as_list(_values(e, f), f.split)[: f.max_values]] or [OOV_ID]
                     arr[t, : len(ids)] = ids
             else:
                 arr = np.fromiter((self._scalar_id(f, history, t) for t in range(n)), dtype=np.int64, count=n)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llm.engine.beam_search import BeamSearch, TokenTrie
 from llm.engine.block_manager import BlockManager, CrossBlockManager, user_salt
 from llm.engine.decode_graphs import DecodeGraphRunner
 from llm.engine.detokenizer import Detokenizer
@@ -133,18 +134,33 @@ class Engine:
                         max_model_len: int | None = None, max_user_tokens: int = 32,
                         enable_prefix_caching: bool = True, use_cuda_graphs: bool = False,
                         cross_every_n: int = 0, user_dim: int | None = None,
+                        adapter: str | os.PathLike | None = None,
                         **load_kwargs) -> "Engine":
         """Load a Hugging Face folder (safetensors) or a .gguf file and build the engine.
-        dtype/device default to fp32 on CPU, bf16 on CUDA when available."""
+        dtype/device default to fp32 on CPU, bf16 on CUDA when available.
+
+        adapter: a trained adapter folder (`userllm train-adapter`): the model is built with
+        its integration and its weights loaded (LoRA merged into the base weights). It must
+        have been trained on this base checkpoint (sha256 checked)."""
         from llm.loader import load_model
 
         if not os.path.exists(path):
             raise FileNotFoundError(f"model path {os.fspath(path)!r} does not exist")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        adapter_cfg = None
+        if adapter is not None:
+            adapter_cfg = _checked_adapter(path, adapter, cross_every_n, user_dim, load_kwargs)
+            load_kwargs = load_kwargs | adapter_cfg.load_kwargs()
+            cross_every_n = load_kwargs.pop("cross_every_n")
+            user_dim = load_kwargs.pop("user_dim")
         model, tokenizer, hf_config = load_model(path, dtype=dtype, device=device,
                                                  cross_every_n=cross_every_n, user_dim=user_dim,
                                                  **load_kwargs)
+        if adapter_cfg is not None:
+            from llm.adapter import apply_adapter
+
+            apply_adapter(model, adapter, adapter_cfg)
         config = EngineConfig(block_size=block_size, kv_cache_bytes=kv_cache_bytes,
                               max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
@@ -305,6 +321,31 @@ class Engine:
             if not finished:
                 self.cancel(rid)
 
+    def beam_search(self, prompts: Seq[Prompt], trie: TokenTrie | Seq[TokenTrie],
+                    beam_width: int = 10, user_tokens: Seq[torch.Tensor | None] | None = None
+                    ) -> list[list[tuple[list[int], float]]]:
+        """Beam search constrained to `trie` (one, or one per prompt; llm/engine/beam_search.py)
+        on this engine's model and paged path, run between steps (it holds the engine lock;
+        the engine's own pool is untouched). Prompts sharing a prefix and user tokens are
+        prefilled once. Per prompt: [(answer token ids, summed log-prob)], best first."""
+        users = list(user_tokens) if user_tokens is not None else [None] * len(prompts)
+        tries = list(trie) if isinstance(trie, (list, tuple)) else [trie] * len(prompts)
+        if len(users) != len(prompts) or len(tries) != len(prompts):
+            raise ValueError("user_tokens and tries must match the prompts")
+        with self._lock:
+            ids = [prompt_token_ids(self.tokenizer, p, self.model_config.vocab_size)
+                   for p in prompts]
+            users = [checked_user_tokens(u, self.user_dim, self.config.max_user_tokens)
+                     for u in users]
+            for p, u, t in zip(ids, users, tries):
+                extra = u.shape[0] if u is not None and self.soft_prompt else 0
+                if len(p) + extra + t.max_length > self.max_model_len:
+                    raise ValueError(f"prompt ({len(p)} tokens) + the longest answer "
+                                     f"({t.max_length}) exceed the context length "
+                                     f"{self.max_model_len}")
+            searcher = BeamSearch(self.model, self.config.block_size)
+            return searcher.run(ids, tries, beam_width, users)
+
     def stats(self) -> dict:
         bm = self.block_manager
         return {
@@ -317,6 +358,25 @@ class Engine:
             "prefix_hit_tokens": bm.num_hit_tokens, "prefix_queried_tokens": bm.num_queried_tokens,
             "num_steps": self.num_steps,
         }
+
+
+def _checked_adapter(path, adapter, cross_every_n: int, user_dim: int | None, load_kwargs):
+    """The adapter's LLM settings, after checking it fits this base model and these args."""
+    from llm.adapter import checkpoint_sha256, read_adapter
+
+    cfg, meta = read_adapter(adapter)
+    expected = (meta.get("base_model") or {}).get("sha256")
+    if expected and expected != checkpoint_sha256(path):
+        raise ValueError(f"adapter {os.fspath(adapter)!r} was trained on another base model "
+                         f"than {os.fspath(path)!r} (sha256 differs)")
+    wanted = cfg.load_kwargs()
+    given = {"cross_every_n": cross_every_n, "user_dim": user_dim} | load_kwargs
+    clash = [k for k, v in wanted.items()
+             if k in given and given[k] not in (None, 0, v) and k != "integration"]
+    if clash:
+        raise ValueError(f"adapter settings {clash} differ from the arguments given; "
+                         "leave them out: the adapter decides")
+    return cfg
 
 
 def _eos_ids(tokenizer, hf_config=None, generation_config=None) -> list[int]:

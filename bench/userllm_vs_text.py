@@ -1,0 +1,325 @@
+"""USER-LLM vs the history pasted as text, side by side: quality and cost against history length.
+
+ML-1M (users 1-2999): an encoder trained with the last 10 events of every user held out; arms
+trained on the encoder's training part (bench/userllm_arms.py): USER-LLM (user tokens through
+gated cross-attention), the text prompt (zero-shot and LoRA-trained), no personalization
+(LoRA-trained on the question alone), and the encoder alone. Every arm answers the same
+questions about the same users, with the same LLM and the same trie-constrained beam search,
+reading the same N = 50 / 200 / 500 events before the held-out tail (the text prompt keeps
+the most recent of them that fit SmolLM2's 8,192-token context). Cost per N: prompt tokens,
+prefill FLOPs (analytic, checked with torch's FLOP counter), time to first token p50/p99
+through our engine (the encoder's time included on the USER-LLM side) and peak memory.
+Amazon (musical instruments): review titles, ROUGE-1/L.
+
+    python bench/userllm_vs_text.py [--users 24] [--ablations] ...
+
+Trained stages are kept in --work and reused when the benchmark is run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHARED, markdown_table, write_results  # noqa: E402
+from userllm_arms import amazon_arms, ensure_arm, ensure_encoder, ml1m_arms  # noqa: E402
+from userllm_cost import CostJob, encoder_flops, kv_bytes, measure  # noqa: E402
+
+from training.data import load_dataset  # noqa: E402
+from training.evaluate_adapter import evaluate, load_arm  # noqa: E402
+from training.prompts import prompt_ids  # noqa: E402
+from training.tasks import Catalogue, held_out_examples, task_split  # noqa: E402
+
+ML_TASKS = ["next_movie", "genre_history", "genre_future"]
+HOLDOUT = 10
+
+
+def encoder_alone(encoder_dir: Path, examples, cat: Catalogue) -> dict[str, Any]:
+    """The pretrained encoder's own heads: next-item Recall@K over the catalogue, and the genre
+    its next-event genre head ranks first."""
+    from userenc.checkpoint import load_checkpoint
+
+    enc = load_checkpoint(encoder_dir)
+    items = enc.tokenizer.vocabs[enc.tokenizer.spec.item.name]
+    genres = enc.tokenizer.vocabs["genres"]
+    by_title: dict[str, list[int]] = {}
+    for item, title in cat.titles.items():
+        by_title.setdefault(title, []).append(items.id(item))
+    out: dict[str, Any] = {}
+    for task in ML_TASKS:
+        exs = [ex for ex in examples if ex.task == task]
+        hits = []
+        for i in range(0, len(exs), 64):
+            chunk = exs[i:i + 64]
+            ids, valid = enc.batch([ex.history for ex in chunk])
+            with torch.inference_mode():
+                state = enc.model.states(ids, valid, last_only=True)[:, -1]
+                if task == "next_movie":
+                    scores = enc.model.heads.item_scores(state)
+                    for ex, row in zip(chunk, scores):
+                        target = max(row[j] for j in by_title[ex.target])
+                        hits.append(int((row > target).sum()) + 1)
+                else:
+                    logits = enc.model.heads.others["genres"](state)[:, 2:]
+                    for ex, row in zip(chunk, logits):
+                        hits.append(genres.value(int(row.argmax()) + 2) == ex.target)
+        ranks = np.asarray(hits, dtype=float)
+        out[task] = ({f"recall@{k}": float((ranks <= k).mean()) for k in (1, 5, 10)}
+                     if task == "next_movie" else {"accuracy": float(ranks.mean())})
+        out[task]["examples"] = len(exs)
+    return out
+
+
+def quality_rows(quality: dict, tasks: list[str]) -> list[list[Any]]:
+    rows = []
+    for n, arms in quality.items():
+        for arm, m in arms.items():
+            row: list[Any] = [n, arm]
+            for t in tasks:
+                if t == "next_movie":
+                    row += [m.get(t, {}).get(f"recall@{k}", "-") for k in (1, 5, 10)]
+                elif t == "review":
+                    row += [m.get(t, {}).get("rouge1", "-"), m.get(t, {}).get("rougeL", "-")]
+                else:
+                    row.append(m.get(t, {}).get("accuracy", "-"))
+            rows.append(row)
+    return rows
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q, cost = results["ml1m"]["quality"], results["ml1m"]["cost"]
+    ns = sorted(int(n) for n in q)
+    fig, axes = plt.subplots(1, 5, figsize=(24, 4.5))
+    metrics = [("next_movie", "recall@10"), ("genre_history", "accuracy"),
+               ("genre_future", "accuracy")]
+    for ax, (task, key) in zip(axes, metrics):
+        for arm in ("userllm", "text-lora", "text-zeroshot", "none-lora", "encoder"):
+            ys = [q[str(n)].get(arm, {}).get(task, {}).get(key) for n in ns]
+            if any(y is not None for y in ys):
+                ax.plot(ns, ys, marker="o", label=arm)
+        ax.set(title=f"{task} ({key})", xlabel="history events N", xscale="log")
+        ax.legend(fontsize=7)
+    for ax, (key, label) in zip(axes[3:], [("prefill_gflops", "prefill GFLOPs"),
+                                           ("p50_ms", "time to first token p50 (ms)")]):
+        for arm in ("userllm", "text"):
+            ys = [cost[str(n)][arm].get(key) for n in ns if str(n) in cost]
+            ax.plot([n for n in ns if str(n) in cost], ys, marker="o", label=arm)
+        ax.set(title=label, xlabel="history events N", xscale="log", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def pick_users(split, need: int, count: int, seed: int) -> list[str]:
+    """Users with at least `need` events before the held-out tail (so every N is really N),
+    in a seeded random order; the same list for every arm and every N."""
+    users = sorted(u for u, h in split.test.items() if len(h) - split.holdout >= need)
+    random.Random(seed).shuffle(users)
+    return users[:count]
+
+
+def run_ml1m(a, results: dict, save) -> None:
+    from llm.config import ModelConfig
+    from llm.flops import check_with_counter, prefill_flops
+    from training.adapter_checkpoint import load_adapter_encoder
+
+    work = Path(a.work)
+    ds = load_dataset(a.data, "movielens")
+    hist = ds.histories
+    enc_dir = work / "ml1m-encoder"
+    r = results["ml1m"]
+    r["encoder"] = {k: v for k, v in ensure_encoder(
+        hist, "movielens", enc_dir, a.encoder_minutes, HOLDOUT, 512, a.seed).items()
+        if k in ("metrics", "train_config", "epoch")}
+    arms = ml1m_arms(a)
+    for spec in arms:
+        r["training"][spec.name] = ensure_arm(spec, hist, a.model, enc_dir, work / "ml1m", a.seed)
+        save()
+    split = task_split(hist, HOLDOUT)
+    cat = Catalogue.from_histories(split.train.values())
+    users = pick_users(split, max(a.ns), a.users, a.seed)
+    r["users"] = {"count": len(users), "rule": f">= {max(a.ns)} events before the held-out tail"}
+    for n in a.ns:
+        exs = held_out_examples(split, ML_TASKS, cat, n, users)
+        q = r["quality"].setdefault(str(n), {})
+        q["encoder"] = encoder_alone(enc_dir, exs, cat)
+        for spec in arms:
+            if spec.name in q or (spec.ablation and n != min(a.ns)):
+                continue
+            t0 = time.perf_counter()
+            arm = load_arm(spec.name, a.model, work / "ml1m" / spec.name if spec.adapter else None,
+                           kind=spec.kind)
+            try:
+                q[spec.name] = evaluate(arm, exs, cat) | {
+                    "seconds": round(time.perf_counter() - t0, 1)}
+            finally:
+                arm.close()
+            print(f"N={n} {spec.name}: " + json.dumps(
+                {t: {k: v for k, v in m.items() if k != "predictions"}
+                 for t, m in q[spec.name].items() if isinstance(m, dict)}), flush=True)
+            save()
+    # Cost: the next_movie question for the first users, each arm in its own process.
+    from transformers import AutoConfig
+
+    from llm.loader import resolve
+
+    folder, gguf = resolve(a.model)
+    hf = AutoConfig.from_pretrained(folder, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(folder)
+    main_arm = work / "ml1m" / "userllm"
+    meta = json.loads((main_arm / "adapter.json").read_text())["llm"]
+    cross = ModelConfig.from_hf(hf, cross_every_n=meta["cross_every_n"], user_dim=meta["user_dim"])
+    plain = ModelConfig.from_hf(hf)
+    encoder = load_adapter_encoder(main_arm)
+    from transformers import AutoTokenizer
+
+    tok = (AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf
+           else AutoTokenizer.from_pretrained(folder))
+    budget = plain.max_position_embeddings - 40
+    for n in a.ns:
+        if str(n) in r["cost"]:
+            continue
+        exs = [ex for ex in held_out_examples(split, ["next_movie"], cat, n, users)][:a.latency_requests]
+        text_prompts = [prompt_ids(tok, ex, "text", budget).ids for ex in exs]
+        user_prompts = [prompt_ids(tok, ex, "userllm", budget).ids for ex in exs]
+        k = encoder.model.cfg.num_user_tokens
+        t_len = float(np.mean([len(p) for p in text_prompts]))
+        u_len = float(np.mean([len(p) for p in user_prompts]))
+        enc_fl = float(np.mean([encoder_flops(encoder, ex.history) for ex in exs]))
+        text_fl = float(np.mean([prefill_flops(plain, len(p)).total for p in text_prompts]))
+        user_fl = float(np.mean([prefill_flops(cross, len(p), k).total for p in user_prompts]))
+        row = {"text": {"prompt_tokens": t_len, "prefill_gflops": text_fl / 1e9,
+                        "kv_mib": kv_bytes(plain, int(t_len)) / 2**20},
+               "userllm": {"prompt_tokens": u_len, "user_tokens": k,
+                           "prefill_gflops": (user_fl + enc_fl) / 1e9,
+                           "encoder_gflops": enc_fl / 1e9,
+                           "kv_mib": kv_bytes(plain, int(u_len)) / 2**20},
+               "counter_check": {"text": check_with_counter(plain, int(t_len)),
+                                 "userllm": check_with_counter(cross, int(u_len), k)}}
+        row["text"] |= measure(CostJob(a.model, str(work / "ml1m" / "text-lora"), "text",
+                                       text_prompts, [], a.threads))
+        row["userllm"] |= measure(CostJob(a.model, str(main_arm), "userllm", user_prompts,
+                                          [ex.history for ex in exs], a.threads))
+        row["ratio"] = {"prefill_flops": text_fl / (user_fl + enc_fl),
+                        "p50_latency": row["text"]["p50_ms"] / row["userllm"]["p50_ms"],
+                        "prompt_tokens": t_len / u_len}
+        r["cost"][str(n)] = row
+        print(f"N={n} cost: " + json.dumps(row["ratio"]), flush=True)
+        save()
+
+
+def run_amazon(a, results: dict, save) -> None:
+    work = Path(a.work)
+    ds = load_dataset(a.amazon, "amazon")
+    hist = ds.histories
+    enc_dir = work / "amazon-encoder"
+    r = results["amazon"]
+    r["encoder"] = {k: v for k, v in ensure_encoder(
+        hist, "amazon", enc_dir, a.amazon_encoder_minutes, 1, 64, a.seed).items()
+        if k in ("metrics", "train_config", "epoch")}
+    split = task_split(hist, 1)
+    cat = Catalogue.from_histories(split.train.values())
+    users = pick_users(split, 4, a.amazon_users, a.seed)
+    exs = held_out_examples(split, ["review"], cat, 64, users)
+    r["users"] = len(users)
+    for spec in amazon_arms(a):
+        r["training"][spec.name] = ensure_arm(spec, hist, a.model, enc_dir, work / "amazon", a.seed)
+        if spec.name in r["quality"]:
+            continue
+        arm = load_arm(spec.name, a.model, work / "amazon" / spec.name if spec.adapter else None,
+                       kind=spec.kind)
+        try:
+            r["quality"][spec.name] = evaluate(arm, exs, cat)
+        finally:
+            arm.close()
+        print(f"amazon {spec.name}: " + json.dumps(
+            {k: v for k, v in r["quality"][spec.name]["review"].items() if k != "predictions"}),
+            flush=True)
+        save()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(SHARED / "data" / "ml-1m"))
+    ap.add_argument("--amazon", default=str(SHARED / "data" / "amazon-musical-instruments-5core" / "Musical_Instruments_5.json"))
+    ap.add_argument("--model", default=str(SHARED / "models" / "smollm2-135m-instruct-q4_1-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--work", default=str(Path(__file__).resolve().parent / ".work" / "userllm"))
+    ap.add_argument("--ns", type=lambda s: [int(x) for x in s.split(",")], default=[50, 200, 500])
+    ap.add_argument("--users", type=int, default=24, help="ML-1M users evaluated (every arm, every N)")
+    ap.add_argument("--amazon-users", type=int, default=200)
+    ap.add_argument("--latency-requests", type=int, default=6)
+    ap.add_argument("--encoder-minutes", type=float, default=15)
+    ap.add_argument("--adapter-minutes", type=float, default=40)
+    ap.add_argument("--text-minutes", type=float, default=40)
+    ap.add_argument("--none-minutes", type=float, default=15)
+    ap.add_argument("--amazon-minutes", type=float, default=15)
+    ap.add_argument("--amazon-encoder-minutes", type=float, default=4)
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--ablation-minutes", type=float, default=12)
+    ap.add_argument("--skip-amazon", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    out = Path(a.work) / "partial.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for part in ("ml1m", "amazon"):
+        results.setdefault(part, {}).setdefault("training", {})
+        results[part].setdefault("quality", {})
+    results["ml1m"].setdefault("cost", {})
+
+    def save() -> None:
+        out.write_text(json.dumps(results, indent=1, default=str))
+
+    run_ml1m(a, results, save)
+    if not a.skip_amazon:
+        run_amazon(a, results, save)
+    config = {k: v for k, v in vars(a).items()}
+    write_results("userllm_vs_text", config, results, tables(results))
+    plot(results, Path(__file__).resolve().parent / "results" / "userllm_vs_text.png")
+    return 0
+
+
+def tables(results: dict) -> str:
+    ml = results["ml1m"]
+    md = ["# USER-LLM vs text prompts (SmolLM2-135M-Instruct, CPU)\n",
+          f"ML-1M, {ml.get('users', {}).get('count', '?')} users, the same for every arm and N; "
+          "trie-constrained beam search (beam 10) for every arm.\n"]
+    md.append(markdown_table(["N", "arm", "next R@1", "next R@5", "next R@10", "genre (a) acc",
+                              "genre (b) acc"], quality_rows(ml["quality"], ML_TASKS)))
+    rows = []
+    for n, c in ml["cost"].items():
+        for arm in ("text", "userllm"):
+            x = c[arm]
+            rows.append([n, arm, round(x["prompt_tokens"]), round(x["prefill_gflops"], 2),
+                         round(x["p50_ms"], 1), round(x["p99_ms"], 1),
+                         round(x["peak_rss_over_loaded_mib"], 1), round(x["kv_mib"], 1)])
+        rows.append([n, "text / userllm", round(c["ratio"]["prompt_tokens"], 1),
+                     round(c["ratio"]["prefill_flops"], 1), round(c["ratio"]["p50_latency"], 1),
+                     "", "", ""])
+    md.append("\n" + markdown_table(["N", "arm", "prompt tokens", "prefill GFLOPs", "TTFT p50 ms",
+                                     "TTFT p99 ms", "peak MiB over loaded", "KV MiB"], rows))
+    amazon = results.get("amazon", {}).get("quality", {})
+    if amazon:
+        md.append("\nAmazon review titles (ROUGE F1):\n\n" + markdown_table(
+            ["arm", "ROUGE-1", "ROUGE-L"],
+            [[arm, m["review"]["rouge1"], m["review"]["rougeL"]] for arm, m in amazon.items()]))
+    return "\n".join(md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

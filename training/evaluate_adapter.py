@@ -1,0 +1,149 @@
+"""Evaluating a USER-LLM arm on task examples, through the engine that serves it.
+
+Closed tasks (a title, a genre) decode with beam search constrained to a trie of every
+possible answer (llm/engine/beam_search.py), the same for every arm: next_movie reports
+Recall@1/5/10 over the ranked beams, the genre tasks accuracy of the top beam. The review task
+decodes greedily and reports ROUGE-1 / ROUGE-L F1 (rouge-score, stemmed).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.prompts import answer_ids, prompt_ids
+from training.tasks import CLOSED_TASKS, Catalogue, Example
+
+RECALL_AT = (1, 5, 10)
+
+
+@dataclass(slots=True)
+class Arm:
+    """One way of answering: an engine (base LLM + adapter), its encoder side, its arm kind."""
+    name: str
+    kind: str  # userllm | text | none
+    engine: Any  # llm.engine.Engine
+    encoder: Any = None  # userenc.checkpoint.LoadedEncoder (userllm arm)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def load_arm(name: str, model_path: str | Path, adapter: str | Path | None, *,
+             kind: str | None = None, kv_cache_bytes: int = 256 << 20,
+             max_num_seqs: int = 16) -> Arm:
+    from llm.engine.engine import Engine
+    from training.adapter_checkpoint import adapter_meta, load_adapter_encoder
+
+    engine = Engine.from_pretrained(model_path, adapter=adapter, kv_cache_bytes=kv_cache_bytes,
+                                    max_num_seqs=max_num_seqs)
+    encoder = load_adapter_encoder(adapter) if adapter is not None else None
+    kind = kind or (adapter_meta(adapter)["arm"] if adapter is not None else "none")
+    return Arm(name, kind, engine, encoder)
+
+
+def answer_trie(arm: Arm, answers: list[str]):
+    from llm.engine.beam_search import TokenTrie
+
+    end = _end_token(arm.engine.tokenizer)
+    ids = {tuple(answer_ids(arm.engine.tokenizer, a, end)[:-1]): a for a in answers}
+    return TokenTrie(list(ids), end), ids
+
+
+def _end_token(tokenizer) -> int:
+    vocab = tokenizer.get_vocab()
+    return int(vocab["<|im_end|>"]) if "<|im_end|>" in vocab else int(tokenizer.eos_token_id)
+
+
+def _inputs(arm: Arm, batch: list[Example], budget: int) -> tuple[list[list[int]], list, list[int]]:
+    """(prompt ids, user tokens or None per example, events shown as text)."""
+    prompts = [prompt_ids(arm.engine.tokenizer, ex, arm.kind, budget) for ex in batch]
+    users: list = [None] * len(batch)
+    if arm.kind == "userllm":
+        t0 = time.perf_counter()
+        users = arm.encoder.user_tokens([ex.history for ex in batch])
+        arm.stats["encoder_seconds"] = arm.stats.get("encoder_seconds", 0.0) + time.perf_counter() - t0
+    return [p.ids for p in prompts], users, [p.events_shown for p in prompts]
+
+
+def evaluate_closed(arm: Arm, examples: list[Example], catalogue: Catalogue,
+                    beam_width: int = 10, users_per_call: int = 4) -> dict[str, Any]:
+    """Per task: recall@k (next_movie) or accuracy (genres), with every prediction kept. A
+    user's questions go to the engine together: they share the history prefix (text arm) or
+    the user tokens, and are prefilled once."""
+    exs = [ex for ex in examples if ex.task in CLOSED_TASKS]
+    tries = {t: answer_trie(arm, catalogue.answers(t)) for t in {ex.task for ex in exs}}
+    if not tries:
+        return {}
+    longest = max(trie.max_length for trie, _ in tries.values())
+    budget = arm.engine.max_model_len - longest - 1
+    by_user: dict[str, list[Example]] = {}
+    for ex in exs:
+        by_user.setdefault(ex.user, []).append(ex)
+    users = list(by_user)
+    rank: dict[int, float] = {}
+    pred: dict[int, str | None] = {}
+    shown: dict[int, int] = {}
+    for i in range(0, len(users), users_per_call):
+        batch = [ex for u in users[i:i + users_per_call] for ex in by_user[u]]
+        prompts, tokens, events = _inputs(arm, batch, budget)
+        results = arm.engine.beam_search(prompts, [tries[ex.task][0] for ex in batch],
+                                         beam_width, tokens)
+        for ex, res, n in zip(batch, results, events):
+            answers = [tries[ex.task][1][tuple(a)] for a, _ in res]
+            rank[id(ex)] = answers.index(ex.target) + 1 if ex.target in answers else np.inf
+            pred[id(ex)] = answers[0] if answers else None
+            shown[id(ex)] = n
+    out: dict[str, Any] = {}
+    for task in CLOSED_TASKS:
+        task_exs = [ex for ex in exs if ex.task == task]
+        if not task_exs:
+            continue
+        ranks = np.asarray([rank[id(ex)] for ex in task_exs], dtype=float)
+        metrics: dict[str, Any] = {"examples": len(task_exs)}
+        if task == "next_movie":
+            metrics |= {f"recall@{k}": float((ranks <= k).mean()) for k in RECALL_AT}
+        else:
+            metrics["accuracy"] = float((ranks == 1).mean())
+        if arm.kind == "text":
+            metrics["events_shown_mean"] = float(np.mean([shown[id(ex)] for ex in task_exs]))
+        metrics["predictions"] = [pred[id(ex)] for ex in task_exs]
+        out[task] = metrics
+    return out
+
+
+def evaluate_review(arm: Arm, examples: list[Example], max_tokens: int = 24,
+                    batch_size: int = 16) -> dict[str, Any]:
+    from rouge_score import rouge_scorer
+
+    from llm.engine.sampling_params import SamplingParams
+
+    exs = [ex for ex in examples if ex.task == "review"]
+    if not exs:
+        return {}
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    budget = arm.engine.max_model_len - max_tokens - 1
+    r1, rl, texts = [], [], []
+    for i in range(0, len(exs), batch_size):
+        batch = exs[i:i + batch_size]
+        prompts, users, _ = _inputs(arm, batch, budget)
+        outs = arm.engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens),
+                                   users)
+        for ex, o in zip(batch, outs):
+            s = scorer.score(ex.target, o.text.strip())
+            r1.append(s["rouge1"].fmeasure)
+            rl.append(s["rougeL"].fmeasure)
+            texts.append(o.text.strip())
+    return {"review": {"examples": len(exs), "rouge1": float(np.mean(r1)),
+                       "rougeL": float(np.mean(rl)), "predictions": texts}}
+
+
+def evaluate(arm: Arm, examples: list[Example], catalogue: Catalogue, beam_width: int = 10
+             ) -> dict[str, Any]:
+    with torch.inference_mode():
+        return evaluate_closed(arm, examples, catalogue, beam_width) | evaluate_review(arm, examples)
