@@ -60,7 +60,7 @@ def main() -> int:
         data, fmt, spec = str(write_sample_data(work / "sample" / "events.jsonl")), "jsonl", "movielens"
         train_args = ["--epochs", "15", "--batch-size", "16", "--lr", "5e-3", "--dropout", "0.1"]
         adapter_tasks, adapter_minutes = "genre_history", args.adapter_minutes
-        adapter_args = ["--batch-size", "8", "--per-user", "2", "--lengths", "20,40", "--valid-examples", "48"]
+        adapter_args = ["--batch-size", "8", "--lr", "3e-3", "--per-user", "2", "--lengths", "20,40", "--valid-examples", "48"]
     run_dir = str(work / "home" / "runs" / "encoder")
 
     step("ingest into the encrypted store")

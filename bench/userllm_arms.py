@@ -61,19 +61,23 @@ def amazon_arms(a: Any) -> list[ArmSpec]:
     ]
 
 
-def ensure_encoder(histories, spec_name: str, out: Path, minutes: float, holdout: int,
+def ensure_encoder(histories, spec_name: str, out: Path, epochs: int, holdout: int,
                    max_len: int, seed: int) -> dict[str, Any]:
-    """Train the benchmark's encoder once (kept in the work folder)."""
-    if (out / "model.safetensors").is_file():
-        return json.loads((out / "manifest.json").read_text())
+    """Train the benchmark's encoder once (kept in the work folder); a fixed number of epochs,
+    so a busy machine changes how long it takes, not what comes out."""
     from training.train_encoder import train_encoder
     from userenc.config import EncoderConfig
     from userenc.spec import load_spec
 
+    last = out.with_name(out.name + ".last") / "state.json"
+    if last.is_file():
+        state = json.loads(last.read_text())
+        if state["epoch"] >= epochs or state["bad_epochs"] >= TrainConfig().patience:
+            return json.loads((out / "manifest.json").read_text())
     cfg = EncoderConfig(max_len=max_len, num_user_tokens=4, out_dim=64)
-    tcfg = TrainConfig(epochs=25, batch_size=32, seed=seed, max_minutes=minutes,
-                       fit_schedule_to_budget=True, holdout=holdout)
-    train_encoder(histories, load_spec(spec_name), cfg, tcfg, out, progress=True)
+    tcfg = TrainConfig(epochs=epochs, batch_size=32, seed=seed, holdout=holdout)
+    train_encoder(histories, load_spec(spec_name), cfg, tcfg, out, resume=last.is_file(),
+                  progress=True)
     return json.loads((out / "manifest.json").read_text())
 
 

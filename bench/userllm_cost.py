@@ -2,9 +2,10 @@
 
 Latency: time to first token through our engine, one request at a time (batch 1, the prefix
 cache reset before each request so nothing is reused), whole prompt prefilled in one step;
-the USER-LLM side includes the encoder turning the N-event history into K user tokens. Each
-arm runs in a fresh process (spawn), so its peak resident memory is its own: we report the
-peak during the requests minus the resident size after loading and warm-up.
+the USER-LLM side includes the encoder turning the N-event history into K user tokens. The
+arms run in one process with their requests interleaved. Memory: each arm in a fresh process
+of its own (spawn), the peak during its requests minus the resident size after loading and
+warm-up.
 """
 from __future__ import annotations
 
@@ -45,47 +46,84 @@ def _reset_peak() -> None:
         pass
 
 
-def _run(job: CostJob) -> dict[str, Any]:
-    import torch
+class _Arm:
+    """An engine (and, for USER-LLM, the adapter's encoder) answering one request at a time."""
 
-    from llm.engine.engine import Engine
-    from llm.engine.sampling_params import SamplingParams
-    from training.adapter_checkpoint import load_adapter_encoder
+    def __init__(self, job: CostJob) -> None:
+        from llm.engine.engine import Engine
+        from llm.engine.sampling_params import SamplingParams
+        from training.adapter_checkpoint import load_adapter_encoder
 
-    torch.set_num_threads(job.threads)
-    longest = max(len(p) for p in job.prompts) + 8
-    engine = Engine.from_pretrained(job.model, adapter=job.adapter, kv_cache_bytes=640 << 20,
-                                    max_num_seqs=4, max_num_batched_tokens=max(1024, longest))
-    encoder = load_adapter_encoder(job.adapter) if job.kind == "userllm" else None
-    one = SamplingParams(temperature=0.0, max_tokens=1)
+        self.job = job
+        longest = max(len(p) for p in job.prompts) + 8
+        self.engine = Engine.from_pretrained(job.model, adapter=job.adapter,
+                                             kv_cache_bytes=640 << 20, max_num_seqs=4,
+                                             max_num_batched_tokens=max(1024, longest))
+        self.encoder = load_adapter_encoder(job.adapter) if job.kind == "userllm" else None
+        self.one = SamplingParams(temperature=0.0, max_tokens=1)
 
-    def request(i: int) -> tuple[float, float]:
-        engine.reset_prefix_cache()
+    def request(self, i: int) -> tuple[float, float]:
+        """(seconds to the first token, of which the encoder's), nothing cached."""
+        self.engine.reset_prefix_cache()
         t0 = time.perf_counter()
-        tokens = encoder.user_tokens([job.histories[i]])[0] if encoder is not None else None
+        tokens = (self.encoder.user_tokens([self.job.histories[i]])[0]
+                  if self.encoder is not None else None)
         t1 = time.perf_counter()
-        engine.generate([job.prompts[i]], one, [tokens])
+        self.engine.generate([self.job.prompts[i]], self.one, [tokens])
         return time.perf_counter() - t0, t1 - t0
 
-    request(0)  # warm-up (first-call allocations), not counted
+
+def _latency(jobs: list[CostJob]) -> list[dict[str, Any]]:
+    """Every arm loaded in one process; their requests interleaved (request i of each arm in
+    turn), so a slow spell of a shared machine hits all of them alike."""
+    import torch
+
+    torch.set_num_threads(jobs[0].threads)
+    arms = [_Arm(job) for job in jobs]
+    for arm in arms:
+        arm.request(0)  # warm-up (first-call allocations), not counted
+    times: list[list[tuple[float, float]]] = [[] for _ in arms]
+    for i in range(len(jobs[0].prompts)):
+        for arm, out in zip(arms, times):
+            out.append(arm.request(i))
+    results = []
+    for arm, out in zip(arms, times):
+        ms = np.asarray([t for t, _ in out]) * 1e3
+        results.append({"requests": len(ms), "p50_ms": float(np.percentile(ms, 50)),
+                        "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+                        "encoder_ms_mean": float(np.mean([e for _, e in out]) * 1e3),
+                        "prompt_tokens_mean": float(np.mean([len(p) for p in arm.job.prompts]))})
+        arm.engine.close()
+    return results
+
+
+def _memory(job: CostJob) -> dict[str, float]:
+    """Peak resident memory of two requests over the loaded, warmed-up process."""
+    import torch
+
+    torch.set_num_threads(job.threads)
+    arm = _Arm(job)
+    arm.request(0)
     base = _status_mib("VmRSS")
     _reset_peak()
-    times, enc = zip(*(request(i) for i in range(len(job.prompts))))
+    for i in range(min(2, len(job.prompts))):
+        arm.request(i)
     peak = _status_mib("VmHWM")
-    engine.close()
-    ms = np.asarray(times) * 1e3
-    return {"requests": len(ms), "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-            "encoder_ms_mean": float(np.mean(enc) * 1e3),
-            "prompt_tokens_mean": float(np.mean([len(p) for p in job.prompts])),
-            "peak_rss_over_loaded_mib": max(0.0, peak - base), "loaded_rss_mib": base}
+    arm.engine.close()
+    return {"peak_rss_over_loaded_mib": max(0.0, peak - base), "loaded_rss_mib": base}
 
 
-def measure(job: CostJob) -> dict[str, Any]:
-    """Run one arm's requests in a fresh process and return its latency / memory figures."""
+def measure(jobs: list[CostJob]) -> list[dict[str, Any]]:
+    """Latency of the arms side by side in one fresh process, then each arm's memory in a
+    fresh process of its own (spawned: the parent's model memory is not inherited)."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_run, (job,))
+        latency = pool.apply(_latency, (jobs,))
+    out = []
+    for job, lat in zip(jobs, latency):
+        with ctx.Pool(1) as pool:
+            out.append(lat | pool.apply(_memory, (job,)))
+    return out
 
 
 def kv_bytes(model_config, tokens: int, dtype_bytes: int = 4) -> int:

@@ -143,14 +143,14 @@ def run_ml1m(a, results: dict, save) -> None:
     enc_dir = work / "ml1m-encoder"
     r = results["ml1m"]
     r["encoder"] = {k: v for k, v in ensure_encoder(
-        hist, "movielens", enc_dir, a.encoder_minutes, HOLDOUT, 512, a.seed).items()
+        hist, "movielens", enc_dir, a.encoder_epochs, HOLDOUT, 512, a.seed).items()
         if k in ("metrics", "train_config", "epoch")}
     arms = ml1m_arms(a)
     for spec in arms:
         r["training"][spec.name] = ensure_arm(spec, hist, a.model, enc_dir, work / "ml1m", a.seed)
         save()
     split = task_split(hist, HOLDOUT)
-    cat = Catalogue.from_histories(split.train.values())
+    cat = Catalogue.from_histories(hist.values(), ranked_by=split.train.values())
     users = pick_users(split, max(a.ns), a.users, a.seed)
     r["users"] = {"count": len(users), "rule": f">= {max(a.ns)} events before the held-out tail"}
     for n in a.ns:
@@ -209,10 +209,13 @@ def run_ml1m(a, results: dict, save) -> None:
                            "kv_mib": kv_bytes(plain, int(u_len)) / 2**20},
                "counter_check": {"text": check_with_counter(plain, int(t_len)),
                                  "userllm": check_with_counter(cross, int(u_len), k)}}
-        row["text"] |= measure(CostJob(a.model, str(work / "ml1m" / "text-lora"), "text",
-                                       text_prompts, [], a.threads))
-        row["userllm"] |= measure(CostJob(a.model, str(main_arm), "userllm", user_prompts,
-                                          [ex.history for ex in exs], a.threads))
+        text_cost, user_cost = measure([
+            CostJob(a.model, str(work / "ml1m" / "text-lora"), "text", text_prompts, [],
+                    a.threads),
+            CostJob(a.model, str(main_arm), "userllm", user_prompts, [ex.history for ex in exs],
+                    a.threads)])
+        row["text"] |= text_cost
+        row["userllm"] |= user_cost
         row["ratio"] = {"prefill_flops": text_fl / (user_fl + enc_fl),
                         "p50_latency": row["text"]["p50_ms"] / row["userllm"]["p50_ms"],
                         "prompt_tokens": t_len / u_len}
@@ -228,10 +231,10 @@ def run_amazon(a, results: dict, save) -> None:
     enc_dir = work / "amazon-encoder"
     r = results["amazon"]
     r["encoder"] = {k: v for k, v in ensure_encoder(
-        hist, "amazon", enc_dir, a.amazon_encoder_minutes, 1, 64, a.seed).items()
+        hist, "amazon", enc_dir, a.amazon_encoder_epochs, 1, 64, a.seed).items()
         if k in ("metrics", "train_config", "epoch")}
     split = task_split(hist, 1)
-    cat = Catalogue.from_histories(split.train.values())
+    cat = Catalogue.from_histories(hist.values(), ranked_by=split.train.values())
     users = pick_users(split, 4, a.amazon_users, a.seed)
     exs = held_out_examples(split, ["review"], cat, 64, users)
     r["users"] = len(users)
@@ -261,12 +264,12 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=24, help="ML-1M users evaluated (every arm, every N)")
     ap.add_argument("--amazon-users", type=int, default=200)
     ap.add_argument("--latency-requests", type=int, default=6)
-    ap.add_argument("--encoder-minutes", type=float, default=15)
+    ap.add_argument("--encoder-epochs", type=int, default=8)
     ap.add_argument("--adapter-minutes", type=float, default=40)
     ap.add_argument("--text-minutes", type=float, default=40)
     ap.add_argument("--none-minutes", type=float, default=15)
     ap.add_argument("--amazon-minutes", type=float, default=15)
-    ap.add_argument("--amazon-encoder-minutes", type=float, default=4)
+    ap.add_argument("--amazon-encoder-epochs", type=int, default=15)
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--ablation-minutes", type=float, default=12)
     ap.add_argument("--skip-amazon", action="store_true")

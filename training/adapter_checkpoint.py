@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llm.adapter import ADAPTER_FILE, FORMAT, LLM_WEIGHTS, lora_state_dict, read_adapter
 from training.userllm import AdapterConfig, UserLLM
-from userenc.checkpoint import LoadedEncoder, load_checkpoint
+from userenc.checkpoint import LoadedEncoder, load_checkpoint, write_folder_atomically
 from userenc.config import EncoderConfig
 from userenc.model import UserEncoder
 
@@ -66,12 +63,10 @@ def save_adapter(folder: str | Path, model: UserLLM, meta: dict[str, Any],
                  extra: dict[str, torch.Tensor] | None = None) -> Path:
     """meta: {"base_model": {...}, "encoder": {...} | None}. `extra` (optimizer state for
     resume) goes to training_state.safetensors; `files` are written as given."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     cfg = model.cfg
     user_dim = model.encoder.cfg.out_dim if model.encoder is not None else None
-    try:
+
+    def write(tmp: Path) -> None:
         llm_state = _trained(model, "llm.")
         if cfg.uses_lora:
             llm_state |= {k: v.contiguous().cpu() for k, v in lora_state_dict(model.llm).items()}
@@ -87,16 +82,8 @@ def save_adapter(folder: str | Path, model: UserLLM, meta: dict[str, Any],
         if extra:
             save_file({k: v.contiguous().cpu() for k, v in extra.items()},
                       str(tmp / "training_state.safetensors"))
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return write_folder_atomically(folder, write)
 
 
 def adapter_meta(folder: str | Path) -> dict[str, Any]:

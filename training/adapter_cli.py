@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from training.cli import _positive
 from training.config import AdapterConfig, AdapterTrainConfig, default_model_path, env_threads
 from training.sources import add_source_args, data_source_name, open_source
 from training.tasks import TASKS
@@ -12,15 +13,6 @@ STRATEGY_HELP = ("proj: user-token head + cross blocks; enc: + the encoder; lora
                  "LLM's attention; full: + every LLM weight; zeroshot (text/none arms): nothing")
 DEFAULT_TASKS = {"movielens": "next_movie,genre_history", "amazon": "review",
                  "jsonl": "genre_history", "csv": "genre_history"}
-
-
-def _positive(kind: type):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
 
 
 def _ints(text: str) -> list[int]:

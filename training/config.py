@@ -46,6 +46,7 @@ class AdapterTrainConfig:
     text_budget: int = 8160  # prompt tokens at most (text arm); SmolLM2's context is 8192
     valid_examples: int = 256
     eval_every: int = 0  # validation every N steps (0: at the end of each epoch)
+    validate_first: bool = False  # also validate the untrained model (step 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

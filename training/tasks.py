@@ -55,13 +55,20 @@ class Catalogue:
     genres: list[str]
 
     @classmethod
-    def from_histories(cls, histories: Iterable[list[Event]]) -> "Catalogue":
+    def from_histories(cls, histories: Iterable[list[Event]],
+                       ranked_by: Iterable[list[Event]] | None = None) -> "Catalogue":
+        """Titles from every event given (item metadata); genres ranked by their frequency in
+        `ranked_by` (the training parts), or in the same events."""
         titles: dict[str, str] = {}
         counts: Counter = Counter()
         for h in histories:
             for e in h:
                 if "title" in e.fields:
                     titles[e.item_id] = str(e.fields["title"])
+                if ranked_by is None:
+                    counts.update(str(g) for g in _genres(e))
+        for h in ranked_by or []:
+            for e in h:
                 counts.update(str(g) for g in _genres(e))
         return cls(titles, [g for g, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))])
 

@@ -93,7 +93,12 @@ def build_stage2(model_path: str | Path, encoder_dir: str | Path | None, acfg: A
                            "holdout": holdout}
     return Stage2(model, tok, enc.tokenizer if enc else None,
                   enc.model.cfg.max_len if enc else 0, holdout,
-                  Catalogue.from_histories(histories.values()), int(end), int(pad), meta)
+                  _catalogue(histories, holdout), int(end), int(pad), meta)
+
+
+def _catalogue(histories: dict[str, list[Event]], holdout: int) -> Catalogue:
+    return Catalogue.from_histories(histories.values(),
+                                    ranked_by=task_split(histories, holdout).train.values())
 
 
 def _optimizer(model: UserLLM, tcfg: AdapterTrainConfig) -> torch.optim.Optimizer:
@@ -119,12 +124,17 @@ def _loss(model, items: list[Encoded], s2: Stage2, device, wrapped=None) -> torc
 @torch.no_grad()
 def validation_loss(model: UserLLM, items: list[Encoded], s2: Stage2, device,
                     batch_size: int = 16) -> dict[str, float]:
-    """Mean answer loss per task and overall (each example weighs the same)."""
+    """Mean answer loss per task and overall; each example weighs the same (its own loss is
+    the mean over its answer tokens)."""
     model.eval()
     per_task: dict[str, list[float]] = {}
     for i in range(0, len(items), batch_size):
-        for it in items[i:i + batch_size]:  # per example: a mean over its own answer tokens
-            per_task.setdefault(it.task, []).append(float(_loss(model, [it], s2, device)))
+        chunk = items[i:i + batch_size]
+        batch = collate(chunk, s2.pad_token, s2.enc_tokenizer, s2.enc_max_len, device)
+        token_loss = model(*batch.args(), reduce=False)
+        sums = torch.zeros(len(chunk)).index_add_(0, batch.label_rows.cpu(), token_loss.cpu())
+        for it, total in zip(chunk, sums.tolist()):
+            per_task.setdefault(it.task, []).append(total / len(it.answer))
     out = {t: float(np.mean(v)) for t, v in per_task.items()}
     out["all"] = float(np.mean([x for v in per_task.values() for x in v])) if per_task else 0.0
     return out
@@ -168,7 +178,7 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
 
     state_dir = out.with_name(out.name + ".last")
     meta: dict[str, Any] = {"step": 0, "best_loss": math.inf, "history": [], "seconds": 0.0,
-                            "planned_steps": total}
+                            "planned_steps": total, "warmup": schedule.warmup}
     if resume and (state_dir / "state.json").is_file():
         meta = json.loads((state_dir / "state.json").read_text())
         state = load_file(str(state_dir / "training_state.safetensors"))
@@ -181,7 +191,7 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
             _restore_state(model, opt, {k: v for k, v in state.items() if not k.startswith("param.")})
     elif resume:
         raise FileNotFoundError(f"nothing to resume: {state_dir} has no training state")
-    schedule.total_steps = meta["planned_steps"]
+    schedule.total_steps, schedule.warmup = meta["planned_steps"], meta["warmup"]
 
     manifest = {
         "kind": "adapter", "data_sha256": data_fingerprint(histories),
@@ -216,9 +226,8 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
         (state_dir / "state.json").write_text(json.dumps(meta, indent=1))
 
     started = time.perf_counter() - meta["seconds"]
-    if meta["step"] == 0:
-        validate()  # the untrained adapter is the first candidate (gates at 0: the base model;
-        # for a zero-shot arm the only one)
+    if meta["step"] == 0 and (opt is None or tcfg.validate_first):
+        validate()  # zero-shot: the base model is the only candidate
     epoch = meta["step"] // steps_per_epoch
     bar = tqdm(total=meta["planned_steps"], initial=meta["step"], unit="step",
                disable=not progress or dist.rank() != 0, dynamic_ncols=True, mininterval=1.0)
@@ -239,13 +248,14 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
             meta["seconds"] = time.perf_counter() - started
             losses.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", lr=f"{g['lr']:.1e}")
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}",
+                            lr=f"{opt.param_groups[0]['lr']:.1e}")
             if meta["step"] == PROBE_STEPS and tcfg.max_minutes and meta["planned_steps"] > PROBE_STEPS:
                 per_step = meta["seconds"] / PROBE_STEPS
                 fit = int(60 * tcfg.max_minutes / per_step)
                 meta["planned_steps"] = dist.broadcast_int(max(PROBE_STEPS + 1, min(total, fit)))
                 schedule.total_steps = meta["planned_steps"]
-                schedule.warmup = max(1, int(tcfg.warmup_frac * meta["planned_steps"]))
+                schedule.warmup = meta["warmup"] = max(1, int(tcfg.warmup_frac * meta["planned_steps"]))
                 bar.total = meta["planned_steps"]
             end_of_epoch = meta["step"] % steps_per_epoch == 0
             if (tcfg.eval_every and meta["step"] % tcfg.eval_every == 0) or end_of_epoch \

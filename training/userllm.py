@@ -76,16 +76,17 @@ class UserLLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, label_rows: torch.Tensor,
                 label_cols: torch.Tensor, labels: torch.Tensor,
                 enc_ids: dict[str, torch.Tensor] | None = None,
-                enc_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy of the answer tokens: position (label_rows[i], label_cols[i])
-        of the right-padded batch input_ids [B, T] predicts labels[i]."""
+                enc_valid: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
+        """Mean cross-entropy of the answer tokens (reduce=False: one per answer token):
+        position (label_rows[i], label_cols[i]) of the right-padded batch input_ids [B, T]
+        predicts labels[i]."""
         tokens = mask = None
         if self.encoder is not None:
             assert enc_ids is not None and enc_valid is not None
             tokens, mask = self.user_tokens(enc_ids, enc_valid)
         hidden = self.llm(input_ids, user_tokens=tokens, user_mask=mask)
         logits = self.llm.compute_logits(hidden[label_rows, label_cols])
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(logits.float(), labels, reduction="mean" if reduce else "none")
 
 
 def parameter_counts(model: UserLLM) -> dict[str, int]:

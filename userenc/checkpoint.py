@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -64,7 +64,6 @@ class LoadedEncoder:
             flush()
         return np.concatenate(out) if out else np.zeros((0, self.model.cfg.out_dim), dtype=np.float32)
 
-
     def user_tokens(self, histories: list[list[Event]], batch_size: int = 64) -> list[torch.Tensor]:
         """The tokens an LLM reads for each history: [K, out_dim] from the Perceiver (or
         [T, out_dim], one per event, without one), float32 on the model's device."""
@@ -90,10 +89,7 @@ def save_checkpoint(
 ) -> Path:
     """Atomically (re)write a checkpoint folder. `extra` tensors (optimizer state for resume)
     go to training_state.safetensors beside the weights; `files` are written as given."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=1))
         save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding tables
         tokenizer.save(tmp / "vocab")
@@ -102,6 +98,18 @@ def save_checkpoint(
             (tmp / name).write_text(text)
         if extra:
             save_file({k: v.contiguous().cpu() for k, v in extra.items()}, str(tmp / "training_state.safetensors"))
+
+    return write_folder_atomically(folder, write)
+
+
+def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` fills a temporary folder beside `folder`, which then replaces `folder` by
+    renames: a reader sees the old folder or the new one, never half of one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
         old = folder.with_name(f".{folder.name}.old")
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -37,20 +37,16 @@ class TokenTrie:
         self.end_token = end_token
         self.root: dict[int, dict] = {}
         self.size = 0
+        self.max_length = 0  # the longest answer, its end token included
         for seq in sequences:
             assert end_token not in seq, "an answer may not contain the end token"
             node = self.root
             for tok in [*seq, end_token]:
                 node = node.setdefault(int(tok), {})
             self.size += 1
+            self.max_length = max(self.max_length, len(seq) + 1)
         if not self.size:
             raise ValueError("a trie needs at least one answer")
-
-    @property
-    def max_length(self) -> int:
-        def depth(node: dict) -> int:
-            return 1 + max((depth(c) for c in node.values()), default=0) if node else 0
-        return depth(self.root)
 
 
 @dataclass(slots=True)

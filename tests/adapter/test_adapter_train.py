@@ -30,7 +30,7 @@ def test_planted_signal_userllm_beats_no_user_tokens(tmp_path, tiny_llm, tiny_en
     from training.train_adapter import train_adapter
 
     torch.manual_seed(0)
-    tcfg = AdapterTrainConfig(epochs=3, **TRAIN)
+    tcfg = AdapterTrainConfig(epochs=3, validate_first=True, **TRAIN)
     user = train_adapter(sample_histories, tiny_llm, tiny_encoder,
                          AdapterConfig(arm="userllm", strategy="enc", tasks=TASKS,
                                        cross_every_n=2, num_user_tokens=2),
