@@ -29,6 +29,7 @@ endif
 	touch $(STAMP)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 demo: setup

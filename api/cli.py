@@ -35,6 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expected_failure(err: BaseException) -> str | None:
+    """The one-line message of an expected failure (bad input, a missing file or key, a store
+    that refuses to open or does not authenticate, an unreachable or locked database); None for
+    a bug, which keeps its traceback. Messages never carry record contents (validators keep it
+    so); a database error keeps only its driver's first line, never the statement or values."""
+    if isinstance(err, (UsageError, ValueError, LookupError, OSError)):
+        return str(err) or type(err).__name__
+    module = type(err).__module__
+    if module.startswith("store"):
+        from store.errors import StoreError
+
+        if isinstance(err, StoreError):
+            return str(err)
+    if module.startswith("sqlalchemy"):
+        from sqlalchemy.exc import IntegrityError, OperationalError
+
+        first = (str(getattr(err, "orig", None) or "").strip().splitlines() or [type(err).__name__])[0]
+        if isinstance(err, OperationalError):
+            return f"database unavailable or locked: {first}"
+        if isinstance(err, IntegrityError):
+            return f"database refused the write (altered data, or a concurrent writer): {first}"
+        return f"database error: {first}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -43,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("userllm: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
-        # One clear line; the message never carries record contents (validators keep it so).
-        print(f"userllm {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = expected_failure(err)
+        if message is None:
+            raise
+        name = " ".join(filter(None, (args.command, getattr(args, "admin_command", None))))
+        print(f"userllm {name}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
 

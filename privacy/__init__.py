@@ -6,9 +6,18 @@ from privacy.envelope import (
     aad_builder,
     associated_data,
     new_data_key,
+    owner_aad,
 )
-from privacy.hashing import KeyedHasher, sha256_hex
-from privacy.kek import KekDirectory, KekProvider, LocalKek, WrappedKey, kek_from_env, parse_kek_entries
+from privacy.hashing import KeyedHasher, RecordMac, sha256_hex
+from privacy.kek import (
+    KekDirectory,
+    KekMissingError,
+    KekProvider,
+    LocalKek,
+    WrappedKey,
+    kek_from_env,
+    parse_kek_entries,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -17,9 +26,12 @@ __all__ = [
     "aad_builder",
     "associated_data",
     "new_data_key",
+    "owner_aad",
     "KeyedHasher",
+    "RecordMac",
     "sha256_hex",
     "KekDirectory",
+    "KekMissingError",
     "KekProvider",
     "LocalKek",
     "WrappedKey",

@@ -97,22 +97,36 @@ def parse_kek_entries(text: str, source: str) -> dict[int, bytes]:
     return keys
 
 
+class KekMissingError(LookupError):
+    """No KEK where one must be: never answered by minting a new one (that would orphan every
+    wrapped key)."""
+
+
 class KekDirectory(LocalKek):
-    """One 0600 file per KEK version in a 0700 directory; the first version is made on first use."""
+    """One 0600 file per KEK version in a 0700 directory. The first version is made only when a
+    new store is created (`create=True`); an empty or missing directory is an error otherwise."""
 
     PATTERN = re.compile(r"^kek-v(\d{6})\.key$")
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, create: bool = False):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         keys = self._load()
         if not keys:
+            if not create:
+                raise KekMissingError(f"no KEK in {self.path}")
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._write(1, AESGCM.generate_key(bit_length=256))
             keys = self._load()
         super().__init__(keys, source=str(self.path))
 
+    @classmethod
+    def holds_keys(cls, path: Path) -> bool:
+        return path.is_dir() and any(cls.PATTERN.match(f.name) for f in path.iterdir())
+
     def _load(self) -> dict[int, bytes]:
-        keys = {}
+        keys: dict[int, bytes] = {}
+        if not self.path.is_dir():
+            return keys
         for f in sorted(self.path.iterdir()):
             m = self.PATTERN.match(f.name)
             if m:
@@ -135,16 +149,19 @@ class KekDirectory(LocalKek):
         return v
 
     def remove_version(self, version: int) -> None:
-        assert version != self.current_version(), "never remove the current KEK"
+        if version == self.current_version():
+            raise ValueError("never remove the current KEK version")
         (self.path / f"kek-v{version:06d}.key").unlink()
         del self._keys[version]
 
 
-def kek_from_env(home: Path, environ: dict[str, str] | None = None) -> LocalKek:
+def kek_from_env(home: Path, environ: dict[str, str] | None = None, create: bool = False) -> LocalKek:
+    """The KEK named by the environment, else the key directory; `create` allows minting the
+    directory's first version (a new store only)."""
     env = os.environ if environ is None else environ
     if env.get("USERLLM_KEK"):
         return LocalKek(parse_kek_entries(env["USERLLM_KEK"], "USERLLM_KEK"), source="USERLLM_KEK")
     if env.get("USERLLM_KEK_FILE"):
         path = Path(env["USERLLM_KEK_FILE"])
         return LocalKek(parse_kek_entries(path.read_text(), str(path)), source=str(path))
-    return KekDirectory(Path(home) / "kek")
+    return KekDirectory(Path(home) / "kek", create=create)

@@ -7,16 +7,18 @@ copy of the data file never carries its keys); any SQLAlchemy URL through `USERL
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 
-def resolve_home(home: str | os.PathLike | None = None) -> Path:
+def resolve_home(home: str | os.PathLike | None = None, create: bool = True) -> Path:
     path = Path(home or os.environ.get("USERLLM_HOME") or Path.home() / ".userllm").expanduser()
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if create:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
 
 
@@ -34,12 +36,38 @@ def _with_driver(url: str) -> str:
     return url
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite URL (None for other backends and in-memory databases)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = make_url(url).database
+    return path if path and path != ":memory:" else None
+
+
+def describe(url: str) -> str:
+    """A database URL as an operator may see it: the file, or the URL without its password."""
+    path = sqlite_path(url)
+    return path if path else make_url(url).render_as_string(hide_password=True)
+
+
+def holds_schema(engine: Engine, version_table: str) -> bool:
+    """Whether the database was ever migrated (an existing store), without creating anything."""
+    path = sqlite_path(str(engine.url))
+    if path is not None and (not os.path.exists(path) or os.path.getsize(path) == 0):
+        return False  # checked before connecting: connecting would create the file
+    return inspect(engine).has_table(version_table)
+
+
+def create_owner_only(url: str) -> None:
+    """Create a SQLite file owner-only before SQLite does (it gives its -wal/-shm files the
+    same permissions). Called only once the store has decided to create or open it."""
+    path = sqlite_path(url)
+    if path and not os.path.exists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = make_url(url).database
-        if path and path != ":memory:" and not os.path.exists(path):
-            # Created owner-only; SQLite gives its -wal/-shm files the same permissions.
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         engine = create_engine(url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
@@ -50,6 +78,9 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
+            # Deleted content is overwritten with zeros, not left in free pages: crypto-shredding
+            # must not depend on how the platform's SQLite was compiled.
+            cur.execute("PRAGMA secure_delete=ON")
             cur.execute("PRAGMA cache_size=-65536")  # 64 MiB: random-key index inserts stay in memory
             # Checkpoint every 64 MiB of WAL instead of 4 MiB: bulk ingest rewrites the same index
             # pages many times between checkpoints, and fewer, larger checkpoints copy (and fsync)
@@ -61,10 +92,36 @@ def make_engine(url: str) -> Engine:
         return engine
     if not url.startswith("postgresql"):
         raise ValueError(f"unsupported database URL scheme (use sqlite:/// or postgresql://): {url.split(':', 1)[0]}")
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
 
 
 def insert_ignoring_duplicates(engine: Engine, table):  # noqa: ANN001
     """INSERT ... ON CONFLICT DO NOTHING for either backend: what makes a retried batch harmless."""
     insert = sqlite_insert if engine.dialect.name == "sqlite" else pg_insert
     return insert(table).on_conflict_do_nothing()
+
+
+# Test-only hook (documented in api/store_cli.py): seconds to sleep inside each batch's open
+# transaction, so the kill -9 tests land mid-batch deterministically. Unset in production.
+BATCH_DELAY_ENV = "USERLLM_TEST_BATCH_DELAY"
+
+
+def batch_pause() -> None:
+    delay = float(os.environ.get(BATCH_DELAY_ENV) or 0)
+    if delay:
+        time.sleep(delay)
+
+
+def checkpoint_and_compact(engine: Engine, tables: tuple[str, ...] = (), full: bool = False) -> str | None:
+    """After an erasure, make the deleted bytes leave the storage layer: SQLite (secure_delete
+    has zeroed them in the database file) truncates its WAL, whose older frames still hold them;
+    PostgreSQL vacuums `tables` (FULL rewrites them: plain VACUUM can leave a dead tuple's bytes
+    in a page's free space). Returns why it could not, or None."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()[0]
+        return "another process holds the database open; the WAL is truncated at its next checkpoint" if busy else None
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for table in tables:
+            conn.execute(text(f"VACUUM {'FULL ' if full else ''}{table}"))
+    return None

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from privacy import KeyedHasher
 
 USER_HASHES_FILE = "users.keyed-hashes.txt"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file that names users (even by keyed id) owner-only, 0600 from the start."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
 
 
 @dataclass(slots=True, frozen=True)
@@ -32,7 +41,7 @@ class TrainingFilter:
 
 def training_filter(store) -> TrainingFilter:  # noqa: ANN001
     tombs = store.keys.tombstones()
-    return TrainingFilter(store.hasher, frozenset(tombs), max((v for _, v, _ in tombs.values()), default=0))
+    return TrainingFilter(store.hasher, frozenset(tombs), max((t.version for t in tombs.values()), default=0))
 
 
 def user_set_sha256(hashes: list[str]) -> str:
@@ -55,7 +64,7 @@ def manifest_users(store, external_ids, checkpoint_dir: str | Path | None = None
     if checkpoint_dir is not None:
         d = Path(checkpoint_dir)
         d.mkdir(parents=True, exist_ok=True)
-        (d / USER_HASHES_FILE).write_text("\n".join(hashes) + ("\n" if hashes else ""))
+        write_private(d / USER_HASHES_FILE, "\n".join(hashes) + ("\n" if hashes else ""))
     return section
 
 
@@ -84,6 +93,6 @@ def stale_models(store, runs_dir: str | Path) -> list[CheckpointStatus]:  # noqa
         if user_set_sha256(hashes) != section.get("user_set_sha256"):
             out.append(CheckpointStatus(ckpt, "unknown", 0, "user list does not match its hash in the manifest"))
             continue
-        erased = sum(1 for h in hashes if h in tombs and tombs[h][1] > version)
+        erased = sum(1 for h in hashes if h in tombs and tombs[h].version > version)
         out.append(CheckpointStatus(ckpt, "stale" if erased else "current", erased))
     return out

@@ -63,7 +63,7 @@ class UserIndex:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def load(self, version: str) -> "faiss.IndexIDMap2 | None":
+    def load(self, version: str):  # noqa: ANN201 - a faiss.IndexIDMap2, or None
         """A private copy, safe to modify (then `save`)."""
         path = self._path(version)
         if not path.exists():

@@ -1,5 +1,7 @@
 """Key-store tables: a separate database by default (keys.db), so data backups carry no keys.
-Prefixed `keystore_` so both can share one database when an operator points both URLs at it."""
+Prefixed `keystore_` so both can share one PostgreSQL database when an operator points both
+URLs at it."""
+
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Integer, LargeBinary, String
@@ -15,12 +17,14 @@ class DataKey(KeysBase):
     user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     uid_hash: Mapped[str] = mapped_column(String(64), unique=True)
     kek_version: Mapped[int] = mapped_column(Integer)
-    wrapped: Mapped[bytes] = mapped_column(LargeBinary)  # bound to user_id by the wrap's AAD
+    # Wrapped under the KEK with both ids in the wrap's AAD: the row authenticates the link
+    # from the user's keyed id to their internal id and key.
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[int] = mapped_column(BigInteger)
 
 
 class Secret(KeysBase):
-    """Node-wide keys wrapped by the KEK: the keyed-hash pepper and the FAISS file key."""
+    """Node-wide keys wrapped by the KEK: the keyed-hash pepper, the FAISS file key, the MAC key."""
 
     __tablename__ = "keystore_secrets"
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -29,19 +33,28 @@ class Secret(KeysBase):
 
 
 class KeyTombstone(KeysBase):
-    """The authoritative tombstones: they survive a restore of the data database."""
+    """The authoritative tombstones: they survive a restore of the data database. `mac` binds
+    every field; `kek_version` is the KEK version that wrapped the shredded key (a backup of the
+    key store from before the erasure opens it while that version exists)."""
 
     __tablename__ = "keystore_tombstones"
     uid_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger)
     version: Mapped[int] = mapped_column(Integer, unique=True)
     erased_at: Mapped[int] = mapped_column(BigInteger)
+    kek_version: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str] = mapped_column(String(64))
 
 
 class AuditAnchor(KeysBase):
-    """Last audit entry's (seq, hash), kept apart from the log so cutting its tail is detected."""
+    """The audit log's tail as last written (seq, entry_hash) and the tail before it (prior_*):
+    the log must end at one of the two (the second covers a crash between the two commits).
+    Kept apart from the log, with a MAC, so cutting, rolling back or extending the log is seen."""
 
     __tablename__ = "keystore_audit_anchor"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     seq: Mapped[int] = mapped_column(BigInteger)
     entry_hash: Mapped[str] = mapped_column(String(64))
+    prior_seq: Mapped[int] = mapped_column(BigInteger)
+    prior_hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))

@@ -1,6 +1,8 @@
 """Data tables (typed SQLAlchemy 2). Nothing personal is kept in clear: external ids appear only as
-a keyed hash and, sealed, under the user's data key; event payloads and embeddings are sealed.
-Migrations (store/migrations/data) create exactly these; a test checks they do not drift."""
+a keyed hash (the user's keyed id) and, sealed, under the user's data key; event payloads and
+embeddings are sealed with AAD naming the owner's internal and keyed ids. The clear ids here are
+lookups only: every read is authenticated against the key store. Migrations
+(store/migrations/data) create exactly these; a test checks they do not drift."""
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, ForeignKey, Integer, LargeBinary, String, Text
@@ -22,9 +24,11 @@ class User(DataBase):
 
 
 class EventRow(DataBase):
+    """One event; unique per (user, event id). The key's user prefix also serves history reads."""
+
     __tablename__ = "events"
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), primary_key=True)
     id: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)  # 16-byte keyed hash of the event id
-    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), index=True)
     payload: Mapped[bytes] = mapped_column(LargeBinary)  # sealed JSON [event_id, item_id, timestamp, fields]
 
 
@@ -69,8 +73,13 @@ class ErasureRequest(DataBase):
 
 
 class Tombstone(DataBase):
+    """Copy of the key store's tombstones (same MAC), re-applied by restore-check when a key
+    store restored from a backup lacks them."""
+
     __tablename__ = "tombstones"
     uid_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger)
     version: Mapped[int] = mapped_column(Integer)
     erased_at: Mapped[int] = mapped_column(BigInteger)
+    kek_version: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str] = mapped_column(String(64))

@@ -1,83 +1,115 @@
 """The store: encrypted events and embeddings, per-user keys, FAISS index, audit log.
 
-    store = Store.open()                      # USERLLM_HOME, *_DATABASE_URL, USERLLM_KEK[_FILE]
-    store.ingest(events, batch_size=1000)     # one transaction per batch, idempotent by event id
-    store.history("user-42")                  # [Event], decrypted only in memory
+    with Store.open() as store:               # USERLLM_HOME, *_DATABASE_URL, USERLLM_KEK[_FILE]
+        store.ingest(events, batch_size=1000) # one transaction per batch, idempotent by (user, event id)
+        store.history("user-42")              # [Event], decrypted only in memory
+
+Every read resolves the user through the key store, whose row authenticates the link from the
+user's keyed id to their internal id and key, and opens each field with AAD naming both ids: a
+read for user U returns only data that authenticates as U's, or raises StoreIntegrityError.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from privacy import KekProvider, aad_builder, associated_data, kek_from_env
+from privacy import DecryptionError, KekProvider, aad_builder, owner_aad
 from store import audit
-from store.db import insert_ignoring_duplicates, make_engine, resolve_home, resolve_urls
+from store.db import checkpoint_and_compact, resolve_home
+from store.errors import StoreIntegrityError
 from store.index import UserIndex, check_version
-from store.keystore import INDEX_KEY, KeyStore
-from store.migrations import upgrade
+from store.ingest import Ingest
+from store.keystore import SQL_IN_CHUNK, UserKey
 from store.models import EmbeddingRow, EventRow, User
-from store.records import IngestCounts, decode_payload, encode_payload
+from store.opening import open_parts
+from store.records import decode_payload
 from userenc.events import Event
 
 log = logging.getLogger("userllm.store")
 
 
-@dataclass(slots=True)
-class _PreparedBatch:
-    size: int
-    tombstoned: int
-    new_users: list[dict]
-    rows: list[tuple]  # (row id bytes, user id, sealed payload), sorted by row id
-SQL_IN_CHUNK = 900  # stay under every backend's bound-parameter limit
-# Test-only hook (documented in api/store_cli.py): seconds to sleep inside each batch's open
-# transaction, so the kill -9 tests land mid-batch deterministically. Unset in production.
-BATCH_DELAY_ENV = "USERLLM_TEST_BATCH_DELAY"
+def _not_theirs(where: str) -> StoreIntegrityError:
+    return StoreIntegrityError(
+        f"{where} does not authenticate as the user it was read for (moved between users, or altered); nothing was returned"
+    )
 
 
-def batch_pause() -> None:
-    delay = float(os.environ.get(BATCH_DELAY_ENV) or 0)
-    if delay:
-        time.sleep(delay)
-
-
-class Store:
-    def __init__(self, home: Path, data_url: str, keys_url: str, kek: KekProvider):
-        self.home = home
-        self.data = make_engine(data_url)
-        self.keys_engine = make_engine(keys_url)
-        upgrade(self.data, "data")
-        upgrade(self.keys_engine, "keys")
-        self.keys = KeyStore(self.keys_engine, kek)
+class Store(Ingest):
+    def __init__(
+        self,
+        home: Path,
+        data_url: str | None,
+        keys_url: str | None,
+        kek: KekProvider | None,
+        create: bool = False,
+    ):
+        parts = open_parts(home, data_url, keys_url, kek, create)
+        self.home, self.data, self.keys_engine, self.keys = (
+            home,
+            parts.data,
+            parts.keys_engine,
+            parts.keys,
+        )
         self.hasher = self.keys.hasher
-        self.index = UserIndex(home / "index", self.keys.secret(INDEX_KEY))
-        mark = "?" if self.data.dialect.paramstyle == "qmark" else "%s"
-        self._insert_events_sql = f"INSERT INTO events (id, user_id, payload) VALUES ({mark}, {mark}, {mark}) ON CONFLICT DO NOTHING"
+        self.index = UserIndex(home / "index", self.keys.index_key)
+        # One file per store (named by its MAC key): a node may serve several stores from one home.
+        self.node_anchor = audit.NodeAnchor(
+            home / f"audit-anchor-{self.keys.mac.tag('store-id')[:16]}.json", self.keys.mac
+        )
+        self.event_aad = aad_builder("events", "payload")
+        self._rows_confirmed: set[int] = set()  # users whose data-database row matches their key
+        self.created = parts.created
+        if parts.created:
+            self.audit("store.created", {"kek_version": self.keys.kek.current_version()})
 
     @classmethod
-    def open(cls, home: str | os.PathLike | None = None, url: str | None = None, keys_url: str | None = None, kek: KekProvider | None = None) -> "Store":
-        h = resolve_home(home)
-        data_url, keys_url = resolve_urls(h, url, keys_url)
-        return cls(h, data_url, keys_url, kek or kek_from_env(h))
+    def open(
+        cls,
+        home: str | os.PathLike | None = None,
+        url: str | None = None,
+        keys_url: str | None = None,
+        kek: KekProvider | None = None,
+        create: bool = False,
+    ) -> "Store":
+        """Open an existing store; `create=True` also creates one where none exists at all."""
+        return cls(resolve_home(home, create=False), url, keys_url, kek, create)
 
     def close(self) -> None:
         self.data.dispose()
         self.keys_engine.dispose()
 
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self.close()
+
     # -- audit --------------------------------------------------------------------------------
-    def audit(self, action: str, details: dict) -> None:
+    def audit(self, action: str, details: dict, acknowledge_gaps: bool = False) -> list[str]:
+        """Append an entry. The log must end where both anchors say; if not, the entry is still
+        recorded but the anchors are not moved over the gap (returned, and logged as a warning),
+        unless `acknowledge_gaps` (restore-check), which records the gaps in the entry itself."""
         for attempt in range(5):
             try:
                 with self.data.begin() as conn:
-                    seq, h = audit.append(conn, action, details)
+                    prev = audit.tail(conn)
+                    gaps = audit.anchor_gaps(
+                        conn, prev, self.keys.audit_anchor(), self.node_anchor.read()
+                    )
+                    if gaps and acknowledge_gaps:
+                        prev = audit.append(conn, prev, audit.GAP_ACTION, {"gaps": gaps})
+                    latest = audit.append(conn, prev, action, details)
+                    if acknowledge_gaps or not gaps:
+                        # Inside the transaction: the log then ends at `prev` or `latest`, whatever fails.
+                        self.keys.set_audit_anchor(prev, latest)
                 break
             except (IntegrityError, OperationalError):
                 # Another process appended the same sequence number first (or held SQLite's write
@@ -85,223 +117,220 @@ class Store:
                 if attempt == 4:
                     raise
                 time.sleep(0.05 * (attempt + 1))
-        self.keys.set_audit_anchor(seq, h)
+        if acknowledge_gaps or not gaps:
+            self.node_anchor.write(latest)
+        else:
+            log.warning(
+                "audit log: %s; not re-anchored (run `userllm admin audit-verify`, then `userllm admin restore-check`)",
+                "; ".join(gaps),
+            )
+        return gaps
 
-    def audit_problems(self) -> list[str]:
-        return audit.verify(self.data, self.keys.audit_anchor())
+    def audit_report(self) -> audit.AuditReport:
+        return audit.verify(self.data, self.keys.audit_anchor(), self.node_anchor.read())
 
     # -- users --------------------------------------------------------------------------------
-    def user_id(self, external_id: str) -> int | None:
-        """Internal id of a live user in the data database (None when unknown)."""
-        h = self.hasher.user(external_id)
+    def user_key(self, external_id: str) -> UserKey | None:
+        """The user's authenticated key (None when the store does not know them)."""
+        return self.keys.user_key(self.hasher.user(external_id))
+
+    def artefact_dir(self, uid_hash: str) -> Path:
+        """Where any part may cache per-user artefacts (e.g. UserTokens), by keyed id
+        (`store.hasher.user(external_id)`); erasure deletes it."""
+        return self.home / "cache" / uid_hash
+
+    def _external_id(self, key: UserKey, sealed: bytes) -> str:
+        aad = owner_aad("users", "external_id_sealed", key.user_id, key.uid_hash, key.user_id)
+        try:
+            ext = key.cipher.open(sealed, aad).decode()
+        except DecryptionError:
+            raise _not_theirs("a users row") from None
+        if self.hasher.user(ext) != key.uid_hash:
+            raise _not_theirs("a users row")
+        return ext
+
+    def confirm_user_rows(self, keys: Iterable[UserKey]) -> list[UserKey]:
+        """Check the data database's users rows against authenticated keys; returns the keys
+        whose row is missing. A row that names another keyed id is an integrity error."""
+        todo = {k.user_id: k for k in keys if k.user_id not in self._rows_confirmed}
+        ids = list(todo)
         with self.data.connect() as conn:
-            return conn.execute(select(User.id).where(User.uid_hash == h)).scalar()
-
-    def tombstoned(self) -> set[str]:
-        return set(self.keys.tombstones())
-
-    def _external_id(self, user_id: int, sealed: bytes) -> str:
-        aad = associated_data("users", "external_id_sealed", user_id, user_id)
-        return self.keys.cipher(user_id).open(sealed, aad, where="users.external_id_sealed").decode()
-
-    def artefact_dir(self, external_id: str) -> Path:
-        """Where any part may cache per-user artefacts (e.g. UserTokens); erasure deletes it."""
-        return self.home / "cache" / self.hasher.user(external_id)
-
-    # -- training honours erasure (see store/erasure_training.py) ------------------------------
-    def training_filter(self):  # noqa: ANN201
-        from store.erasure_training import training_filter
-
-        return training_filter(self)
-
-    def manifest_users(self, external_ids: Iterable[str], checkpoint_dir: str | os.PathLike | None = None) -> dict:
-        from store.erasure_training import manifest_users
-
-        return manifest_users(self, external_ids, checkpoint_dir)
-
-    # -- ingest -------------------------------------------------------------------------------
-    def ingest(self, events: Iterable[Event], batch_size: int = 1000, on_batch: Callable[[IngestCounts], None] | None = None) -> IngestCounts:
-        """Validate everything first (bad input writes nothing), then write one transaction per
-        batch. A batch is acknowledged (`on_batch`) only after its commit; re-running the same
-        input skips what is already stored, so a killed run loses and duplicates nothing."""
-        if batch_size < 1:
-            raise ValueError("batch size must be at least 1")
-        events = list(events)
-        payloads = [encode_payload(e, i) for i, e in enumerate(events)]
-        counts = IngestCounts(received=len(events))
-        tombstones, known = self.tombstoned(), {}
-        # Two-stage pipeline: while the writer thread runs batch N's transaction (SQLite and the
-        # PostgreSQL driver release the GIL while they work), this thread hashes and seals batch
-        # N+1. At most one batch is in flight; acknowledgements stay in order, after each commit.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-ingest") as writer:
-            in_flight = None
-            for start in range(0, len(events), batch_size):
-                batch = self._prepare_batch(events[start : start + batch_size], payloads[start : start + batch_size], tombstones, known)
-                if in_flight is not None:
-                    self._acknowledge(in_flight, counts, on_batch)
-                in_flight = (writer.submit(self._write_batch, batch), batch)
-            if in_flight is not None:
-                self._acknowledge(in_flight, counts, on_batch)
-        self.audit("ingest", counts.as_dict())
-        log.info("ingest: %s", counts.as_dict())
-        return counts
-
-    @staticmethod
-    def _acknowledge(in_flight, counts: IngestCounts, on_batch) -> None:  # noqa: ANN001
-        future, batch = in_flight
-        inserted = future.result()  # re-raises the writer's error; nothing after it was written
-        counts.inserted += inserted
-        counts.duplicates += batch.size - batch.tombstoned - inserted
-        counts.tombstoned += batch.tombstoned
-        counts.batches += 1
-        if on_batch:
-            on_batch(counts)
-
-    def _prepare_batch(self, batch: list[Event], payloads: list[bytes], tombstones: set[str], known: dict[str, int]) -> "_PreparedBatch":
-        """Everything but the data write: user ids and keys (committed to the key store before
-        any data that needs them), row ids, sealed payloads."""
-        hasher = self.hasher
-        uid_hash = {ext: hasher.user(ext) for ext in dict.fromkeys(e.user_id for e in batch)}
-        tombstones.update(self.keys.tombstoned_among(list(uid_hash.values())))  # erasures since we started
-        live = {ext: h for ext, h in uid_hash.items() if h not in tombstones}
-        unknown = [h for h in live.values() if h not in known]
-        with self.data.connect() as conn:
-            for i in range(0, len(unknown), SQL_IN_CHUNK):
-                known.update(conn.execute(select(User.uid_hash, User.id).where(User.uid_hash.in_(unknown[i : i + SQL_IN_CHUNK]))).all())
-        new_users, now = [], int(time.time())
-        missing = [h for h in live.values() if h not in known]
-        if missing:
-            created = self.keys.get_or_create_many(missing)
-            for ext, h in live.items():
-                if h in created and h not in known:
-                    uid = known[h] = created[h]
-                    sealed = self.keys.cipher(uid).seal(ext.encode(), associated_data("users", "external_id_sealed", uid, uid))
-                    new_users.append({"id": uid, "uid_hash": h, "external_id_sealed": sealed, "created_at": now})
-        rows: dict[bytes, tuple] = {}
-        cipher_of = {uid: self.keys.cipher(uid) for uid in (known[h] for h in live.values())}
-        event_hash, event_aad, tombstoned = hasher.event, aad_builder("events", "payload"), 0
-        for e, payload in zip(batch, payloads):
-            h = live.get(e.user_id)
-            if h is None:
-                tombstoned += 1
-                continue
-            uid = known[h]
-            rid = event_hash(e.event_id)
-            rows[rid] = (rid, uid, cipher_of[uid].seal(payload, event_aad(uid, rid.hex())))
-        # Sorted keys: B-tree inserts land close together.
-        return _PreparedBatch(len(batch), tombstoned, new_users, [rows[rid] for rid in sorted(rows)])
-
-    def _write_batch(self, batch: "_PreparedBatch") -> int:
-        """One transaction. The hot path goes straight to the driver's executemany (no per-row
-        SQLAlchemy work); ON CONFLICT DO NOTHING makes a retried batch harmless, and the driver's
-        summed rowcount says how many rows were new."""
-        with self.data.begin() as conn:
-            if batch.new_users:
-                conn.execute(insert_ignoring_duplicates(self.data, User.__table__), batch.new_users)
-            inserted = conn.exec_driver_sql(self._insert_events_sql, batch.rows).rowcount if batch.rows else 0
-            assert inserted >= 0, "the driver must report executemany row counts"
-            batch_pause()  # tests only: holds the batch's transaction open so a kill lands mid-batch
-        return inserted
+            for i in range(0, len(ids), SQL_IN_CHUNK):
+                for uid, h in conn.execute(
+                    select(User.id, User.uid_hash).where(User.id.in_(ids[i : i + SQL_IN_CHUNK]))
+                ):
+                    if h != todo[uid].uid_hash:
+                        raise StoreIntegrityError(
+                            "a users row names another keyed id than its key (the mapping was altered); nothing was changed"
+                        )
+                    self._rows_confirmed.add(uid)
+        return [k for uid, k in todo.items() if uid not in self._rows_confirmed]
 
     # -- reads --------------------------------------------------------------------------------
     def history(self, external_id: str) -> list[Event]:
         """The user's events in timestamp order (ties by event id); [] for an unknown user."""
-        uid = self.user_id(external_id)
-        return [] if uid is None else self._history(uid, external_id)
+        key = self.user_key(external_id)
+        return [] if key is None else self._history(key, external_id)
 
-    def _history(self, uid: int, external_id: str) -> list[Event]:
-        cipher, event_aad = self.keys.cipher(uid), aad_builder("events", "payload")
+    def _history(self, key: UserKey, external_id: str) -> list[Event]:
+        uid, h, open_, aad, event_hash = (
+            key.user_id,
+            key.uid_hash,
+            key.cipher.open,
+            self.event_aad,
+            self.hasher.event,
+        )
         with self.data.connect() as conn:
-            rows = conn.execute(select(EventRow.id, EventRow.payload).where(EventRow.user_id == uid)).all()
-        events = [
-            decode_payload(cipher.open(p, event_aad(uid, rid.hex()), where=f"events.payload row {rid.hex()}"), external_id)
-            for rid, p in rows
-        ]
+            rows = conn.execute(
+                select(EventRow.id, EventRow.payload).where(EventRow.user_id == uid)
+            ).all()
+        events = []
+        try:
+            for rid, p in rows:
+                e = decode_payload(open_(p, aad(uid, h, rid.hex())), external_id)
+                if event_hash(e.event_id) != rid:
+                    raise DecryptionError("row id")
+                events.append(e)
+        except DecryptionError:
+            raise _not_theirs("an events row") from None
         events.sort(key=lambda e: (e.timestamp, e.event_id))
         return events
 
     def histories(self) -> Iterator[tuple[str, list[Event]]]:
         """(external id, history) for every live user, tombstoned users excluded."""
-        tombstones = self.tombstoned()
+        tombstones = self.keys.tombstones()
         with self.data.connect() as conn:
-            users = conn.execute(select(User.id, User.uid_hash, User.external_id_sealed).order_by(User.id)).all()
+            users = conn.execute(
+                select(User.id, User.uid_hash, User.external_id_sealed).order_by(User.id)
+            ).all()
+        users = [u for u in users if u.uid_hash not in tombstones]
+        keys = self.keys.user_keys(
+            [u.uid_hash for u in users]
+        )  # one query per chunk, each row authenticated
         for uid, h, sealed in users:
-            if h in tombstones:
-                continue
-            ext = self._external_id(uid, sealed)
-            yield ext, self._history(uid, ext)
-
-    def user_count(self) -> int:
-        with self.data.connect() as conn:
-            return conn.execute(select(func.count()).select_from(User)).scalar_one()
+            key = keys.get(h)
+            if key is None or key.user_id != uid:
+                raise StoreIntegrityError(
+                    "a users row has no key of its own (mapping altered, or a key store older than the data); nothing was returned"
+                )
+            ext = self._external_id(key, sealed)
+            yield ext, self._history(key, ext)
 
     # -- embeddings and similar users ---------------------------------------------------------
     def put_embeddings(self, vectors: dict[str, np.ndarray], encoder_version: str) -> int:
         """Store sealed vectors (one per user and encoder version, replacing older ones) and
         update the FAISS index. Unknown users are an error; tombstoned ones are skipped."""
         check_version(encoder_version)
-        tombstones, ids, mats, rows, now = self.tombstoned(), [], [], [], int(time.time())
-        dim = None
+        mats, dim = {}, None
         for ext, vec in vectors.items():
             v = np.asarray(vec, dtype=np.float32)
             if v.ndim != 1 or not np.isfinite(v).all() or (dim is not None and v.shape[0] != dim):
                 raise ValueError("embeddings must be finite 1-D vectors of one common width")
-            dim = v.shape[0]
-            h = self.hasher.user(ext)
-            if h in tombstones:
-                continue
-            uid = self.user_id(ext)
-            if uid is None:
-                raise ValueError("embedding for a user the store does not know (ingest their events first)")
-            row = f"{uid}.{encoder_version}"
-            sealed = self.keys.cipher(uid).seal(v.tobytes(), associated_data("embeddings", "vector", uid, row))
-            rows.append({"user_id": uid, "encoder_version": encoder_version, "dim": dim, "vector": sealed, "computed_at": now})
-            ids.append(uid)
-            mats.append(v)
+            dim, mats[self.hasher.user(ext)] = v.shape[0], v
+        tombstones = self.keys.tombstoned_among(list(mats))
+        keys = self.keys.user_keys([h for h in mats if h not in tombstones])
+        if len(keys) + len(tombstones) < len(mats) or self.confirm_user_rows(keys.values()):
+            raise ValueError(
+                "embedding for a user the store does not know (ingest their events first)"
+            )
+        now, rows = int(time.time()), []
+        for h, k in keys.items():
+            sealed = k.cipher.seal(
+                mats[h].tobytes(),
+                owner_aad("embeddings", "vector", k.user_id, h, f"{k.user_id}.{encoder_version}"),
+            )
+            rows.append(
+                {
+                    "user_id": k.user_id,
+                    "encoder_version": encoder_version,
+                    "dim": dim,
+                    "vector": sealed,
+                    "computed_at": now,
+                }
+            )
         if not rows:
             return 0
+        ids = [r["user_id"] for r in rows]
         with self.data.begin() as conn:
             for i in range(0, len(ids), SQL_IN_CHUNK):
                 chunk = ids[i : i + SQL_IN_CHUNK]
-                conn.execute(delete(EmbeddingRow).where(EmbeddingRow.encoder_version == encoder_version, EmbeddingRow.user_id.in_(chunk)))
+                conn.execute(
+                    delete(EmbeddingRow).where(
+                        EmbeddingRow.encoder_version == encoder_version,
+                        EmbeddingRow.user_id.in_(chunk),
+                    )
+                )
             conn.execute(EmbeddingRow.__table__.insert(), rows)
-        self.index.upsert(encoder_version, np.array(ids, dtype=np.int64), np.stack(mats))
+        self.index.upsert(
+            encoder_version, np.array(ids, dtype=np.int64), np.stack([mats[h] for h in keys])
+        )
         # An erasure that finished while we wrote must not be undone by our index update.
-        erased_meanwhile = {t[0] for h, t in self.keys.tombstones().items() if h not in tombstones}
-        for uid in erased_meanwhile & set(ids):
-            self.index.remove_everywhere(uid)
+        for t in self.keys.tombstoned_among(list(keys)).values():
+            self.index.remove_everywhere(t.user_id)
         return len(rows)
 
     def embedding(self, external_id: str, encoder_version: str) -> np.ndarray | None:
-        uid = self.user_id(external_id)
-        if uid is None:
+        key = self.user_key(external_id)
+        if key is None:
             return None
+        uid = key.user_id
         with self.data.connect() as conn:
-            row = conn.execute(
-                select(EmbeddingRow.vector).where(EmbeddingRow.user_id == uid, EmbeddingRow.encoder_version == encoder_version)
-            ).scalar()
+            q = select(EmbeddingRow.vector).where(
+                EmbeddingRow.user_id == uid, EmbeddingRow.encoder_version == encoder_version
+            )
+            row = conn.execute(q).scalar()
         if row is None:
             return None
-        raw = self.keys.cipher(uid).open(row, associated_data("embeddings", "vector", uid, f"{uid}.{encoder_version}"), where="embeddings.vector")
+        try:
+            raw = key.cipher.open(
+                row,
+                owner_aad("embeddings", "vector", uid, key.uid_hash, f"{uid}.{encoder_version}"),
+            )
+        except DecryptionError:
+            raise _not_theirs("an embeddings row") from None
         return np.frombuffer(raw, dtype=np.float32).copy()
 
-    def similar_users(self, external_id: str, k: int = 10, encoder_version: str | None = None) -> list[tuple[str, float]]:
+    def similar_users(
+        self, external_id: str, k: int = 10, encoder_version: str | None = None
+    ) -> list[tuple[str, float]]:
         """The k most similar live users (cosine), never the user itself nor an erased user."""
         version = encoder_version or self.index.current_version()
-        uid = self.user_id(external_id)
-        if version is None or uid is None:
+        key = self.user_key(external_id)
+        if version is None or key is None:
             return []
-        hits = self.index.search(version, uid, k + 8)  # a few spare in case some were erased
+        hits = self.index.search(
+            version, key.user_id, k + 8
+        )  # a few spare in case some were erased
         if not hits:
             return []
-        tombstones = self.tombstoned()
+        tombstones = self.keys.tombstones()
         with self.data.connect() as conn:
-            users = {r.id: r for r in conn.execute(select(User.id, User.uid_hash, User.external_id_sealed).where(User.id.in_([i for i, _ in hits])))}
+            q = select(User.id, User.uid_hash, User.external_id_sealed).where(
+                User.id.in_([i for i, _ in hits])
+            )
+            users = {r.id: r for r in conn.execute(q)}
         out = []
         for i, score in hits:
             u = users.get(i)
             if u is None or u.uid_hash in tombstones:
                 continue  # index lagging behind an erasure: never surface the user
-            out.append((self._external_id(i, u.external_id_sealed), score))
+            other = self.keys.user_key(u.uid_hash, user_id=i)
+            if other is None:
+                continue  # no key: erased, whatever the data database says
+            out.append((self._external_id(other, u.external_id_sealed), score))
         return out[:k]
 
+    # -- shredding ----------------------------------------------------------------------------
+    def compact_after_erasure(self, full: bool = False) -> list[str]:
+        """Push erased bytes out of the storage layer (see store.db.checkpoint_and_compact): the
+        key table always (rewritten on PostgreSQL: it is small), the data tables (PostgreSQL:
+        plain VACUUM, rewritten only with `full`: a rewrite locks the table). Returns notes."""
+        notes = []
+        for engine, tables, rewrite in (
+            (self.keys_engine, ("keystore_data_keys",), True),
+            (self.data, ("events", "embeddings", "users"), full),
+        ):
+            why = checkpoint_and_compact(engine, tables, full=rewrite)
+            if why:
+                notes.append(why)
+        return notes

@@ -167,6 +167,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(out.name + ".tmp.npz")
             np.savez(tmp, user_ids=np.asarray(users), embeddings=vectors)
+            tmp.chmod(0o600)  # it names users
             tmp.replace(out)
             print(f"embedded {len(users)} users ({vectors.shape[1]}-d) in {seconds:.1f}s -> {out}")
         if args.to_store:

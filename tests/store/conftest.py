@@ -102,6 +102,39 @@ def store(backend):
     from store import Store
 
     _, data_url, keys_url, home = backend
-    s = Store.open(home=home, url=data_url, keys_url=keys_url)
+    s = Store.open(home=home, url=data_url, keys_url=keys_url, create=True)
     yield s
     s.close()
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, caplog):
+    """`userllm` in this process (the same main() as the console script, without a ~2 s
+    interpreter start per call): (env, *args, stdin=None) -> CompletedProcess-like result."""
+    import io
+
+    from api import cli as api_cli
+
+    def run(env, *args, stdin=None):  # noqa: ANN001, ANN002
+        for var in ("USERLLM_KEK", "USERLLM_KEK_FILE", "USERLLM_DATABASE_URL", "USERLLM_KEYS_DATABASE_URL", "USERLLM_HOME"):
+            monkeypatch.delenv(var, raising=False)
+        for var in ("USERLLM_KEK", "USERLLM_DATABASE_URL", "USERLLM_KEYS_DATABASE_URL", "USERLLM_HOME"):
+            if var in env:
+                monkeypatch.setenv(var, env[var])
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin or ""))
+        monkeypatch.setattr(api_cli, "COMMAND_MODULES", ("api.store_cli",))
+        capsys.readouterr()
+        caplog.clear()
+        try:
+            code = api_cli.main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        out = capsys.readouterr()
+        # Warnings reach stderr through logging's last-resort handler in a real process; here
+        # pytest's log capture takes them first.
+        warned = "".join(f"{r.getMessage()}\n" for r in caplog.records if r.levelname == "WARNING")
+        import subprocess
+
+        return subprocess.CompletedProcess(list(args), code, out.out, warned + out.err)
+
+    return run

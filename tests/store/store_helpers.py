@@ -76,3 +76,43 @@ def all_rows(engine) -> dict[str, list[tuple]]:  # noqa: ANN001
     meta.reflect(engine)
     with engine.connect() as conn:
         return {name: [tuple(r) for r in conn.execute(select(t))] for name, t in meta.tables.items()}
+
+
+def raw_connection(url: str):  # noqa: ANN201
+    """A connection straight to the database, as a hostile operator editing it would use: no
+    foreign keys, no triggers, autocommit. SQL uses ? placeholders on both backends."""
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        conn = sqlite3.connect(url.split("sqlite:///", 1)[1], isolation_level=None, timeout=30)
+        return conn, "?"
+    import psycopg
+
+    conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1), autocommit=True)
+    conn.execute("SET session_replication_role = replica")  # FKs and triggers off (superuser)
+    return conn, "%s"
+
+
+def raw_exec(url: str, sql: str, params=()):  # noqa: ANN001, ANN201
+    conn, mark = raw_connection(url)
+    try:
+        cur = conn.execute(sql.replace("?", mark), tuple(params))
+        return cur.fetchall() if cur.description else None
+    finally:
+        conn.close()
+
+
+def sqlite_checkpoint(engine) -> None:  # noqa: ANN001
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def open_store(backend, kek_b64: str | None = None, create: bool = True):  # noqa: ANN001, ANN201
+    import base64
+
+    from privacy import LocalKek
+    from store import Store
+
+    _, data_url, keys_url, home = backend
+    kek = LocalKek({1: base64.b64decode(kek_b64)}) if kek_b64 else None
+    return Store.open(home=home, url=data_url, keys_url=keys_url, kek=kek, create=create)

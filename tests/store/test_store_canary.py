@@ -46,7 +46,7 @@ def test_canaries_appear_nowhere_at_rest_or_in_logs(backend, kek_b64, tmp_path, 
 
     from privacy import LocalKek
 
-    s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({1: base64.b64decode(kek_b64)}))
+    s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({1: base64.b64decode(kek_b64)}), create=True)
     s.ingest([Event("jl-1", CANARIES[0], CANARIES[5], 1_500_000_000, {"title": CANARIES[2], "genres": ["Drama"]})])
     s.put_embeddings({CANARIES[0]: np.ones(8, dtype=np.float32)}, "enc-canary")
     hist = s.history(CANARIES[0])

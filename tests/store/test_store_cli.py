@@ -17,7 +17,7 @@ def _snapshot(backend, kek_b64):
     from privacy import LocalKek
 
     _, data_url, keys_url, home = backend
-    s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({1: base64.b64decode(kek_b64)}))
+    s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({1: base64.b64decode(kek_b64)}), create=True)
     snap = (all_rows(s.data), all_rows(s.keys_engine), sorted(p.name for p in (home / "index").iterdir()))
     s.close()
     return snap
@@ -45,7 +45,7 @@ def test_cli_ingest_and_malformed_inputs_change_nothing(backend, kek_b64, tmp_pa
     oversized = tmp_path / "oversized.jsonl"
     oversized.write_text(json.dumps(good) + "\n" + json.dumps({**good, "item_id": "j", "fields": {"text": "x" * 70_000}}) + "\n")
     cases = [
-        (["ingest", "--data", str(oversized), "--format", "jsonl"], "event #1: record is"),
+        (["ingest", "--data", str(oversized), "--format", "jsonl"], "oversized.jsonl:2: record is over"),
         (["admin", "delete-user", "no-such-user"], "unknown user"),
     ]
     if name == "sqlite":  # the reader errors below happen before any database is touched

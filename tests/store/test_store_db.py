@@ -4,6 +4,8 @@ import pytest
 from sqlalchemy import func, select, text, update
 
 from privacy import DecryptionError, WrappedKey
+from store import StoreIntegrityError
+from store.keystore import data_key_context
 from store import Store, training_filter
 from store.apikeys import check_key, create_key, revoke_key
 from store.keystore_models import DataKey
@@ -66,7 +68,7 @@ def test_malformed_events_are_refused_and_change_nothing(store, bad, message):
 
 
 def _event_rows(store, ext):
-    uid = store.user_id(ext)
+    uid = store.user_key(ext).user_id
     with store.data.connect() as conn:
         return uid, conn.execute(select(EventRow.id, EventRow.payload).where(EventRow.user_id == uid).order_by(EventRow.id)).all()
 
@@ -81,20 +83,20 @@ def test_ciphertext_moved_between_users_or_columns_fails_clearly(store):
     _, rows_a = _event_rows(store, "u0")
     uid_b, rows_b = _event_rows(store, "u1")
     _set_payload(store, rows_b[0].id, rows_a[0].payload)  # user A's ciphertext in user B's row
-    with pytest.raises(DecryptionError, match="does not authenticate") as info:
+    with pytest.raises(StoreIntegrityError, match="does not authenticate") as info:
         store.history("u1")
     assert "CanaryTitle" not in str(info.value)
     _set_payload(store, rows_b[0].id, rows_b[0].payload)
     assert len(store.history("u1")) == 3
     # Same user, another row of the same column.
     _set_payload(store, rows_b[0].id, rows_b[1].payload)
-    with pytest.raises(DecryptionError):
+    with pytest.raises(StoreIntegrityError):
         store.history("u1")
     _set_payload(store, rows_b[0].id, rows_b[0].payload)
     # Same user and row-owner, another column: an event payload put where the external id lives.
     with store.data.begin() as conn:
         conn.execute(update(User).where(User.id == uid_b).values(external_id_sealed=rows_b[0].payload))
-    with pytest.raises(DecryptionError, match="users.external_id_sealed"):
+    with pytest.raises(StoreIntegrityError, match="a users row"):
         list(store.histories())
 
 
@@ -106,7 +108,7 @@ def test_flipping_bits_of_stored_ciphertext_fails(store):
         tampered = bytearray(payload)
         tampered[bit // 8] ^= 1 << (bit % 8)
         _set_payload(store, rid, bytes(tampered))
-        with pytest.raises(DecryptionError):
+        with pytest.raises(StoreIntegrityError):
             store.history("u0")
     _set_payload(store, rid, payload)
     assert len(store.history("u0")) == 1
@@ -115,15 +117,17 @@ def test_flipping_bits_of_stored_ciphertext_fails(store):
 def test_data_keys_only_wrapped_and_never_shared(store, backend):
     store.ingest(make_events(5, 2))
     with store.keys_engine.connect() as conn:
-        keys = conn.execute(select(DataKey.user_id, DataKey.kek_version, DataKey.wrapped)).all()
+        keys = conn.execute(select(DataKey.user_id, DataKey.uid_hash, DataKey.kek_version, DataKey.wrapped)).all()
     assert len(keys) == 5
-    raw = [store.keys.kek.unwrap(WrappedKey(k.kek_version, k.wrapped), b"data-key|user=%d" % k.user_id) for k in keys]
+    raw = [store.keys.kek.unwrap(WrappedKey(k.kek_version, k.wrapped), data_key_context(k.user_id, k.uid_hash)) for k in keys]
     assert len(set(raw)) == 5, "one distinct data key per user"
     for k, r in zip(keys, raw):
         assert r not in k.wrapped and len(k.wrapped) == 12 + 32 + 16
     # A wrapped key copied onto another user's row does not unwrap (the wrap binds the owner).
     with pytest.raises(DecryptionError):
-        store.keys.kek.unwrap(WrappedKey(keys[0].kek_version, keys[0].wrapped), b"data-key|user=%d" % keys[1].user_id)
+        store.keys.kek.unwrap(WrappedKey(keys[0].kek_version, keys[0].wrapped), data_key_context(keys[1].user_id, keys[0].uid_hash))
+    with pytest.raises(DecryptionError):  # nor does one whose keyed id was swapped
+        store.keys.kek.unwrap(WrappedKey(keys[0].kek_version, keys[0].wrapped), data_key_context(keys[0].user_id, keys[1].uid_hash))
     # The data database holds no key material at all.
     with store.data.connect() as conn:
         blobs = [b for (b,) in conn.execute(select(EventRow.payload))] + [b for (b,) in conn.execute(select(User.external_id_sealed))]
@@ -159,7 +163,7 @@ def test_audit_log_is_append_only_in_the_database(store):
     with pytest.raises(Exception, match="append-only"):
         with store.data.begin() as conn:
             conn.execute(text("DELETE FROM audit_log"))
-    assert store.audit_problems() == []
+    assert store.audit_report().problems == []
 
 
 def test_embeddings_sealed_and_similar_users(store):
@@ -174,7 +178,7 @@ def test_embeddings_sealed_and_similar_users(store):
     assert [u for u, _ in sims][0] == "u1" and "u0" not in [u for u, _ in sims] and "u5" not in [u for u, _ in sims]
     # An update replaces the vector (no duplicate ids in the index).
     store.put_embeddings({"u5": base}, "enc-v1")
-    assert store.index.count_of(store.user_id("u5")) == 1
+    assert store.index.count_of(store.user_key("u5").user_id) == 1
     assert "u5" in [u for u, _ in store.similar_users("u0", k=2)]
     with pytest.raises(ValueError, match="does not know"):
         store.put_embeddings({"stranger": base}, "enc-v1")
@@ -204,7 +208,7 @@ def test_training_filter_excludes_tombstoned(store):
     from store import delete_user
 
     store.ingest(make_events(3, 2))
-    f0 = store.training_filter()
+    f0 = training_filter(store)
     assert f0.tombstone_version == 0 and f0.allowed("u1")
     delete_user(store, "u1")
     f1 = training_filter(store)
@@ -247,8 +251,8 @@ def test_store_runs_on_any_kms_implementing_the_protocol(backend):
     kms = InProcessKms()
     assert isinstance(kms, KekProvider)
     _, data_url, keys_url, home = backend
-    s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=kms)
+    s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=kms, create=True)
     s.ingest(make_events(2, 3))
-    assert len(s.history("u1")) == 3 and kms.calls >= 4  # 2 secrets + 2 data keys wrapped
-    assert s.keys.kek_versions_in_use() == {7: 4}
+    assert len(s.history("u1")) == 3 and kms.calls >= 5  # 3 secrets + 2 data keys wrapped
+    assert s.keys.kek_versions_in_use() == {7: 5}
     s.close()

@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import text
 
 from store import Store, delete_user, manifest_users, restore_check, stale_models, verify_deleted
-from store.erasure import artefact_dir
 from store_helpers import all_rows, cli_command, make_events, pg_dump_schema, psql_file, subprocess_env
 
 # Tables whose purpose is to record the erasure itself; they may hold the keyed hash only.
@@ -23,7 +22,7 @@ def _populate(store: Store, n_users=6, per_user=30):
     vecs["u1"] = vecs["u0"] * 1.01  # u1 is u0's nearest neighbour until erased
     store.put_embeddings(vecs, "enc-a")
     store.put_embeddings(vecs, "enc-b")  # two index files: erasure must reach both
-    cache = artefact_dir(store, store.hasher.user("u1"))
+    cache = store.artefact_dir(store.hasher.user("u1"))
     cache.mkdir(parents=True)
     (cache / "user_tokens.pt").write_bytes(b"cached")
 
@@ -39,13 +38,13 @@ def _mentions(rows: dict[str, list[tuple]], values) -> dict[str, int]:
 
 def test_erasure_removes_user_everywhere(store):
     _populate(store)
-    uid, h = store.user_id("u1"), store.hasher.user("u1")
+    uid, h = store.user_key("u1").user_id, store.hasher.user("u1")
     assert [u for u, _ in store.similar_users("u0", k=1)] == ["u1"]
     report = delete_user(store, "u1")
     assert report.before["events"] == 30 and report.before["index"] == 2 and report.before["data_key"] == 1
     assert report.deleted["events"] == 30 and report.deleted["index"] == 2 and report.deleted["artefacts"] == 1
-    clean, left, tombstone = verify_deleted(store, "u1")
-    assert clean and tombstone and not any(left.values())
+    v = verify_deleted(store, "u1")
+    assert v.clean and v.tombstone and not any(v.remaining.values())
     # Zero rows for the user in every table of both databases (the erasure records keep only the keyed hash).
     for engine in (store.data, store.keys_engine):
         hits = _mentions(all_rows(engine), [uid])
@@ -56,13 +55,12 @@ def test_erasure_removes_user_everywhere(store):
     for other in ("u0", "u2", "u3", "u4", "u5"):
         for version in ("enc-a", "enc-b"):
             assert "u1" not in [u for u, _ in store.similar_users(other, k=10, encoder_version=version)]
-    assert store.history("u1") == [] and store.keys.has_key(uid, h) == 0
-    with pytest.raises(LookupError):
-        store.keys.cipher(uid)  # the data key is gone: crypto-shredded
+    assert store.history("u1") == [] and store.keys.key_rows(uid, h) == 0
+    assert store.user_key("u1") is None  # the data key is gone: crypto-shredded
     assert len(store.history("u0")) == 30  # others untouched
     # Idempotent: a second request finds nothing to do.
     assert delete_user(store, "u1").already_erased
-    assert store.audit_problems() == []
+    assert store.audit_report().problems == []
 
 
 def test_unknown_user_delete_changes_nothing(store):
@@ -75,9 +73,9 @@ def test_unknown_user_delete_changes_nothing(store):
 
 def test_restore_check_reapplies_tombstone_to_restored_backup(backend):
     name, data_url, keys_url, home = backend
-    s = Store.open(home=home, url=data_url, keys_url=keys_url)
+    s = Store.open(home=home, url=data_url, keys_url=keys_url, create=True)
     _populate(s)
-    uid = s.user_id("u1")
+    uid = s.user_key("u1").user_id
     backup_index = home / "index-backup"
     shutil.copytree(home / "index", backup_index)
     if name == "sqlite":
@@ -106,10 +104,9 @@ def test_restore_check_reapplies_tombstone_to_restored_backup(backend):
     shutil.rmtree(home / "index")
     shutil.copytree(backup_index, home / "index")
     s = Store.open(home=home, url=data_url, keys_url=keys_url)
-    clean, left, _ = verify_deleted(s, "u1")
-    assert not clean and left["events"] == 30 and left["index"] == 2  # the backup brought them back...
-    with pytest.raises(LookupError):
-        s.history("u1")  # ...unreadable (the key was shredded), but still present
+    v = verify_deleted(s, "u1")
+    assert not v.clean and v.remaining["events"] == 30 and v.remaining["index"] == 2  # the backup brought them back...
+    assert s.history("u1") == []  # ...unreadable (the key was shredded), but still present
     env = subprocess_env(backend, None)
     run = lambda *a: subprocess.run(cli_command() + list(a), env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
     found = run("admin", "verify-deleted", "u1")
@@ -117,11 +114,11 @@ def test_restore_check_reapplies_tombstone_to_restored_backup(backend):
     fixed = run("admin", "restore-check")
     assert fixed.returncode == 0 and "re-applied 1 to the data database" in fixed.stdout and "cleaned 1 users" in fixed.stdout, fixed.stderr
     assert run("admin", "verify-deleted", "u1").returncode == 0
-    clean, left, tombstone = verify_deleted(s, "u1")
-    assert clean and tombstone, left
+    v = verify_deleted(s, "u1")
+    assert v.clean and v.tombstone, v.remaining
     assert "u1" not in [u for u, _ in s.similar_users("u0", k=10)]
     assert not _mentions(all_rows(s.data), [uid]).keys() - {"tombstones", "erasure_requests"}
-    assert restore_check(s)["users_cleaned"] == 0  # idempotent
+    assert restore_check(s).users_cleaned == 0  # idempotent
     s.close()
 
 
@@ -136,7 +133,7 @@ def test_audit_verify_detects_edit_removal_and_truncation(backend, kek_b64):
     from privacy import LocalKek
     from store.apikeys import create_key
 
-    s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({1: base64.b64decode(kek_b64)}))
+    s = Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({1: base64.b64decode(kek_b64)}), create=True)
     create_key(s.data, ["read"])
     s.audit("api-key.created", {"scopes": ["read"]})
     s.ingest(make_events(2, 3))
@@ -155,18 +152,18 @@ def test_audit_verify_detects_edit_removal_and_truncation(backend, kek_b64):
 
     with s.data.connect() as conn:
         rows = conn.execute(text("SELECT seq, details FROM audit_log ORDER BY seq")).all()
-    assert len(rows) == 4
-    edited = rows[2].details.replace('"events":3', '"events":0')
-    assert edited != rows[2].details
-    unguarded("UPDATE audit_log SET details = :d WHERE seq = 3", d=edited)
+    assert len(rows) == 5  # store.created, api-key.created, ingest, erasure.requested, erasure.completed
+    edited = rows[3].details.replace('"events":3', '"events":0')
+    assert edited != rows[3].details
+    unguarded("UPDATE audit_log SET details = :d WHERE seq = 4", d=edited)
     bad = _cli(backend, kek_b64, "admin", "audit-verify")
-    assert bad.returncode == 1 and "entry 3: contents do not match" in bad.stderr
-    unguarded("UPDATE audit_log SET details = :d WHERE seq = 3", d=rows[2].details)
-    assert s.audit_problems() == []
+    assert bad.returncode == 1 and "entry 4: contents do not match" in bad.stderr
+    unguarded("UPDATE audit_log SET details = :d WHERE seq = 4", d=rows[3].details)
+    assert s.audit_report().problems == []
     unguarded("DELETE FROM audit_log WHERE seq = 2")
-    assert any("entry 2 missing" in p for p in s.audit_problems())
+    assert any("entry 2 missing" in p for p in s.audit_report().problems)
     unguarded("DELETE FROM audit_log WHERE seq >= 3")  # cut the tail: caught by the key-store anchor
-    assert any("anchor" in p for p in s.audit_problems())
+    assert any("anchor" in p for p in s.audit_report().problems)
     s.close()
 
 

@@ -44,7 +44,7 @@ def _open(backend, kek_b64):
     from privacy import LocalKek
 
     _, data_url, keys_url, home = backend
-    return Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({1: base64.b64decode(kek_b64)}))
+    return Store.open(home=home, url=data_url, keys_url=keys_url, kek=LocalKek({1: base64.b64decode(kek_b64)}), create=True)
 
 
 def _event_count(store):
@@ -97,8 +97,8 @@ def test_kill_9_mid_erasure_then_rerun_completes(backend, kek_b64):
     again = subprocess.run(cli_command(full=True) + args, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "(resumed)" in again.stdout, again.stderr
     store = _open(backend, kek_b64)
-    clean, left, tombstone = verify_deleted(store, "u0")
-    assert clean and tombstone, left
+    v = verify_deleted(store, "u0")
+    assert v.clean and v.tombstone, v.remaining
     assert _event_count(store) == 300 and len(store.history("u1")) == 300
-    assert store.audit_problems() == []
+    assert store.audit_report().problems == []
     store.close()

@@ -9,11 +9,13 @@ from privacy import (
     DataKeyCipher,
     DecryptionError,
     KekDirectory,
+    KekMissingError,
     KeyedHasher,
     LocalKek,
     associated_data,
     kek_from_env,
     new_data_key,
+    owner_aad,
 )
 from privacy.envelope import NONCE_BYTES
 
@@ -49,8 +51,26 @@ def test_fast_aad_builder_matches_associated_data():
     from privacy import aad_builder
 
     build = aad_builder("events", "payload")
-    assert build(123, "abc") == associated_data("events", "payload", 123, "abc")
-    assert build(0, "r") == associated_data("events", "payload", 0, "r")
+    assert build(123, "f" * 64, "abc") == owner_aad("events", "payload", 123, "f" * 64, "abc")
+    assert build(0, "k", "r") == owner_aad("events", "payload", 0, "k", "r")
+    assert owner_aad("events", "payload", 1, "k", "r") != associated_data("events", "payload", 1, "r")
+
+
+def test_owner_aad_binds_the_keyed_id_and_refuses_ambiguous_parts():
+    """Was: the AAD named only the internal id, so a read for user A through a swapped mapping
+    opened user B's rows. Now a field opens only for the owner's keyed id; the checks that keep
+    the AAD unambiguous are raises, not asserts (`python -O` strips asserts)."""
+    cipher = DataKeyCipher(new_data_key())
+    sealed = cipher.seal(b"x", owner_aad("events", "payload", 7, "a" * 64, "r1"))
+    with pytest.raises(DecryptionError):
+        cipher.open(sealed, owner_aad("events", "payload", 7, "b" * 64, "r1"))
+    for bad in (("events", "payload", 7, "a|b", "r"), ("events", "payload", 7, "a", "r|1"), ("ev ents", "payload", 7, "a", "r")):
+        with pytest.raises(ValueError):
+            owner_aad(*bad)
+    with pytest.raises(ValueError):
+        DataKeyCipher(b"short")
+    with pytest.raises(ValueError):
+        KeyedHasher(b"k" * 8)
 
 
 def test_flipping_any_bit_fails_decryption():
@@ -75,7 +95,10 @@ def test_kek_wraps_bind_owner_and_version():
 
 
 def test_kek_directory_creates_0600_files_and_versions(tmp_path):
-    d = KekDirectory(tmp_path / "kek")
+    with pytest.raises(KekMissingError):
+        KekDirectory(tmp_path / "kek")  # never minted implicitly
+    assert not (tmp_path / "kek").exists()
+    d = KekDirectory(tmp_path / "kek", create=True)
     assert d.versions() == [1]
     f = tmp_path / "kek" / "kek-v000001.key"
     assert stat.S_IMODE(f.stat().st_mode) == 0o600
@@ -85,6 +108,8 @@ def test_kek_directory_creates_0600_files_and_versions(tmp_path):
     assert stat.S_IMODE((tmp_path / "kek" / "kek-v000002.key").stat().st_mode) == 0o600
     w2 = d.wrap(key, b"c")
     assert w2.kek_version == 2
+    with pytest.raises(ValueError, match="never remove the current"):
+        d.remove_version(2)
     d.remove_version(1)
     with pytest.raises(DecryptionError, match="version 1 is not available"):
         d.unwrap(w1, b"c")
@@ -104,7 +129,10 @@ def test_kek_from_env_sources(tmp_path):
         kek_from_env(tmp_path, {"USERLLM_KEK": base64.b64encode(b"short").decode()})
     with pytest.raises(ValueError, match="base64"):
         kek_from_env(tmp_path, {"USERLLM_KEK": "not base64!!"})
-    assert kek_from_env(tmp_path, {}).source == str(tmp_path / "kek")
+    with pytest.raises(KekMissingError):
+        kek_from_env(tmp_path, {})
+    assert kek_from_env(tmp_path, {}, create=True).source == str(tmp_path / "kek")
+    assert kek_from_env(tmp_path, {}).versions() == [1]
 
 
 def test_keyed_hash_is_stable_and_keyed():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from userenc.events import Event, group_by_user
-from userenc.readers import MalformedInputError, _Collector, read_events, read_movielens_movies
+from userenc.readers import EmptyInputError, MalformedInputError, _Collector, read_events, read_movielens_movies
 from userenc_helpers import SHARED
 
 MOVIES = "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Misérables, Les (1995)::Drama|Musical\n3::Heat (1995)::Action|Crime|Thriller\n"
@@ -51,9 +51,11 @@ def test_movielens_reads_latin1_titles_genres_and_orders_histories(tmp_path):
 MOVIELENS_BAD = [
     ("1::2::5\n", "expected UserID::MovieID::Rating::Timestamp, got 3 fields"),
     ("x::2::5::978300760\n", "UserID must be an integer"),
-    ("1::2::7::978300760\n", "Rating must be 1..5, got 7"),
-    ("1::99::4::978300760\n", "MovieID 99 is not in movies.dat"),
+    ("1::2::7::978300760\n", "Rating must be 1..5"),
+    ("1::99::4::978300760\n", "MovieID is not in movies.dat"),
     ("1::2::4::soon\n", "Timestamp must be an integer"),
+    ("1::2::4::-978300760\n", "Timestamp must be UTC seconds from 0 to 2^40"),
+    ("1::2::4::99999999999999\n", "Timestamp must be UTC seconds from 0 to 2^40"),
 ]
 
 
@@ -75,9 +77,10 @@ def test_movielens_skip_bad_counts_every_bad_line_in_both_files(tmp_path):
     with pytest.raises(MalformedInputError, match=r"movies\.dat:4: expected MovieID::Title::Genres, got 2 fields"):
         read_events(root, "movielens")
     res = read_events(root, "movielens", skip_bad=True)
-    assert _bad(res) == [("movies.dat", 4)] + [("ratings.dat", n) for n in range(1, 6)]
+    n = len(MOVIELENS_BAD)
+    assert _bad(res) == [("movies.dat", 4)] + [("ratings.dat", i) for i in range(1, n + 1)]
     assert [(e.user_id, e.item_id) for e in res.events] == [("1", "1"), ("2", "5")]
-    assert "2 events read, 6 malformed lines skipped" == res.summary()
+    assert f"2 events read, {n + 1} malformed lines skipped" == res.summary()
 
 
 def test_movielens_missing_files(tmp_path):
@@ -139,6 +142,9 @@ AMAZON_BAD = [
     (json.dumps(dict(AMAZON_GOOD, overall=6)), "overall must be 1..5"),
     (json.dumps(dict(AMAZON_GOOD, unixReviewTime="yesterday")), "unixReviewTime must be an integer"),
     (json.dumps(dict(AMAZON_GOOD, overall="great")), "overall must be a number"),
+    (json.dumps(dict(AMAZON_GOOD, unixReviewTime=-1)), "unixReviewTime must be UTC seconds from 0 to 2^40"),
+    (json.dumps(dict(AMAZON_GOOD, reviewerID=["A1"])), "reviewerID must be a string or an integer"),
+    (json.dumps(dict(AMAZON_GOOD, reviewText={"t": 1})), "reviewText must be a string"),
 ]
 
 
@@ -181,9 +187,20 @@ JSONL_BAD = [
     (json.dumps({"item_id": "i1", "timestamp": 1}), "missing field 'user_id'"),
     (json.dumps(dict(JSONL_GOOD, timestamp="noon")), "timestamp must be an integer"),
     (json.dumps(dict(JSONL_GOOD, timestamp=1.5)), "timestamp must be an integer"),
-    (json.dumps(dict(JSONL_GOOD, timestamp=-5)), "timestamp must be >= 0"),
+    (json.dumps(dict(JSONL_GOOD, timestamp=-5)), "timestamp must be UTC seconds from 0 to 2^40"),
+    (json.dumps(dict(JSONL_GOOD, timestamp=2**40)), "timestamp must be UTC seconds from 0 to 2^40"),
     (json.dumps(dict(JSONL_GOOD, fields=[1])), "fields must be an object"),
     (json.dumps(dict(JSONL_GOOD, item_id="  ")), "item_id is empty"),
+    (json.dumps(dict(JSONL_GOOD, user_id=["a", "b"])), "user_id must be a string or an integer"),
+    (json.dumps(dict(JSONL_GOOD, user_id={"id": 1})), "user_id must be a string or an integer"),
+    (json.dumps(dict(JSONL_GOOD, user_id=True)), "user_id must be a string or an integer"),
+    (json.dumps(dict(JSONL_GOOD, item_id=1.5)), "item_id must be a string or an integer"),
+    (json.dumps(dict(JSONL_GOOD, user_id="u" * 257)), "user_id is longer than 256 characters"),
+    (json.dumps(dict(JSONL_GOOD, event_id="e" * 300)), "event_id is longer than 256 characters"),
+    ('{"user_id": "u1", "item_id": "i1", "timestamp": 1, "rating": NaN}', "numbers must be finite"),
+    ('{"user_id": "u1", "item_id": "i1", "timestamp": 1, "rating": 1e400}', "numbers must be finite"),
+    (json.dumps(dict(JSONL_GOOD, fields={"text": "x" * 70_000})), "record is over the store's 65536-byte limit"),
+    (json.dumps(dict(JSONL_GOOD, fields={"text": "\u0001" * 12_000})), "record is over the store's 65536-byte limit"),
 ]
 
 
@@ -253,4 +270,82 @@ def test_read_events_rejects_unknown_format_and_folders(tmp_path):
         read_events(tmp_path / "x.jsonl", "parquet")
     with pytest.raises(IsADirectoryError):
         read_events(tmp_path, "jsonl")
-    assert read_events(tmp_path / "x.jsonl", "jsonl").events == []
+
+
+# --- what the store checks, checked at the edge (issue 9) --------------------------------------
+
+SECRET = "Zq81-personal"
+
+
+def test_empty_input_is_an_error(tmp_path):
+    """Was: an empty file read as zero events and `ingest` created an empty store (exit 0)."""
+    empty = tmp_path / "x.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(EmptyInputError, match="no events in"):
+        read_events(empty, "jsonl")
+    (tmp_path / "h.csv").write_text("user_id,item_id,timestamp\n")
+    with pytest.raises(EmptyInputError):
+        read_events(tmp_path / "h.csv", "csv")
+    all_bad = tmp_path / "bad.jsonl"
+    all_bad.write_text("{not json\n")
+    with pytest.raises(EmptyInputError, match=r"\(1 malformed lines skipped\)"):
+        read_events(all_bad, "jsonl", skip_bad=True)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "1::2::{s}::978300760",  # Rating: not an integer
+        "1::2::9{n}::978300760",  # Rating out of range (was echoed: "got 99")
+        "1::9999{n}::4::978300760",  # unknown movie (was echoed: "MovieID 999999 ...")
+        "1::2::4::-97830{n}",  # negative timestamp (was accepted, failing later in the store)
+    ],
+)
+def test_movielens_errors_never_echo_the_value(tmp_path, line):
+    marker = "".join(c for c in "31337" if c.isdigit())
+    root = _movielens(tmp_path, line.format(s=SECRET, n=marker) + "\n1::1::3::978300700\n")
+    with pytest.raises(MalformedInputError) as err:
+        read_events(root, "movielens")
+    assert "ratings.dat:1:" in str(err.value)
+    assert SECRET not in str(err.value) and marker not in str(err.value).split("ratings.dat:1:")[1]
+    assert len(read_events(root, "movielens", skip_bad=True).events) == 1
+
+
+def test_jsonl_errors_never_echo_the_value(tmp_path):
+    path = tmp_path / "e.jsonl"
+    for bad in ({"user_id": [SECRET]}, {"timestamp": SECRET}, {"timestamp": -31337}, {"fields": SECRET}):
+        path.write_text(json.dumps(dict(JSONL_GOOD, **bad)) + "\n" + json.dumps(JSONL_GOOD) + "\n")
+        with pytest.raises(MalformedInputError) as err:
+            read_events(path, "jsonl")
+        assert SECRET not in str(err.value) and "31337" not in str(err.value)
+
+
+def test_csv_non_finite_numbers_stay_text(tmp_path):
+    path = tmp_path / "e.csv"
+    path.write_text("user_id,item_id,timestamp,score\nu1,i1,5,nan\nu1,i2,6,inf\nu1,i3,7,2.5\n")
+    res = read_events(path, "csv")
+    assert [e.fields["score"] for e in res.events] == ["nan", "inf", 2.5]
+
+
+def test_reader_limits_are_the_store_limits():
+    from store import records
+    from userenc import readers
+
+    assert (readers.MAX_ID_CHARS, readers.MAX_PAYLOAD_BYTES, readers.MAX_TIMESTAMP) == (records.MAX_ID_CHARS, records.MAX_PAYLOAD_BYTES, records.MAX_TIMESTAMP)
+
+
+def test_everything_a_reader_accepts_the_store_accepts(tmp_path):
+    """Lines just inside every limit pass both the reader and the store's own encoder."""
+    from store.records import encode_payload
+
+    rows = [
+        dict(JSONL_GOOD, event_id="e1", user_id="u" * 256, item_id=7, timestamp=2**40 - 1),
+        dict(JSONL_GOOD, event_id="e" * 256, fields={"text": "x" * 60_000}),
+        dict(JSONL_GOOD, fields={"n": [1e308, -0.0, 3], "nested": {"a": None}}),
+    ]
+    path = tmp_path / "e.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = read_events(path, "jsonl")
+    assert len(res.events) == 3
+    for i, e in enumerate(res.events):
+        encode_payload(e, i)
