@@ -12,7 +12,7 @@ from training.tasks import Catalogue, task_split, held_out_examples
 
 pytestmark = pytest.mark.xdist_group("adapter")
 TASKS = ["genre_history"]
-TRAIN = dict(batch_size=16, lr=3e-3, per_user=4, lengths=[10, 30], valid_examples=48)
+TRAIN = dict(batch_size=16, lr=3e-3, per_user=3, lengths=[10, 30], valid_examples=48)
 
 
 def _test_accuracy(name, tiny_llm, adapter, histories) -> float:
