@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 
@@ -121,7 +122,44 @@ def checkpoint_and_compact(engine: Engine, tables: tuple[str, ...] = (), full: b
         with engine.connect() as conn:
             busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()[0]
         return "another process holds the database open; the WAL is truncated at its next checkpoint" if busy else None
+    locked = []
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        for table in tables:
-            conn.execute(text(f"VACUUM {'FULL ' if full else ''}{table}"))
+        holders = _wait_for_older_snapshots(conn)
+        # A session that read a table holds a lock VACUUM FULL must wait for: never hang the
+        # erasure behind it (the key shredding has already committed).
+        conn.execute(text(f"SET lock_timeout = '{int(SNAPSHOT_WAIT_S * 1000)}ms'"))
+        try:
+            for table in tables:
+                try:
+                    conn.execute(text(f"VACUUM {'FULL ' if full else ''}{table}"))
+                except OperationalError:
+                    locked.append(table)
+        finally:
+            conn.execute(text("RESET lock_timeout"))
+    if holders or locked:
+        return (f"{len(holders)} transaction(s) open since before the erasure (server pids "
+                f"{', '.join(map(str, holders))}) may still see the erased rows, so VACUUM keeps "
+                f"their bytes{' and could not lock ' + ', '.join(locked) if locked else ''}; "
+                "compact again after they end")
     return None
+
+
+# Longest wait for transactions that predate the erasure: a snapshot taken before the DELETE
+# committed keeps the dead rows "recently dead", and VACUUM (FULL too) must keep their bytes.
+SNAPSHOT_WAIT_S = 15.0
+
+
+def _wait_for_older_snapshots(conn) -> list[int]:  # noqa: ANN001
+    """PostgreSQL: wait until no other session of this database holds a snapshot from before
+    now; returns the pids still holding one after SNAPSHOT_WAIT_S (other databases never hold
+    back this one's vacuum)."""
+    started = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+    deadline = time.monotonic() + SNAPSHOT_WAIT_S
+    while True:
+        holders = conn.execute(text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL AND xact_start < :t "
+            "ORDER BY pid"), {"t": started}).scalars().all()
+        if not holders or time.monotonic() >= deadline:
+            return list(holders)
+        time.sleep(0.05)
