@@ -34,19 +34,19 @@ def hf_generate(hf, tokenizer, messages, n):
 
 def test_greedy_chat_generations_match_hf_generate(smollm2, smollm2_hf, smollm2_checkpoint):
     tokenizer = smollm2_checkpoint.tokenizer
-    chats = [[{"role": "user", "content": c}] for c in CHATS]
+    chats = [[{"role": "user", "content": c}] for c in CHATS[:5]]  # mixed lengths, one batch
     eng = Engine(smollm2, tokenizer, EngineConfig(kv_cache_bytes=64 << 20,
                                                   max_num_batched_tokens=256),
                  eos_token_ids=[smollm2_checkpoint.hf_config.eos_token_id])
     try:
-        outs = eng.generate(chats, SamplingParams(temperature=0, max_tokens=32))
+        outs = eng.generate(chats, SamplingParams(temperature=0, max_tokens=24))
     finally:
         eng.close()
     for chat, out in zip(chats, outs):
-        expected = hf_generate(smollm2_hf, tokenizer, chat, 32)
+        expected = hf_generate(smollm2_hf, tokenizer, chat, 24)
         assert out.token_ids == expected, (chat, out.text)
         assert out.text == tokenizer.decode(expected, skip_special_tokens=True)
-    assert sum(len(o.token_ids) for o in outs) > 8 * 16  # real generations, not early eos
+    assert sum(len(o.token_ids) for o in outs) > 5 * 12  # real generations, not early eos
 
 
 def test_cross_blocks_gate_zero_equal_base_and_open_gates_personalise(smollm2_checkpoint,
