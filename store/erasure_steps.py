@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import delete, func, or_, select
 
 from store.db import batch_pause
-from store.keystore import Tombstone, tombstone_mac
+from store.keystore import Tombstone, tombstone_row
 from store.models import EmbeddingRow, EventRow, Tombstone as DataTombstone, User
 
 STEPS = ("tombstone", "data_key", "events", "embeddings", "index", "artefacts", "user_row")
@@ -72,14 +72,7 @@ def write_data_tombstone(store, t: Tombstone) -> bool:  # noqa: ANN001
         ):
             return False
         conn.execute(
-            DataTombstone.__table__.insert().values(
-                uid_hash=t.uid_hash,
-                user_id=t.user_id,
-                version=t.version,
-                erased_at=t.erased_at,
-                kek_version=t.kek_version,
-                mac=tombstone_mac(store.keys.mac, t),
-            )
+            DataTombstone.__table__.insert().values(**tombstone_row(store.keys.mac, t))
         )
         return True
 

@@ -72,6 +72,13 @@ def tombstone_mac(mac: RecordMac, t: Tombstone) -> str:
     return mac.tag("tombstone", *t.fields())
 
 
+def tombstone_row(mac: RecordMac, t: Tombstone) -> dict:
+    """The columns of a tombstone row, MAC included (the key store's and the data store's
+    tombstone tables share them)."""
+    return dict(uid_hash=t.uid_hash, user_id=t.user_id, version=t.version,
+                erased_at=t.erased_at, kek_version=t.kek_version, mac=tombstone_mac(mac, t))
+
+
 class KeyStore:
     def __init__(self, engine: Engine, kek: KekProvider, create: bool = False):
         self.engine = engine
@@ -331,14 +338,7 @@ class KeyStore:
 
     def _insert_tombstone(self, conn, t: Tombstone) -> Tombstone:  # noqa: ANN001
         conn.execute(
-            KeyTombstone.__table__.insert().values(
-                uid_hash=t.uid_hash,
-                user_id=t.user_id,
-                version=t.version,
-                erased_at=t.erased_at,
-                kek_version=t.kek_version,
-                mac=tombstone_mac(self.mac, t),
-            )
+            KeyTombstone.__table__.insert().values(**tombstone_row(self.mac, t))
         )
         return t
 
