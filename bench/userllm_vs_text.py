@@ -124,6 +124,21 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def evaluate_arm(spec, model: str, folder: Path, exs, cat: Catalogue, label: str) -> dict:
+    """One arm's answers to every example (its adapter from `folder`, none when zero-shot),
+    with the wall seconds it took; prints the metrics."""
+    t0 = time.perf_counter()
+    arm = load_arm(spec.name, model, folder / spec.name if spec.adapter else None, kind=spec.kind)
+    try:
+        metrics = evaluate(arm, exs, cat) | {"seconds": round(time.perf_counter() - t0, 1)}
+    finally:
+        arm.close()
+    print(f"{label} {spec.name}: " + json.dumps(
+        {t: {k: v for k, v in m.items() if k != "predictions"}
+         for t, m in metrics.items() if isinstance(m, dict)}), flush=True)
+    return metrics
+
+
 def pick_users(split, need: int, count: int, seed: int) -> list[str]:
     """Users with at least `need` events before the held-out tail (so every N is really N),
     in a seeded random order; the same list for every arm and every N."""
@@ -160,17 +175,7 @@ def run_ml1m(a, results: dict, save) -> None:
         for spec in arms:
             if spec.name in q or (spec.ablation and n != min(a.ns)):
                 continue
-            t0 = time.perf_counter()
-            arm = load_arm(spec.name, a.model, work / "ml1m" / spec.name if spec.adapter else None,
-                           kind=spec.kind)
-            try:
-                q[spec.name] = evaluate(arm, exs, cat) | {
-                    "seconds": round(time.perf_counter() - t0, 1)}
-            finally:
-                arm.close()
-            print(f"N={n} {spec.name}: " + json.dumps(
-                {t: {k: v for k, v in m.items() if k != "predictions"}
-                 for t, m in q[spec.name].items() if isinstance(m, dict)}), flush=True)
+            q[spec.name] = evaluate_arm(spec, a.model, work / "ml1m", exs, cat, f"N={n}")
             save()
     # Cost: the next_movie question for the first users, each arm in its own process.
     from transformers import AutoConfig
@@ -242,15 +247,7 @@ def run_amazon(a, results: dict, save) -> None:
         r["training"][spec.name] = ensure_arm(spec, hist, a.model, enc_dir, work / "amazon", a.seed)
         if spec.name in r["quality"]:
             continue
-        arm = load_arm(spec.name, a.model, work / "amazon" / spec.name if spec.adapter else None,
-                       kind=spec.kind)
-        try:
-            r["quality"][spec.name] = evaluate(arm, exs, cat)
-        finally:
-            arm.close()
-        print(f"amazon {spec.name}: " + json.dumps(
-            {k: v for k, v in r["quality"][spec.name]["review"].items() if k != "predictions"}),
-            flush=True)
+        r["quality"][spec.name] = evaluate_arm(spec, a.model, work / "amazon", exs, cat, "amazon")
         save()
 
 
