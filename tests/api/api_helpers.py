@@ -1,0 +1,75 @@
+"""Helpers for the service tests: a real uvicorn server on 127.0.0.1 in a thread (random free
+port), and tiny random-weight models (LLM, encoder, USER-LLM adapter) built from generated data."""
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "adapter"))  # make_tiny_chat_llm
+
+
+def build_tiny_models(folder: Path) -> dict[str, Path]:
+    """Generated events (24 users), a tiny chat LLM, a one-epoch encoder (K = 2 user tokens)
+    and a one-epoch `proj` adapter over them: a few seconds on one core."""
+    from adapter_helpers import make_tiny_chat_llm
+
+    from training.config import AdapterConfig, AdapterTrainConfig, TrainConfig
+    from training.data import write_sample_data
+    from training.train_adapter import train_adapter
+    from training.train_encoder import train_encoder
+    from userenc.config import EncoderConfig
+    from userenc.events import group_by_user
+    from userenc.readers import read_jsonl
+    from userenc.spec import load_spec
+
+    events = write_sample_data(folder / "events.jsonl", users=24, items=40,
+                               events_per_user=(10, 16), seed=3)
+    histories = group_by_user(read_jsonl(events).events)
+    llm = make_tiny_chat_llm(folder / "llm", layers=2, hidden=32)
+    cfg = EncoderConfig(d_model=16, n_layers=1, n_heads=2, max_len=32, out_dim=8,
+                        num_user_tokens=2, dropout=0.0)
+    train_encoder(histories, load_spec("movielens").only(["item", "genres", "rating"]), cfg,
+                  TrainConfig(epochs=1, batch_size=16), folder / "encoder", progress=False)
+    train_adapter(histories, llm, folder / "encoder",
+                  AdapterConfig(strategy="proj", cross_every_n=2, num_user_tokens=2,
+                                tasks=["genre_history"]),
+                  AdapterTrainConfig(epochs=1, per_user=1, lengths=[12], valid_examples=8),
+                  folder / "adapter", progress=False)
+    return {"events": events, "llm": llm, "encoder": folder / "encoder",
+            "adapter": folder / "adapter", "histories": histories}
+
+
+class ServerThread:
+    """`uvicorn.Server` serving `app` on 127.0.0.1 in a daemon thread, through a socket bound
+    to port 0 (no race for a free port)."""
+
+    def __init__(self, app):  # noqa: ANN001
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start (see the log above)")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.sock.close()
