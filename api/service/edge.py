@@ -62,7 +62,7 @@ class Edge:
         rid = headers.get("x-request-id", "")
         rid = rid if _RID.match(rid) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        status = [0]
+        status, refused = [0], False
 
         async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -78,6 +78,7 @@ class Edge:
         try:
             refusal = self._refusal(scope, headers)
             if refusal is not None:
+                refused = True
                 code, message, extra = refusal
                 await self._send_error(send_wrapped, code, message, rid, extra)
                 return
@@ -89,7 +90,7 @@ class Edge:
         finally:
             route = scope.get("route")
             template = getattr(route, "path_format", None) or getattr(route, "path", None)
-            template = template or ("unmatched" if scope["path"] not in UNLIMITED else scope["path"])
+            template = template or ("refused" if refused else "unmatched")
             seconds = time.perf_counter() - t0
             self.metrics.observe_request(scope["method"], template, status[0] or 500, seconds)
             access_log.info(json.dumps({
