@@ -90,7 +90,8 @@ class Edge:
         finally:
             route = scope.get("route")
             template = getattr(route, "path_format", None) or getattr(route, "path", None)
-            template = template or ("refused" if refused else "unmatched")
+            if not template:  # refused here, no route matched, or a plain Starlette route
+                template = "refused" if refused else ("unmatched" if status[0] == 404 else "other")
             seconds = time.perf_counter() - t0
             self.metrics.observe_request(scope["method"], template, status[0] or 500, seconds)
             access_log.info(json.dumps({
