@@ -46,8 +46,9 @@ def load_models(settings: Settings):  # noqa: ANN201
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.load()
     metrics = Metrics()
-    limiter = (RateLimiter(settings.rate_limit, settings.redis_url, settings.rate_limit_namespace)
-               if settings.rate_limit else None)
+    limiter = (RateLimiter(settings.rate_limit, settings.rate_limit_per_address,
+                           settings.redis_url, settings.rate_limit_namespace)
+               if settings.rate_limit or settings.rate_limit_per_address else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202

@@ -40,12 +40,11 @@ UNLIMITED = {"/healthz", "/readyz", "/metrics"}
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
-def identity(headers: Headers, client: tuple[str, int] | None) -> str:
+def key_id(headers: Headers) -> str | None:
+    """A short hash of the request's API key (None without one): the rate limiter's key."""
     token = headers.get("authorization", "")
     token = token[7:].strip() if token[:7].lower() == "bearer " else headers.get("x-api-key", "")
-    if token:
-        return "k:" + hashlib.sha256(token.encode()).hexdigest()[:32]
-    return "a:" + (client[0] if client else "unknown")
+    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else None
 
 
 class Edge:
@@ -114,7 +113,8 @@ class Edge:
             if has_body and media != "application/json":
                 return 415, "request bodies must be application/json", {}
         if self.limiter is not None and scope["path"] not in UNLIMITED:
-            wait = self.limiter.hit(identity(headers, scope.get("client")))
+            client = scope.get("client")
+            wait = self.limiter.hit(key_id(headers), client[0] if client else "unknown")
             if wait is not None:
                 return 429, "rate limit exceeded; retry later", {"retry-after": str(int(wait + 0.999))}
         return None

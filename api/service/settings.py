@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     max_tokens: int = Field(default=256, ge=1)
     max_k: int = Field(default=100, ge=1)
     request_timeout_s: float = Field(default=60.0, gt=0)
-    rate_limit: str = "600/minute"  # per API key (per client address without one); "" = off
+    rate_limit: str = "600/minute"  # per API key; "" = off
+    rate_limit_per_address: str = "3000/minute"  # per client address, keys or not; "" = off
     redis_url: str | None = None  # e.g. redis://127.0.0.1:6379/0; in-process counters otherwise
     rate_limit_namespace: str = "userllm"
     key_cache_s: float = Field(default=5.0, ge=0)  # how long a checked API key is trusted

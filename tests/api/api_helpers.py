@@ -2,6 +2,7 @@
 port), and tiny random-weight models (LLM, encoder, USER-LLM adapter) built from generated data."""
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -73,3 +74,12 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(60)
         self.sock.close()
+
+
+def subprocess_env(backend) -> dict[str, str]:  # noqa: ANN001
+    """The environment of a `userllm` subprocess on the test's store (no other USERLLM_*)."""
+    _, home, data_url, keys_url = backend
+    env = {k: v for k, v in os.environ.items() if not k.startswith("USERLLM_")}
+    env.update(USERLLM_HOME=str(home), USERLLM_DATABASE_URL=data_url,
+               USERLLM_KEYS_DATABASE_URL=keys_url, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return env

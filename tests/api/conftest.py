@@ -86,7 +86,8 @@ def settings_for(backend, **overrides):  # noqa: ANN001, ANN201
 
     _, home, data_url, keys_url = backend
     values = dict(home=home, database_url=data_url, keys_database_url=keys_url, threads=1,
-                  kv_cache_mb=8, max_num_seqs=8, rate_limit="", request_timeout_s=60)
+                  kv_cache_mb=8, max_num_seqs=8, rate_limit="", rate_limit_per_address="",
+                  request_timeout_s=60)
     return Settings(**(values | overrides))
 
 

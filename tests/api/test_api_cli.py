@@ -2,7 +2,6 @@
 as an operator runs it: a subprocess configured by a TOML file and the environment."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -11,17 +10,9 @@ import time
 import httpx
 import pytest
 
-from api_helpers import ROOT
+from api_helpers import subprocess_env as _env
 
 pytestmark = pytest.mark.xdist_group("api")
-
-
-def _env(backend) -> dict[str, str]:  # noqa: ANN001
-    _, home, data_url, keys_url = backend
-    env = {k: v for k, v in os.environ.items() if not k.startswith("USERLLM_")}
-    env.update(USERLLM_HOME=str(home), USERLLM_DATABASE_URL=data_url,
-               USERLLM_KEYS_DATABASE_URL=keys_url, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return env
 
 
 def test_create_key_checks_scopes_and_serve_runs_from_toml(sqlite_backend, tmp_path):

@@ -124,7 +124,8 @@ def test_rate_limit_answers_429(sqlite_backend, serve, where):
         pytest.skip("Redis at 127.0.0.1:6379 is unreachable")
     keys = make_keys(sqlite_backend)
     redis = "redis://127.0.0.1:6379/0" if where == "redis" else None
-    server = serve(settings_for(sqlite_backend, rate_limit="5/minute", redis_url=redis,
+    server = serve(settings_for(sqlite_backend, rate_limit="5/minute",
+                                rate_limit_per_address="12/minute", redis_url=redis,
                                 rate_limit_namespace=f"userllm-test-{secrets.token_hex(4)}"))
     with httpx.Client(base_url=server.url, timeout=30) as c:
         admin = {"Authorization": f"Bearer {keys['admin']}"}
@@ -136,5 +137,9 @@ def test_rate_limit_answers_429(sqlite_backend, serve, where):
         # Another key has its own window; health checks are never limited.
         assert c.get("/v1/admin/audit", headers={"X-API-Key": keys["generate"]}).status_code == 403
         assert all(c.get("/healthz").status_code == 200 for _ in range(8))
+        # Made-up keys buy no extra requests: the address has its own window (12; 9 used).
+        codes = [c.get("/v1/admin/audit", headers={"X-API-Key": f"ulk_fake{i}"}).status_code
+                 for i in range(6)]
+        assert codes == [401] * 3 + [429] * 3, codes
         if where == "redis":
             assert c.get("/readyz").json()["checks"]["rate_limit"] == "ok"
