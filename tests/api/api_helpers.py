@@ -1,12 +1,10 @@
-"""Helpers for the service tests: a real uvicorn server on 127.0.0.1 in a thread (random free
-port), and tiny random-weight models (LLM, encoder, USER-LLM adapter) built from generated data."""
+"""Helpers for the service tests: tiny random-weight models (LLM, encoder, USER-LLM adapter)
+built from generated data, and the environment of a `userllm` subprocess. (The server thread
+is api/service/server.py.)"""
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,38 +40,6 @@ def build_tiny_models(folder: Path) -> dict[str, Path]:
                   folder / "adapter", progress=False)
     return {"events": events, "llm": llm, "encoder": folder / "encoder",
             "adapter": folder / "adapter", "histories": histories}
-
-
-class ServerThread:
-    """`uvicorn.Server` serving `app` on 127.0.0.1 in a daemon thread, through a socket bound
-    to port 0 (no race for a free port)."""
-
-    def __init__(self, app):  # noqa: ANN001
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start (see the log above)")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        self.server.should_exit = True
-        self.thread.join(60)
-        self.sock.close()
 
 
 def subprocess_env(backend) -> dict[str, str]:  # noqa: ANN001

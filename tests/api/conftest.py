@@ -8,7 +8,7 @@ import secrets
 
 import pytest
 
-from api_helpers import ServerThread, build_tiny_models
+from api_helpers import build_tiny_models
 
 PG_URL = os.environ.get("USERLLM_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SCOPES = ("events:write", "generate", "embeddings:read", "admin")
@@ -95,6 +95,7 @@ def settings_for(backend, **overrides):  # noqa: ANN001, ANN201
 def serve():
     """serve(settings) -> a started ServerThread (stopped after the test)."""
     from api.service import create_app
+    from api.service.server import ServerThread
 
     started = []
 

@@ -22,7 +22,7 @@ def _ingest(c: httpx.Client, histories, users) -> None:  # noqa: ANN001
 
 
 def _engine(server):  # noqa: ANN001, ANN202
-    return server.server.config.app.state.engine.engine
+    return server.app.state.engine.engine
 
 
 def test_concurrency_disconnect_timeout_and_cache_refresh(sqlite_backend, tiny_models, serve):
