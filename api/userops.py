@@ -83,9 +83,7 @@ class UserOps:
         return self.encoder
 
     def history(self, external_id: str) -> list[Event]:
-        if self.store.user_key(external_id) is None:
-            raise UnknownUser()
-        history = self.store.history(external_id)
+        history = self.store.history(external_id)  # [] for an unknown or erased user
         if not history:
             raise UnknownUser()
         return history
