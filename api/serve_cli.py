@@ -2,6 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line. Messages are ours (route templates, counts, keyed ids) or
+    uvicorn's start/stop lines; a traceback is kept as frames (see api/service/errors.py)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        try:  # the access log already writes JSON: keep it as fields, not an escaped string
+            doc = json.loads(message) if message.startswith("{") else {"message": message}
+        except ValueError:
+            doc = {"message": message}
+        return json.dumps({"time": round(record.created, 3), "level": record.levelname,
+                           "logger": record.name, **doc})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,9 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import json
-    import logging
-
     import uvicorn
 
     from api.service import Settings, create_app
@@ -28,7 +41,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k in ("host", "port", "adapter", "model", "encoder")
                  if (v := getattr(args, k)) is not None}
     settings = Settings.load(args.config, **overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     print(json.dumps({"event": "serve", "host": settings.host, "port": settings.port}), flush=True)
     # uvicorn's access log prints paths, and paths hold user ids: ours logs route templates.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,

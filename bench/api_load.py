@@ -171,6 +171,24 @@ async def chat_direct(personalizer, tokens_of: dict, users: list[str], clients: 
             "ttft_p99_ms": pct(ttft, 0.99) * 1e3, "tokens_per_s": tokens / wall}
 
 
+def cache_figures(url: str) -> dict:
+    """User-token cache hit rate and refresh (miss) latency from the server's /metrics."""
+    import httpx
+
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("userllm_user_token") and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    hits = values.get('userllm_user_token_cache_total{result="hit"}', 0.0)
+    misses = values.get('userllm_user_token_cache_total{result="miss"}', 0.0)
+    n = values.get("userllm_user_tokens_refresh_seconds_count", 0.0)
+    total = values.get("userllm_user_tokens_refresh_seconds_sum", 0.0)
+    return {"token_cache_hits": hits, "token_cache_misses": misses,
+            "token_cache_hit_rate": hits / (hits + misses) if hits + misses else float("nan"),
+            "token_refresh_mean_ms": 1e3 * total / n if n else float("nan")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", default=None, help="a trained adapter (default: tiny random models)")
@@ -239,6 +257,8 @@ def main() -> int:
             r = asyncio.run(chat_http(url, token, users, n, args.seconds, args.max_tokens))
             results["chat_http"].append(r)
             print("chat http", json.dumps(r), flush=True)
+        results["server_metrics"] = cache_figures(url)
+        print("server", json.dumps(results["server_metrics"]), flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -265,11 +285,14 @@ def main() -> int:
                      d["tokens_per_s"] / h["tokens_per_s"] if h["tokens_per_s"] else float("nan")])
     from common import markdown_table, write_results  # noqa: E402 - bench/common.py
 
-    rd = results["reads"]
+    rd, sm = results["reads"], results["server_metrics"]
     md = (f"# API load ({model_kind}; {args.seconds:g} s per phase; server threads {args.threads})\n\n"
           f"Reads (embedding + recommendations, {rd['clients']} clients): **{rd['req_per_s']:.0f} req/s**, "
           f"p50 {rd['p50_ms']:.1f} ms, p99 {rd['p99_ms']:.1f} ms, {rd['errors']} errors "
           f"(target >= 1,000 req/s, p99 <= 20 ms on 2 cores)\n\n"
+          f"User-token cache over the chat phases: hit rate {sm['token_cache_hit_rate']:.3f} "
+          f"({sm['token_cache_hits']:.0f} hits, {sm['token_cache_misses']:.0f} misses); "
+          f"refresh (a miss) {sm['token_refresh_mean_ms']:.1f} ms mean\n\n"
           "Chat, streamed (HTTP through the openai client vs the engine called directly, same run):\n\n"
           + markdown_table(["clients", "TTFT p50 ms (HTTP)", "TTFT p99 ms (HTTP)", "TTFT p50 ms (direct)",
                             "TTFT p99 ms (direct)", "tokens/s (HTTP)", "tokens/s (direct)",
