@@ -28,6 +28,7 @@ from store import IngestCounts, Store, delete_user
 from store import audit as store_audit
 from store.admin import rotate_kek
 from store.erasure import erasure_status, request_erasure
+from training.embedding import embed_users, store_embeddings
 from training.prompts import SYSTEM
 from userenc.checkpoint import LoadedEncoder
 from userenc.events import Event
@@ -98,9 +99,9 @@ class UserOps:
 
     def refresh_embedding(self, external_id: str) -> np.ndarray:
         encoder = self._need_encoder()
-        vec = encoder.embed([self.history(external_id)])[0]
-        self.store.put_embeddings({external_id: vec}, self.encoder_version)
-        return vec
+        users, vectors = embed_users(encoder, {external_id: self.history(external_id)})
+        store_embeddings(self.store, encoder, users, vectors)
+        return vectors[0]
 
     def recommendations(self, external_id: str, k: int) -> list[tuple[str, float]]:
         encoder = self._need_encoder()
