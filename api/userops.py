@@ -149,6 +149,11 @@ class UserOps:
             delete_user(self.store, external_id)
         except Exception as err:  # noqa: BLE001 - reported by status (stays "running"), logged
             log.error("erasure failed (%s); it resumes on the next request", type(err).__name__)
+            return
+        if self.personalizer is not None:
+            # Cached KV blocks were computed from the user's tokens (and their prompts): drop
+            # the idle ones (a block held by a running request goes when that request ends).
+            self.personalizer.engine.reset_prefix_cache()
 
     def erasure_status(self, request_id: int) -> dict | None:
         return erasure_status(self.store, request_id)

@@ -101,6 +101,10 @@ def test_ingest_refresh_chat_recommend_similar_erase(backend, tiny_models, serve
             break
         time.sleep(0.05)
     assert status["status"] == "done" and set(status["steps"].values()) == {"done"}
+    ops = server.app.state.ops
+    ops.pending[rid].result(timeout=60)
+    # No cached KV block computed from the erased user's tokens survives in the engine.
+    assert not ops.personalizer.engine.block_manager.hash_to_block
 
     for path in (f"/v1/users/{u}/embedding", f"/v1/users/{u}/recommendations",
                  f"/v1/users/{u}/similar"):
