@@ -6,7 +6,8 @@
 - 413 before the body is read: a Content-Length over the limit is refused at once, and a body
   without one is counted as it streams in (FastAPI answers 413 from our error handler);
 - 415 for a request body that is not JSON;
-- 429 from the rate limiter (health, readiness and metrics are exempt);
+- 429 from the rate limiter (health, readiness and metrics are exempt); 503 while its storage
+  (Redis) is unreachable: fail closed;
 - one JSON access-log line per request naming the route template, never the path (paths hold
   user ids), and the request metrics.
 """
@@ -75,7 +76,7 @@ class Edge:
             await send(message)
 
         try:
-            refusal = self._refusal(scope, headers)
+            refusal = await self._refusal(scope, headers)
             if refusal is not None:
                 refused = True
                 code, message, extra = refusal
@@ -98,7 +99,7 @@ class Edge:
                 "status": status[0] or 500, "ms": round(seconds * 1000, 2),
             }))
 
-    def _refusal(self, scope: Scope, headers: Headers) -> tuple[int, str, dict] | None:
+    async def _refusal(self, scope: Scope, headers: Headers) -> tuple[int, str, dict] | None:
         if scope["method"] in BODY_METHODS:
             length = headers.get("content-length")
             if length is not None:
@@ -114,7 +115,12 @@ class Edge:
                 return 415, "request bodies must be application/json", {}
         if self.limiter is not None and scope["path"] not in UNLIMITED:
             client = scope.get("client")
-            wait = self.limiter.hit(key_id(headers), client[0] if client else "unknown")
+            try:
+                wait = await self.limiter.hit(key_id(headers), client[0] if client else "unknown")
+            except Exception as err:  # noqa: BLE001 - Redis down: refuse (fail closed), say why
+                access_log.warning(json.dumps({"event": "rate limiter unavailable",
+                                               "error": type(err).__name__}))
+                return 503, "the rate limiter is unavailable; retry later", {"retry-after": "5"}
             if wait is not None:
                 return 429, "rate limit exceeded; retry later", {"retry-after": str(int(wait + 0.999))}
         return None

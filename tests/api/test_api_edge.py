@@ -143,3 +143,16 @@ def test_rate_limit_answers_429(sqlite_backend, serve, where):
         assert codes == [401] * 3 + [429] * 3, codes
         if where == "redis":
             assert c.get("/readyz").json()["checks"]["rate_limit"] == "ok"
+
+
+def test_unreachable_redis_fails_closed_with_503(sqlite_backend, serve):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = serve(settings_for(sqlite_backend, rate_limit="5/minute",
+                                redis_url=f"redis://127.0.0.1:{port}/0"))
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        _error(c.get("/v1/admin/audit", headers={"X-API-Key": "ulk_any"}), 503, "unavailable")
+        assert c.get("/healthz").status_code == 200
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["rate_limit"].startswith("unavailable")

@@ -32,11 +32,6 @@ def _checks(request: Request) -> dict[str, str]:
         checks["store"] = f"unavailable ({type(err).__name__})"
     checks["model"] = "ok" if state.engine is not None else "not configured"
     checks["encoder"] = "ok" if state.ops.encoder is not None else "not configured"
-    if state.limiter is not None:
-        try:
-            checks["rate_limit"] = "ok" if state.limiter.check_storage() else "unavailable"
-        except Exception as err:  # noqa: BLE001
-            checks["rate_limit"] = f"unavailable ({type(err).__name__})"
     return checks
 
 
@@ -44,6 +39,12 @@ def _checks(request: Request) -> dict[str, str]:
             summary="The store (and rate-limit storage) answer; which models are loaded")
 async def readyz(request: Request) -> JSONResponse:
     checks = await asyncio.to_thread(_checks, request)
+    limiter = request.app.state.limiter
+    if limiter is not None:
+        try:
+            checks["rate_limit"] = "ok" if await limiter.check_storage() else "unavailable"
+        except Exception as err:  # noqa: BLE001 - reported, not raised
+            checks["rate_limit"] = f"unavailable ({type(err).__name__})"
     ready = checks["store"] == "ok" and checks.get("rate_limit", "ok") == "ok"
     body = Health(status="ready" if ready else "not ready", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
