@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from api_helpers import fuzz
 from conftest import settings_for
 
 pytestmark = pytest.mark.xdist_group("api")
@@ -13,10 +14,7 @@ CASES = 1000
 
 
 def test_no_server_errors_over_generated_requests(sqlite_backend, tiny_models, serve):
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, Phase, given, settings
-    from schemathesis import GenerationMode
-
+    pytest.importorskip("schemathesis")
     from store import Store
     from store.admin import create_api_key
 
@@ -32,24 +30,7 @@ def test_no_server_errors_over_generated_requests(sqlite_backend, tiny_models, s
     auth = {"Authorization": f"Bearer {token}"}
     assert httpx.post(f"{server.url}/v1/events", json={"events": events}, headers=auth).status_code == 200
 
-    schema = schemathesis.openapi.from_dict(httpx.get(f"{server.url}/openapi.json").json())
-    seen: dict[int, int] = {}
-    failures: list[str] = []
-
-    def run(mode, n: int) -> None:  # noqa: ANN001
-        @given(case=schema.as_strategy(generation_mode=mode))
-        @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        def one(case) -> None:  # noqa: ANN001
-            r = case.call(base_url=server.url, headers=auth, timeout=60)
-            seen[r.status_code] = seen.get(r.status_code, 0) + 1
-            if r.status_code >= 500:
-                failures.append(f"{case.method} {case.formatted_path} -> {r.status_code} {r.text[:200]}")
-
-        one()
-
-    run(GenerationMode.POSITIVE, CASES * 7 // 10)
-    run(GenerationMode.NEGATIVE, CASES * 3 // 10)
+    seen, failures = fuzz(server.url, auth, CASES)
     total = sum(seen.values())
     print("fuzz statuses", dict(sorted(seen.items())))
     assert total >= CASES, seen
