@@ -6,6 +6,7 @@ routes only (give a key several scopes where one caller needs several)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import threading
@@ -29,13 +30,19 @@ class KeyChecker:
         self._cache: dict[str, tuple[float, frozenset[str] | None]] = {}
         self._lock = threading.Lock()
 
+    def cached(self, token: str) -> tuple[bool, frozenset[str] | None]:
+        """(known, scopes) from memory alone: no I/O, so the event loop may call it."""
+        hit = self._cache.get(hashlib.sha256(token.encode()).hexdigest())
+        if hit is not None and hit[0] > time.monotonic():
+            return True, hit[1]
+        return False, None
+
     def scopes(self, token: str) -> frozenset[str] | None:
+        known, scopes = self.cached(token)
+        if known:
+            return scopes
         digest = hashlib.sha256(token.encode()).hexdigest()
         now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(ApiKey.key_hash, ApiKey.scopes, ApiKey.revoked_at).where(ApiKey.key_hash == digest)
@@ -60,11 +67,14 @@ def bearer(request: Request) -> str | None:
 def require(scope: str):  # noqa: ANN201
     """A dependency: the request's key must hold `scope`."""
 
-    def check(request: Request) -> frozenset[str]:
+    async def check(request: Request) -> frozenset[str]:
         token = bearer(request)
         if token is None:
             raise ApiError(401, "an API key is required (Authorization: Bearer <key>)", CHALLENGE)
-        scopes = request.app.state.keys.scopes(token)
+        keys = request.app.state.keys
+        known, scopes = keys.cached(token)
+        if not known:  # the database, off the event loop
+            scopes = await asyncio.to_thread(keys.scopes, token)
         if scopes is None:
             raise ApiError(401, "unknown or revoked API key", CHALLENGE)
         if scope not in scopes:
