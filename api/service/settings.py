@@ -26,8 +26,10 @@ class Settings(BaseSettings):
     home: Path | None = None
     database_url: str | None = None
     keys_database_url: str | None = None
-    # Models: the adapter (chat and generate; its base model and encoder unless given), the
-    # encoder checkpoint for embeddings and recommendations (default: the adapter's encoder).
+    # Models: the adapter (chat and generate; its base model and encoder unless given); the
+    # encoder checkpoint for embeddings and recommendations: with an adapter, its own encoder
+    # (give `encoder` only where that checkpoint moved: its weights are checked), without one,
+    # any encoder checkpoint. `model` alone serves the base model, unpersonalized.
     adapter: Path | None = None
     model: Path | None = None
     encoder: Path | None = None
