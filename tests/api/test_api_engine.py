@@ -101,3 +101,16 @@ def test_requests_time_out(sqlite_backend, tiny_models, serve):
             break
         time.sleep(0.02)
     assert not eng.has_unfinished()
+
+
+def test_base_model_alone_answers_unpersonalized(sqlite_backend, tiny_models, serve):
+    keys = make_keys(sqlite_backend)
+    server = serve(settings_for(sqlite_backend, model=tiny_models["llm"]))
+    c = httpx.Client(base_url=server.url, timeout=60, headers={"X-API-Key": keys["all"]})
+    histories = tiny_models["histories"]
+    _ingest(c, histories, sorted(histories)[:1])
+    r = c.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 3, "user": sorted(histories)[0]})
+    assert r.status_code == 200 and r.headers["x-userllm-personalized"] == "false", r.text
+    r = c.get(f"/v1/users/{sorted(histories)[0]}/recommendations")
+    assert r.status_code == 503 and "encoder" in r.json()["error"]["message"]
+    assert c.get("/readyz").json()["checks"] == {"store": "ok", "model": "ok", "encoder": "not configured"}
