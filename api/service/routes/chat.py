@@ -71,7 +71,12 @@ def _headers(ut: UserTokens) -> dict[str, str]:
     return {"x-userllm-personalized": "true" if ut.personalized else "false"}
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=CHAT_ERRORS,
+STREAMED = {200: {"description": "a chat.completion; with `stream: true`, server-sent "
+                  "chat.completion.chunk events ending with `data: [DONE]`",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses=CHAT_ERRORS | STREAMED,
              dependencies=[Depends(require("generate"))],
              summary="OpenAI-compatible chat; `user` selects the personalization")
 async def chat_completions(body: ChatRequest, request: Request):  # noqa: ANN201
