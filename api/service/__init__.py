@@ -10,7 +10,26 @@ scopes), errors (one JSON error body), schemas (pydantic models of the OpenAPI s
 api/personalize.py, never in a route.
 """
 
-from api.service.app import create_app
-from api.service.settings import Settings
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from api.service.app import create_app
+    from api.service.settings import Settings
 
 __all__ = ["Settings", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `userllm admin create-key` reads the scopes from api.service.settings and must not
+    # pay for FastAPI, torch and the engine on the way.
+    if name == "create_app":
+        from api.service.app import create_app
+
+        return create_app
+    if name == "Settings":
+        from api.service.settings import Settings
+
+        return Settings
+    raise AttributeError(name)
