@@ -25,7 +25,7 @@ from fastapi import HTTPException
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.service.errors import error_body
+from api.service.errors import error_body, log_bug
 from api.service.metrics import Metrics
 from api.service.ratelimit import RateLimiter
 
@@ -87,6 +87,11 @@ class Edge:
             if status[0]:
                 raise
             await self._send_error(send_wrapped, exc.status_code, str(exc.detail), rid, {})
+        except Exception as exc:  # a bug: answered here, so it too gets the headers and the id
+            if status[0]:
+                raise
+            log_bug(exc, scope)
+            await self._send_error(send_wrapped, 500, "internal error", rid, {})
         finally:
             route = scope.get("route")
             template = getattr(route, "path_format", None) or getattr(route, "path", None)

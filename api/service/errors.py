@@ -88,10 +88,10 @@ def install(app: FastAPI) -> None:
                  for e in exc.errors()[:5]]
         return error_response(422, "; ".join(parts) or "invalid request", _rid(request))
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        # The frames, not the message: an exception's text may quote personal data.
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-        log.error("unhandled %s on %s\n%s", type(exc).__name__, route, frames)
-        return error_response(500, "internal error", _rid(request))
+
+def log_bug(exc: BaseException, scope: dict) -> None:
+    """An unhandled exception: its type, the route template and the frames, never its message
+    (an exception's text may quote personal data)."""
+    route = getattr(scope.get("route"), "path", "unmatched")
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("unhandled %s on %s\n%s", type(exc).__name__, route, frames)

@@ -156,3 +156,22 @@ def test_unreachable_redis_fails_closed_with_503(sqlite_backend, serve):
         assert c.get("/healthz").status_code == 200
         ready = c.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["rate_limit"].startswith("unavailable")
+
+
+def test_a_bug_answers_500_with_headers_and_logs_no_message(edge_server, caplog):
+    server, keys = edge_server
+
+    secret = "-".join(("secret", "user", "99"))  # a value: the logged frames show code only
+
+    def broken(after: int, limit: int) -> dict:
+        raise RuntimeError(f"{secret} was in this message")
+
+    server.app.state.ops.audit = broken
+    caplog.set_level(logging.INFO)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        r = c.get("/v1/admin/audit", headers={"X-API-Key": keys["admin"], "X-Request-ID": "bug-1"})
+    _error(r, 500, "internal_error")
+    assert r.json()["error"]["message"] == "internal error" and r.headers["x-request-id"] == "bug-1"
+    assert r.headers["cache-control"] == "no-store" and r.headers["x-frame-options"] == "DENY"
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("userllm"))
+    assert "unhandled RuntimeError on /v1/admin/audit" in logged and secret not in logged
