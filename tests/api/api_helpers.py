@@ -78,3 +78,28 @@ def fuzz(url: str, headers: dict[str, str], cases: int) -> tuple[dict[int, int],
     run(GenerationMode.POSITIVE, cases * 7 // 10)
     run(GenerationMode.NEGATIVE, cases - cases * 7 // 10)
     return seen, failures
+
+
+SCOPES = ("events:write", "generate", "embeddings:read", "admin")
+
+
+def make_keys(backend) -> dict[str, str]:  # noqa: ANN001
+    """One API key per scope, and "all" with every scope but admin."""
+    from store import Store
+    from store.admin import create_api_key
+
+    _, home, data_url, keys_url = backend
+    with Store.open(home, data_url, keys_url) as store:
+        keys = {s: create_api_key(store, [s]) for s in SCOPES}
+        keys["all"] = create_api_key(store, ["events:write", "generate", "embeddings:read"])
+    return keys
+
+
+def settings_for(backend, **overrides):  # noqa: ANN001, ANN201
+    from api.service import Settings
+
+    _, home, data_url, keys_url = backend
+    values = dict(home=home, database_url=data_url, keys_database_url=keys_url, threads=1,
+                  kv_cache_mb=8, max_num_seqs=8, rate_limit="", rate_limit_per_address="",
+                  request_timeout_s=60)
+    return Settings(**(values | overrides))

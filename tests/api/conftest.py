@@ -11,7 +11,6 @@ import pytest
 from api_helpers import build_tiny_models
 
 PG_URL = os.environ.get("USERLLM_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-SCOPES = ("events:write", "generate", "embeddings:read", "admin")
 
 
 @pytest.fixture(scope="session")
@@ -67,28 +66,6 @@ def sqlite_backend(tmp_path, monkeypatch):
     urls = (f"sqlite:///{home / 'store.db'}", f"sqlite:///{home / 'keys.db'}")
     Store.open(home, *urls, create=True).close()
     return "sqlite", home, urls[0], urls[1]
-
-
-def make_keys(backend) -> dict[str, str]:  # noqa: ANN001
-    """One API key per scope, and "all" with every scope but admin."""
-    from store import Store
-    from store.admin import create_api_key
-
-    _, home, data_url, keys_url = backend
-    with Store.open(home, data_url, keys_url) as store:
-        keys = {s: create_api_key(store, [s]) for s in SCOPES}
-        keys["all"] = create_api_key(store, ["events:write", "generate", "embeddings:read"])
-    return keys
-
-
-def settings_for(backend, **overrides):  # noqa: ANN001, ANN201
-    from api.service import Settings
-
-    _, home, data_url, keys_url = backend
-    values = dict(home=home, database_url=data_url, keys_database_url=keys_url, threads=1,
-                  kv_cache_mb=8, max_num_seqs=8, rate_limit="", rate_limit_per_address="",
-                  request_timeout_s=60)
-    return Settings(**(values | overrides))
 
 
 @pytest.fixture

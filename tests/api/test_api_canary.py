@@ -9,7 +9,7 @@ import secrets
 import httpx
 import pytest
 
-from conftest import make_keys, settings_for
+from api_helpers import make_keys, settings_for
 
 pytestmark = pytest.mark.xdist_group("api")
 

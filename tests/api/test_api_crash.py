@@ -15,8 +15,7 @@ import time
 import httpx
 import pytest
 
-from api_helpers import subprocess_env as _env
-from conftest import make_keys
+from api_helpers import make_keys, subprocess_env as _env
 
 pytestmark = pytest.mark.xdist_group("api")
 BATCH = 25

@@ -6,8 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from api_helpers import fuzz
-from conftest import settings_for
+from api_helpers import fuzz, settings_for
 
 pytestmark = pytest.mark.xdist_group("api")
 CASES = 1000
