@@ -41,6 +41,8 @@ bench: setup
 	$(BIN)/python bench/store_speed.py
 	$(BIN)/python bench/engine_throughput.py
 	$(BIN)/python bench/kernels_decode.py
+	$(BIN)/python bench/api_load.py
+	$(BIN)/python bench/api_fuzz.py
 
 clean:
 	rm -rf $(VENV) .demo

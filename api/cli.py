@@ -12,7 +12,7 @@ import sys
 from typing import NoReturn
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ("training.cli", "training.adapter_cli", "api.generate_cli", "api.store_cli", "api.serve_cli")
+COMMAND_MODULES = ("api.train_cli", "api.adapter_cli", "api.generate_cli", "api.store_cli", "api.serve_cli")
 
 
 class UsageError(Exception):

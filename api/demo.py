@@ -2,8 +2,9 @@
 
     generate (or read) events -> userllm ingest (encrypted store) -> userllm train-encoder
     --from-store -> userllm eval-encoder -> userllm embed --to-store -> similar users ->
-    userllm train-adapter (USER-LLM stage 2, a few minutes) -> userllm generate: the same
-    question for two users, answered from their user tokens alone (no history in the prompt).
+    userllm train-adapter (USER-LLM stage 2, a few minutes) -> the service on loopback: the
+    same question for two users through the openai client, streamed, answered from their user
+    tokens alone (no history in the prompt), and each user's recommendations.
 
 Everything lives under .demo/ (USERLLM_HOME=.demo/home), so re-running is safe: ingest is
 idempotent and training overwrites its checkpoint.
@@ -47,8 +48,6 @@ def main() -> int:
     os.environ["USERLLM_HOME"] = str(work / "home")
     threads = str(os.cpu_count() or 1)
 
-    import torch
-
     from training.data import write_sample_data
 
     if args.data:
@@ -77,6 +76,8 @@ def main() -> int:
     step("embed every user into the store (sealed) and the FAISS index")
     run_cli("embed", "--from-store", "--checkpoint", run_dir, "--to-store", "--threads", threads)
 
+    from api.demo_serve import ask_through_server
+    from api.personalize import recommend
     from store import Store
     from training.tasks import Catalogue, most_frequent_genre
     from userenc.checkpoint import load_checkpoint
@@ -101,14 +102,7 @@ def main() -> int:
     history = histories[first]
     step(f"user {first}: {len(history)} events; most similar users: " + ", ".join(f"{u} ({s:.2f})" for u, s in similar))
 
-    encoder = load_checkpoint(run_dir)
-    ids, valid = encoder.batch([history])
-    with torch.inference_mode():
-        scores = encoder.model.heads.item_scores(encoder.model.states(ids, valid, last_only=True)[:, -1])[0]
-    item_vocab = encoder.tokenizer.vocabs[encoder.tokenizer.spec.item.name]
-    seen = {e.item_id for e in history}
-    ranked = [item_vocab.value(int(i)) for i in scores.argsort(descending=True)[:50]]
-    picks = [i for i in ranked if i and i not in seen][:5]
+    picks = [i for i, _ in recommend(load_checkpoint(run_dir), history, 5)]
     print("recent:", "; ".join(titles.get(e.item_id, f"item {e.item_id}") for e in history[-5:]))
     print("encoder's top next items (not yet seen):", "; ".join(titles.get(i, f"item {i}") for i in picks))
 
@@ -123,8 +117,11 @@ def main() -> int:
     question = QUESTIONS["next_movie" if args.data else "genre_history"]
     step("the same question for two users: the prompt holds no history, only their user tokens differ")
     for user in (first, second):
-        print(f"-- user {user} (most frequent genre in their history: {favourite[user]})", flush=True)
-        run_cli("generate", "--user", user, "--adapter", adapter_dir, "--max-tokens", "24", question)
+        print(f"user {user}: most frequent genre in their history: {favourite[user]}", flush=True)
+    step("serve: `userllm serve` on loopback; both users ask through the openai client, streamed")
+    print(f"Q: {question}", flush=True)
+    ask_through_server(adapter_dir, (first, second), question, max_tokens=24, titles=titles,
+                       threads=int(threads))
     return 0
 
 

@@ -34,18 +34,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from llm.engine.sampling_params import SamplingParams
     from store import Store
 
-    store = Store.open()
-    try:
-        history = store.history(args.user)
-    finally:
-        store.close()
     threads = int(os.environ.get("USERLLM_THREADS", os.cpu_count() or 1))
     import torch
 
     torch.set_num_threads(threads)
     p = Personalizer.load(adapter, args.model, args.encoder, kv_cache_bytes=128 << 20, max_num_seqs=4)
     try:
-        tokens = p.user_tokens(history)
+        store = Store.open()
+        try:  # the user's tokens, from the store's sealed cache while their history is unchanged
+            tokens, _ = p.cached_user_tokens(store, args.user, store.history(args.user))
+        finally:
+            store.close()
         if tokens is None:
             print("note: this user has no events: answering without personalization", file=sys.stderr)
         sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)

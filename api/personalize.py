@@ -7,20 +7,30 @@ K user tokens -> the engine serving the trained adapter.
 
 The CLI (`userllm generate`), the demo and the HTTP routes all call this; nothing else reaches
 into the encoder. A user with no events gets no user tokens: the engine answers as the base
-model (the stated cold-start fallback), and `PersonalizedAnswer.personalized` says so.
+model (the stated cold-start fallback).
+
+User tokens are cached sealed in the store (`cached_user_tokens`): one artefact per user and
+adapter encoder, holding a fingerprint of the history it was computed from. New events change
+the fingerprint (the tokens are recomputed: the encoder is not incremental), another adapter or
+encoder checkpoint changes the artefact's name, and erasure deletes the user's artefacts.
+
+`recommend` ranks the catalogue with an encoder's next-item head, items already seen left out.
 """
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llm.engine.engine import Engine
 from llm.engine.sampling_params import SamplingParams
 from llm.engine.sequence import RequestOutput
-from training.adapter_checkpoint import adapter_meta, load_adapter_encoder
+from training.adapter_checkpoint import ENCODER_WEIGHTS, adapter_meta, load_adapter_encoder
 from training.prompts import SYSTEM
 from userenc.checkpoint import LoadedEncoder
 from userenc.events import Event
@@ -30,7 +40,10 @@ from userenc.events import Event
 class Personalizer:
     engine: Engine
     encoder: LoadedEncoder | None
-    adapter: Path
+    adapter: Path | None
+    # Names the user tokens' source (the adapter's trained encoder tensors and its checkpoint):
+    # the token cache keys on it.
+    token_version: str = field(default="")
 
     @classmethod
     def load(cls, adapter: str | Path, model: str | Path | None = None,
@@ -45,13 +58,39 @@ class Personalizer:
         if not base or not Path(base).exists():
             raise FileNotFoundError(f"the adapter's base model {base!r} is missing (give --model)")
         engine = Engine.from_pretrained(base, adapter=adapter, **engine_kwargs)
-        return cls(engine, load_adapter_encoder(adapter, encoder_dir=encoder), Path(adapter))
+        loaded = load_adapter_encoder(adapter, encoder_dir=encoder)
+        digest = hashlib.sha256((Path(adapter) / ENCODER_WEIGHTS).read_bytes())
+        digest.update(str(meta["encoder"]["weights_sha256"]).encode())
+        return cls(engine, loaded, Path(adapter), digest.hexdigest()[:24])
+
+    @classmethod
+    def base_only(cls, model: str | Path, **engine_kwargs) -> "Personalizer":
+        """The base model without an adapter: every answer is unpersonalized."""
+        return cls(Engine.from_pretrained(model, **engine_kwargs), None, None, "")
 
     def user_tokens(self, history: list[Event]) -> torch.Tensor | None:
-        if not history:
+        if not history or self.encoder is None:
             return None
-        assert self.encoder is not None
         return self.encoder.user_tokens([history])[0]
+
+    def cached_user_tokens(self, store, external_id: str, history: list[Event]
+                           ) -> tuple[torch.Tensor | None, bool]:  # noqa: ANN001
+        """(tokens, cache hit): the sealed copy in the store when it was computed from this very
+        history by this adapter's encoder, else computed now and sealed for next time."""
+        if not history or self.encoder is None:
+            return None, False
+        name, fp = f"user-tokens-{self.token_version}", history_fingerprint(history)
+        blob = store.artefact(external_id, name)
+        if blob is not None and blob[:32] == fp:
+            k, d = struct.unpack("<II", blob[32:40])
+            arr = np.frombuffer(blob[40:], dtype="<f4")
+            if arr.size == k * d:
+                return torch.from_numpy(arr.reshape(k, d).copy()), True
+        tokens = self.user_tokens(history)
+        k, d = tokens.shape
+        body = tokens.detach().float().cpu().numpy().astype("<f4").tobytes()
+        store.put_artefact(external_id, name, fp + struct.pack("<II", k, d) + body)
+        return tokens, False
 
     @staticmethod
     def messages(prompt: str) -> list[dict]:
@@ -64,3 +103,31 @@ class Personalizer:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def history_fingerprint(history: list[Event]) -> bytes:
+    """32 bytes that change whenever the history does (ids, items, times; fields by event id:
+    the store never rewrites a stored event)."""
+    h = hashlib.sha256()
+    for e in history:
+        h.update(f"{len(e.event_id)}:{e.event_id}|{len(e.item_id)}:{e.item_id}|{e.timestamp};".encode())
+    return h.digest()
+
+
+def recommend(encoder: LoadedEncoder, history: list[Event], k: int) -> list[tuple[str, float]]:
+    """The encoder's top-k next items for this history, items it already holds left out:
+    [(item id, score)], best first. Empty for an empty history."""
+    if not history or k < 1:
+        return []
+    ids, valid = encoder.batch([history])
+    model = encoder.model
+    model.eval()
+    with torch.inference_mode():
+        scores = model.heads.item_scores(model.states(ids, valid, last_only=True)[:, -1])[0]
+    scores = scores.float().clone()
+    vocab = encoder.tokenizer.vocabs[encoder.tokenizer.spec.item.name]
+    seen = sorted({vocab.id(e.item_id) for e in history})
+    scores[seen] = float("-inf")
+    n = int(torch.isfinite(scores).sum())
+    top = torch.topk(scores, min(k, n))
+    return [(vocab.value(int(i)), float(v)) for v, i in zip(top.values, top.indices)]

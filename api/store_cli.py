@@ -115,10 +115,14 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_create_key(args: argparse.Namespace) -> int:
     from store.admin import create_api_key
 
+    from api.service.settings import SCOPES
+
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if not scopes or unknown:
+        raise ValueError(f"unknown scopes {unknown}: give some of {', '.join(SCOPES)}")
     with _open() as store:
-        token = create_api_key(
-            store, [s.strip() for s in args.scopes.split(",") if s.strip()], args.label
-        )
+        token = create_api_key(store, scopes, args.label)
     print(token)
     print("store this key now: only its hash is kept", file=sys.stderr)
     return 0
@@ -309,7 +313,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     a.set_defaults(func=cmd_init)
     a = admin.add_parser("create-key", help="create an API key (printed once)")
-    a.add_argument("--scopes", default="read", help="comma-separated, e.g. read,write,admin")
+    a.add_argument(
+        "--scopes",
+        required=True,
+        help="comma-separated service scopes: events:write, generate, embeddings:read, admin",
+    )
     a.add_argument("--label", default="", help="a note for operators (no personal data)")
     a.set_defaults(func=cmd_create_key)
     a = admin.add_parser(

@@ -143,3 +143,25 @@ def verify(engine: Engine, anchor, node: Tail | None) -> AuditReport:  # noqa: A
             report.entries += 1
         report.problems += anchor_gaps(conn, tail(conn), anchor, node)
     return report
+
+
+def entries(engine: Engine, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+    """Entries after sequence number `after`, oldest first (details hold counts and keyed
+    hashes only)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(*AuditEntry.__table__.c)
+            .where(AuditEntry.seq > after)
+            .order_by(AuditEntry.seq)
+            .limit(limit)
+        ).all()
+    return [
+        {
+            "seq": r.seq,
+            "at": r.at,
+            "action": r.action,
+            "details": json.loads(r.details),
+            "entry_hash": r.entry_hash,
+        }
+        for r in rows
+    ]

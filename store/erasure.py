@@ -124,6 +124,60 @@ def _open_request(store: Store, uid_hash: str):  # noqa: ANN202
         ).first()
 
 
+def _insert_request(store: Store, h: str, uid: int, before: dict[str, int]) -> int:
+    with store.data.begin() as conn:
+        steps = json.dumps({s: "pending" for s in STEPS})
+        values = dict(
+            uid_hash=h, user_id=uid, status="running", steps=steps, created_at=int(time.time())
+        )
+        req_id = conn.execute(
+            ErasureRequest.__table__.insert().values(**values)
+        ).inserted_primary_key[0]
+    store.audit("erasure.requested", {"request": req_id, "uid_hash": h, "counts": before})
+    return req_id
+
+
+def request_erasure(store: Store, external_id: str) -> tuple[int, bool]:
+    """Open (or find) the erasure request for a user without running it: (request id, already
+    erased). The caller then runs `delete_user`, which continues this request; until then the
+    request is listed as running. Unknown user: ValueError and nothing changes."""
+    h = store.hasher.user(external_id)
+    who = authenticate(store, h)
+    if who is None:
+        raise ValueError("unknown user: no record for this external id in any store")
+    _preflight(store, h, who)
+    req = _open_request(store, h)
+    if req is not None:
+        return req.id, False
+    before = remaining(store, h, who.user_id)
+    if who.tombstone is not None and not any(before.values()):
+        with store.data.connect() as conn:
+            last = conn.execute(
+                select(func.max(ErasureRequest.id)).where(ErasureRequest.uid_hash == h)
+            ).scalar()
+        return int(last or 0), True
+    return _insert_request(store, h, who.user_id, before), False
+
+
+def erasure_status(store: Store, request_id: int) -> dict | None:
+    """A request's state for operators: status, steps, times and the keyed id's first 16
+    characters (never the external id); None when there is no such request."""
+    with store.data.connect() as conn:
+        r = conn.execute(
+            select(*ErasureRequest.__table__.c).where(ErasureRequest.id == request_id)
+        ).first()
+    if r is None:
+        return None
+    return {
+        "request_id": r.id,
+        "status": r.status,
+        "steps": json.loads(r.steps),
+        "keyed_id_prefix": r.uid_hash[:16],
+        "created_at": r.created_at,
+        "finished_at": r.finished_at,
+    }
+
+
 def delete_user(
     store: Store,
     external_id: str,
@@ -141,20 +195,14 @@ def delete_user(
     _preflight(store, h, who)
     uid = who.user_id
     req = _open_request(store, h)
-    resumed = req is not None
+    # Resumed: an earlier run got past at least one step (a request opened by request_erasure
+    # and run here for the first time is not a resumption).
+    resumed = req is not None and "done" in json.loads(req.steps).values()
     before = remaining(store, h, uid)
     if req is None:
         if who.tombstone is not None and not any(before.values()):
             return ErasureReport(0, h, before, already_erased=True)
-        with store.data.begin() as conn:
-            steps = json.dumps({s: "pending" for s in STEPS})
-            values = dict(
-                uid_hash=h, user_id=uid, status="running", steps=steps, created_at=int(time.time())
-            )
-            req_id = conn.execute(
-                ErasureRequest.__table__.insert().values(**values)
-            ).inserted_primary_key[0]
-        store.audit("erasure.requested", {"request": req_id, "uid_hash": h, "counts": before})
+        _insert_request(store, h, uid, before)
         req = _open_request(store, h)
     steps = json.loads(req.steps)
     kek_version = (

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,6 +37,7 @@ from store.records import decode_payload
 from userenc.events import Event
 
 log = logging.getLogger("userllm.store")
+_ARTEFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _not_theirs(where: str) -> StoreIntegrityError:
@@ -138,6 +142,46 @@ class Store(Ingest):
         """Where any part may cache per-user artefacts (e.g. UserTokens), by keyed id
         (`store.hasher.user(external_id)`); erasure deletes it."""
         return self.home / "cache" / uid_hash
+
+    def put_artefact(self, external_id: str, name: str, data: bytes) -> bool:
+        """Seal `data` under the user's data key into their artefact folder (a cache: user
+        tokens, ...). False (nothing written) for a user the store does not know or has erased.
+        Erasure deletes the folder; the data key's shredding makes any leftover copy noise."""
+        if not _ARTEFACT_NAME.match(name):
+            raise ValueError("artefact names are short [A-Za-z0-9._-] names")
+        key = self.user_key(external_id)
+        if key is None:
+            return False
+        folder = self.artefact_dir(key.uid_hash)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sealed = key.cipher.seal(data, self._artefact_aad(key, name))
+        tmp = folder / f".{name}.tmp{os.getpid()}.{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(sealed)
+        os.replace(tmp, folder / name)
+        if self.keys.tombstoned_among([key.uid_hash]):  # erased while we wrote: leave nothing
+            shutil.rmtree(folder, ignore_errors=True)
+            return False
+        return True
+
+    def artefact(self, external_id: str, name: str) -> bytes | None:
+        """An artefact sealed by put_artefact, opened (None when absent or the user unknown)."""
+        key = self.user_key(external_id)
+        if key is None or not _ARTEFACT_NAME.match(name):
+            return None
+        try:
+            sealed = (self.artefact_dir(key.uid_hash) / name).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return key.cipher.open(sealed, self._artefact_aad(key, name))
+        except DecryptionError:
+            raise _not_theirs("a cached artefact") from None
+
+    @staticmethod
+    def _artefact_aad(key: UserKey, name: str) -> bytes:
+        return owner_aad("artefacts", "blob", key.user_id, key.uid_hash, name)
 
     def _external_id(self, key: UserKey, sealed: bytes) -> str:
         aad = owner_aad("users", "external_id_sealed", key.user_id, key.uid_hash, key.user_id)

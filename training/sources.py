@@ -1,14 +1,13 @@
 """Where training and embedding read users from, and how they honour erasure.
 
-`--data PATH --format F` reads files; when a store exists at USERLLM_HOME (or a database URL is
-set), its tombstones filter the users out. `--from-store` reads the store's (decrypted in
+A data path in a format reads files; when a store exists at USERLLM_HOME (or a database URL is
+set), its tombstones filter the users out. `from_store` reads the store's (decrypted in
 memory) histories, which already exclude erased users. Either way the checkpoint manifest gets
 the store's `erasure` section (user-set hash, tombstone version, keyed-hash list) so that
 `userllm admin stale-models` can tell when a model has users erased since.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,20 +62,14 @@ class Source:
             self.store.close()
 
 
-def add_source_args(p: argparse.ArgumentParser, spec: bool = False) -> None:
-    from userenc.readers import FORMATS
-
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="dataset file or folder (MovieLens: the ml-1m folder)")
-    src.add_argument("--from-store", action="store_true", help="read users' histories from the encrypted store (USERLLM_HOME)")
-    p.add_argument("--format", default="movielens", choices=FORMATS, help="format of --data")
-    p.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines instead of stopping")
-    if spec:
-        p.add_argument("--spec", default=None, help="feature spec: a TOML file or a built-in name (default per format)")
-
-
-def open_source(args: argparse.Namespace, spec_name: str | None = None) -> Source:
-    if args.from_store:
+def open_source(data: str | os.PathLike | None = None, fmt: str = "movielens",
+                spec_name: str | None = None, skip_bad: bool = False,
+                from_store: bool = False) -> Source:
+    """Users' histories from the store (`from_store`) or from the `data` file or folder in
+    format `fmt` (a configured store's tombstones filter erased users out)."""
+    if from_store == (data is not None):
+        raise ValueError("read from the store or from a data path: exactly one of them")
+    if from_store:
         from store import Store
 
         store = Store.open()
@@ -94,14 +87,10 @@ def open_source(args: argparse.Namespace, spec_name: str | None = None) -> Sourc
         allowed = training_filter(store).allowed
     else:
         allowed = None
-    ds = load_dataset(args.data, args.format, spec_name, args.skip_bad, allowed)
+    ds = load_dataset(data, fmt, spec_name, skip_bad, allowed)
     source = Source(ds, store)
     if ds.bad_lines:
         source.notes.append(f"skipped {ds.bad_lines} malformed lines")
     if ds.excluded_users:
         source.notes.append(f"excluded {ds.excluded_users} erased users")
     return source
-
-
-def data_source_name(args: argparse.Namespace) -> str:
-    return "store" if args.from_store else str(Path(args.data).resolve())

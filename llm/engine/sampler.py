@@ -68,7 +68,12 @@ class Sampler:
         sub = logits[rows]
         temperature = torch.tensor([params[i].temperature for i in random_rows],
                                    dtype=sub.dtype, device=device)
-        sub = sub / temperature[:, None]
+        # Shifted by the row's maximum first (softmax and the top-k / top-p masks do not
+        # change) and T kept above the dtype's smallest normal (a float64 1e-300 is 0 in
+        # float32): a tiny temperature would otherwise overflow positive logits to inf, or
+        # divide 0 by 0, and sample from NaN; this way it tends to the greedy choice.
+        temperature = temperature.clamp_min(torch.finfo(sub.dtype).tiny)
+        sub = (sub - sub.max(dim=-1, keepdim=True).values) / temperature[:, None]
         if any(params[i].top_k > 0 for i in random_rows):
             sub = top_k_mask(sub, torch.tensor([params[i].top_k for i in random_rows],
                                                device=device))

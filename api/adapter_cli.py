@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training.cli import _positive
+from api.train_cli import _positive, add_source_args, data_source_name, source_from_args
 from training.config import AdapterConfig, AdapterTrainConfig, default_model_path, env_threads
-from training.sources import add_source_args, data_source_name, open_source
 from training.tasks import TASKS
 
 STRATEGY_HELP = ("proj: user-token head + cross blocks; enc: + the encoder; lora: + LoRA on the "
@@ -86,7 +85,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     dist.init()
     source = None
     try:
-        source = open_source(args)
+        source = source_from_args(args)
         for note in source.notes:
             print(note, file=sys.stderr)
         erasure, files = source.erasure_manifest_with(args.encoder)

@@ -1,4 +1,4 @@
-"""Subcommands: train-encoder, eval-encoder, embed."""
+"""Subcommands: train-encoder, eval-encoder, embed (parsing and printing; the work is in training/)."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +8,31 @@ import time
 from pathlib import Path
 
 from training.config import TrainConfig, encoder_config_from, env_threads, train_config_from
-from training.sources import add_source_args, data_source_name, open_source
+from training.sources import Source, open_source
 from userenc.config import FUSIONS, ITEM_LOSSES, NEGATIVES, POSITIONS, EncoderConfig
 
 # torch and the model code load inside the commands: `userllm admin ...` should not pay for them.
+
+
+def add_source_args(p: argparse.ArgumentParser, spec: bool = False) -> None:
+    from userenc.readers import FORMATS
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="dataset file or folder (MovieLens: the ml-1m folder)")
+    src.add_argument("--from-store", action="store_true", help="read users' histories from the encrypted store (USERLLM_HOME)")
+    p.add_argument("--format", default="movielens", choices=FORMATS, help="format of --data")
+    p.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines instead of stopping")
+    if spec:
+        p.add_argument("--spec", default=None, help="feature spec: a TOML file or a built-in name (default per format)")
+
+
+def source_from_args(args: argparse.Namespace, spec_name: str | None = None) -> Source:
+    return open_source(None if args.from_store else args.data, args.format, spec_name,
+                       args.skip_bad, from_store=args.from_store)
+
+
+def data_source_name(args: argparse.Namespace) -> str:
+    return "store" if args.from_store else str(Path(args.data).resolve())
 
 
 def _data_args(p: argparse.ArgumentParser, spec: bool = False) -> None:
@@ -96,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     dist.init()
     source = None
     try:
-        source = open_source(args, args.spec)
+        source = source_from_args(args, args.spec)
         for note in source.notes:
             print(note, file=sys.stderr)
         erasure, files = source.erasure_manifest()
@@ -126,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _threads(args)
     loaded = load_checkpoint(args.checkpoint)
-    source = open_source(args)
+    source = source_from_args(args)
     source.close()
     split = leave_one_out(source.dataset.histories, encoder_holdout(loaded.manifest))
     scorers = {"encoder": model_scorer(loaded.model, loaded.tokenizer)}
@@ -149,18 +170,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from training.embedding import embed_users, store_embeddings
     from userenc.checkpoint import load_checkpoint
 
     _threads(args)
     if not args.out and not args.to_store:
         raise ValueError("say where embeddings go: --out FILE.npz and/or --to-store")
     loaded = load_checkpoint(args.checkpoint)
-    source = open_source(args)
+    source = source_from_args(args)
     try:
-        histories = source.dataset.histories
-        users = sorted(histories)
         t0 = time.perf_counter()
-        vectors = loaded.embed((histories[u] for u in users), batch_size=args.batch_size, bf16=args.bf16)
+        users, vectors = embed_users(loaded, source.dataset.histories, args.batch_size, args.bf16)
         seconds = time.perf_counter() - t0
         if args.out:
             out = Path(args.out)
@@ -176,7 +196,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
                 from store import Store
 
                 store = source.store = Store.open()
-            stored = store.put_embeddings(dict(zip(users, vectors)), loaded.version)
+            stored = store_embeddings(store, loaded, users, vectors)
             print(f"embedded {len(users)} users ({vectors.shape[1]}-d) in {seconds:.1f}s -> store ({stored} sealed, indexed as {loaded.version})")
     finally:
         source.close()

@@ -1,0 +1,1 @@
+"""Routers: parse, call api/userops.py, shape the answer. Nothing else happens here."""
