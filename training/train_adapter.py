@@ -33,6 +33,7 @@ from training.userllm import UserLLM, parameter_counts
 from userenc.events import Event
 
 PROBE_STEPS = 8  # steps timed before a time budget fixes the schedule
+WARM_STEPS = 2  # of which the first ones are not counted
 
 
 @dataclass(slots=True)
@@ -250,9 +251,16 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}",
                             lr=f"{opt.param_groups[0]['lr']:.1e}")
+            if meta["step"] == WARM_STEPS:
+                meta["warm_seconds"] = meta["seconds"]
             if meta["step"] == PROBE_STEPS and tcfg.max_minutes and meta["planned_steps"] > PROBE_STEPS:
-                per_step = meta["seconds"] / PROBE_STEPS
-                fit = int(60 * tcfg.max_minutes / per_step)
+                # Time the steps after the first ones (allocations, first-call overheads): a
+                # slow start must not shrink the schedule.
+                warm = meta.get("warm_seconds")  # absent when resumed from before it was taken
+                per_step = ((meta["seconds"] - warm) / (PROBE_STEPS - WARM_STEPS) if warm is not None
+                            else meta["seconds"] / PROBE_STEPS)
+                left = max(0.0, 60 * tcfg.max_minutes - meta["seconds"])
+                fit = PROBE_STEPS + int(left / per_step)
                 meta["planned_steps"] = dist.broadcast_int(max(PROBE_STEPS + 1, min(total, fit)))
                 schedule.total_steps = meta["planned_steps"]
                 schedule.warmup = meta["warmup"] = max(1, int(tcfg.warmup_frac * meta["planned_steps"]))
