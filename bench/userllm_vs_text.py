@@ -173,7 +173,8 @@ def run_ml1m(a, results: dict, save) -> None:
         q = r["quality"].setdefault(str(n), {})
         q["encoder"] = encoder_alone(enc_dir, exs, cat)
         for spec in arms:
-            if spec.name in q or (spec.ablation and n != min(a.ns)):
+            if spec.name in q or (spec.ablation and n != min(a.ns)) or (
+                    a.skip_arm and f"{spec.name}@{n}" in a.skip_arm):
                 continue
             q[spec.name] = evaluate_arm(spec, a.model, work / "ml1m", exs, cat, f"N={n}")
             save()
@@ -270,6 +271,8 @@ def main() -> int:
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--ablation-minutes", type=float, default=12)
     ap.add_argument("--skip-amazon", action="store_true")
+    ap.add_argument("--skip-arm", action="append", default=[],
+                    help="ARM@N: leave that arm's quality at that N out (time on CPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
