@@ -126,12 +126,9 @@ async def chat_http(url: str, token: str, users: list[str], clients: int, second
                 ttft.append(first - t0)
             i += clients
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(w) for w in range(clients)))
-    wall = time.perf_counter() - t0
+    wall = await run_clients(worker, clients)
     await client.close()
-    return {"clients": clients, "requests": len(ttft), "ttft_p50_ms": pct(ttft, 0.5) * 1e3,
-            "ttft_p99_ms": pct(ttft, 0.99) * 1e3, "tokens_per_s": tokens / wall}
+    return chat_figures(clients, ttft, tokens, wall)
 
 
 async def chat_direct(personalizer, tokens_of: dict, users: list[str], clients: int,
@@ -163,10 +160,19 @@ async def chat_direct(personalizer, tokens_of: dict, users: list[str], clients: 
                 ttft.append(first - t0)
             i += clients
 
+    wall = await run_clients(worker, clients)
+    await engine.close()
+    return chat_figures(clients, ttft, tokens, wall)
+
+
+async def run_clients(worker, clients: int) -> float:  # noqa: ANN001
+    """Run `clients` concurrent workers to their end; the wall seconds it took."""
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(clients)))
-    wall = time.perf_counter() - t0
-    await engine.close()
+    return time.perf_counter() - t0
+
+
+def chat_figures(clients: int, ttft: list[float], tokens: int, wall: float) -> dict:
     return {"clients": clients, "requests": len(ttft), "ttft_p50_ms": pct(ttft, 0.5) * 1e3,
             "ttft_p99_ms": pct(ttft, 0.99) * 1e3, "tokens_per_s": tokens / wall}
 

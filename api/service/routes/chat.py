@@ -63,6 +63,18 @@ async def _first(request: Request, prompt, sampling: SamplingParams, ut: UserTok
     return first, outputs
 
 
+async def _last(request: Request, first, outputs):  # noqa: ANN001, ANN202
+    """Drain a non-streamed request's outputs to the finished one, counting its tokens."""
+    last = first
+    try:
+        async for out in outputs:
+            last = out
+    finally:
+        await outputs.aclose()
+    request.app.state.metrics.tokens.inc(len(last.token_ids))
+    return last
+
+
 async def _tokens(request: Request, user: str | None, require_known: bool) -> UserTokens:
     return await asyncio.to_thread(request.app.state.ops.user_tokens, user, require_known)
 
@@ -88,13 +100,7 @@ async def chat_completions(body: ChatRequest, request: Request):  # noqa: ANN201
     first, outputs = await _first(request, prompt, sampling, ut)
     cid, created, metrics = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), request.app.state.metrics
     if not body.stream:
-        last = first
-        try:
-            async for out in outputs:
-                last = out
-        finally:
-            await outputs.aclose()
-        metrics.tokens.inc(len(last.token_ids))
+        last = await _last(request, first, outputs)
         reply = ChatCompletion(
             id=cid, created=created, model=body.model,
             choices=[ChatChoice(index=0, message=ChatChoiceMessage(content=last.text),
@@ -143,13 +149,7 @@ async def generate(user_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_
     ut = await _tokens(request, user_id, require_known=True)
     first, outputs = await _first(request, chat_messages([{"role": "user", "content": body.prompt}]),
                                   sampling, ut)
-    last = first
-    try:
-        async for out in outputs:
-            last = out
-    finally:
-        await outputs.aclose()
-    request.app.state.metrics.tokens.inc(len(last.token_ids))
+    last = await _last(request, first, outputs)
     return GenerateOut(text=last.text, finish_reason=last.finish_reason,
                        personalized=ut.personalized, prompt_tokens=last.num_prompt_tokens,
                        completion_tokens=len(last.token_ids))
