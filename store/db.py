@@ -136,12 +136,14 @@ def checkpoint_and_compact(engine: Engine, tables: tuple[str, ...] = (), full: b
                     locked.append(table)
         finally:
             conn.execute(text("RESET lock_timeout"))
-    if holders or locked:
-        return (f"{len(holders)} transaction(s) open since before the erasure (server pids "
-                f"{', '.join(map(str, holders))}) may still see the erased rows, so VACUUM keeps "
-                f"their bytes{' and could not lock ' + ', '.join(locked) if locked else ''}; "
-                "compact again after they end")
-    return None
+    why = []
+    if holders:
+        why.append(f"{len(holders)} transaction(s) open since before the erasure (server pids "
+                   f"{', '.join(map(str, holders))}) may still see the erased rows, so VACUUM "
+                   "keeps their bytes")
+    if locked:
+        why.append(f"could not lock {', '.join(locked)} (another session holds a lock on it)")
+    return "; ".join(why) + "; compact again after they end" if why else None
 
 
 # Longest wait for transactions that predate the erasure: a snapshot taken before the DELETE

@@ -256,7 +256,7 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
             if meta["step"] == PROBE_STEPS and tcfg.max_minutes and meta["planned_steps"] > PROBE_STEPS:
                 # Time the steps after the first ones (allocations, first-call overheads): a
                 # slow start must not shrink the schedule.
-                warm = meta.get("warm_seconds")  # absent when resumed from before it was taken
+                warm = meta.get("warm_seconds")  # absent in a state saved before it was kept
                 per_step = ((meta["seconds"] - warm) / (PROBE_STEPS - WARM_STEPS) if warm is not None
                             else meta["seconds"] / PROBE_STEPS)
                 left = max(0.0, 60 * tcfg.max_minutes - meta["seconds"])
