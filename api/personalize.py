@@ -14,13 +14,15 @@ adapter encoder, holding a fingerprint of the history it was computed from. New 
 the fingerprint (the tokens are recomputed: the encoder is not incremental), another adapter or
 encoder checkpoint changes the artefact's name, and erasure deletes the user's artefacts.
 
-`recommend` ranks the catalogue with an encoder's next-item head, items already seen left out.
+`recommend` ranks the catalogue with an encoder's next-item head, items already seen left out;
+`cached_recommend` keeps the history's latest state sealed beside the user tokens (same
+fingerprint rule), so repeated reads skip the encoder.
 """
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,18 +81,8 @@ class Personalizer:
         history by this adapter's encoder, else computed now and sealed for next time."""
         if not history or self.encoder is None:
             return None, False
-        name, fp = f"user-tokens-{self.token_version}", history_fingerprint(history)
-        blob = store.artefact(external_id, name)
-        if blob is not None and blob[:32] == fp:
-            k, d = struct.unpack("<II", blob[32:40])
-            arr = np.frombuffer(blob[40:], dtype="<f4")
-            if arr.size == k * d:
-                return torch.from_numpy(arr.reshape(k, d).copy()), True
-        tokens = self.user_tokens(history)
-        k, d = tokens.shape
-        body = tokens.detach().float().cpu().numpy().astype("<f4").tobytes()
-        store.put_artefact(external_id, name, fp + struct.pack("<II", k, d) + body)
-        return tokens, False
+        return sealed_per_history(store, external_id, f"user-tokens-{self.token_version}", history,
+                                  lambda: self.user_tokens(history))
 
     @staticmethod
     def messages(prompt: str) -> list[dict]:
@@ -114,20 +106,51 @@ def history_fingerprint(history: list[Event]) -> bytes:
     return h.digest()
 
 
-def recommend(encoder: LoadedEncoder, history: list[Event], k: int) -> list[tuple[str, float]]:
+def sealed_per_history(store, external_id: str, name: str, history: list[Event],
+                       compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:  # noqa: ANN001
+    """(tensor, cache hit): the float32 2-d tensor sealed in the store's artefact `name` when it
+    was computed from this very history (its fingerprint leads the blob), else `compute()`d now
+    and sealed for next time. Erasure deletes a user's artefacts with their data key."""
+    fp = history_fingerprint(history)
+    blob = store.artefact(external_id, name)
+    if blob is not None and blob[:32] == fp:
+        rows, cols = struct.unpack("<II", blob[32:40])
+        arr = np.frombuffer(blob[40:], dtype="<f4")
+        if arr.size == rows * cols:
+            return torch.from_numpy(arr.reshape(rows, cols).copy()), True
+    value = compute()
+    assert value.dim() == 2, "sealed per-history values are 2-d"
+    rows, cols = value.shape
+    body = value.detach().float().cpu().numpy().astype("<f4").tobytes()
+    store.put_artefact(external_id, name, fp + struct.pack("<II", rows, cols) + body)
+    return value, False
+
+
+def recommend(encoder: LoadedEncoder, history: list[Event], k: int,
+              state: torch.Tensor | None = None) -> list[tuple[str, float]]:
     """The encoder's top-k next items for this history, items it already holds left out:
-    [(item id, score)], best first. Empty for an empty history."""
+    [(item id, score)], best first. Empty for an empty history. `state`: the history's latest
+    state [d_model] when the caller has it (cached_recommend), else computed here."""
     if not history or k < 1:
         return []
-    ids, valid = encoder.batch([history])
-    model = encoder.model
-    model.eval()
-    with torch.inference_mode():
-        scores = model.heads.item_scores(model.states(ids, valid, last_only=True)[:, -1])[0]
-    scores = scores.float().clone()
+    if state is None:
+        state = encoder.last_states([history])[0]
+    scores = encoder.item_scores(state[None])[0].clone()
     vocab = encoder.tokenizer.vocabs[encoder.tokenizer.spec.item.name]
     seen = sorted({vocab.id(e.item_id) for e in history})
     scores[seen] = float("-inf")
     n = int(torch.isfinite(scores).sum())
     top = torch.topk(scores, min(k, n))
     return [(vocab.value(int(i)), float(v)) for v, i in zip(top.values, top.indices)]
+
+
+def cached_recommend(store, encoder: LoadedEncoder, version: str, external_id: str,
+                     history: list[Event], k: int) -> tuple[list[tuple[str, float]], bool]:  # noqa: ANN001
+    """recommend() with the history's latest state sealed in the store per encoder `version`
+    (recomputed when the history changes): a repeated read ranks the catalogue with one small
+    matrix product instead of running the encoder. (items, cache hit)."""
+    if not history or k < 1:
+        return [], False
+    state, hit = sealed_per_history(store, external_id, f"rank-state-{version}", history,
+                                    lambda: encoder.last_states([history]))
+    return recommend(encoder, history, k, state[0]), hit

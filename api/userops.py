@@ -12,6 +12,7 @@ refused and counted, never stored.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from api.personalize import Personalizer, recommend
+from api.personalize import Personalizer, cached_recommend
 from llm.engine.sampling_params import SamplingParams
 from llm.engine.sequence import RequestOutput
 from store import IngestCounts, Store, delete_user
@@ -60,11 +61,14 @@ class UserTokens:
 class UserOps:
     def __init__(self, store: Store, personalizer: Personalizer | None = None,
                  encoder: LoadedEncoder | None = None, max_events: int = 1000,
-                 on_tokens: Callable[[bool, float], None] | None = None):
+                 on_cache: Callable[[str, bool, float], None] | None = None):
         self.store, self.personalizer, self.encoder = store, personalizer, encoder
         self.encoder_version = encoder.version if encoder is not None else None
         self.max_events = max_events
-        self.on_tokens = on_tokens
+        # (cache, hit, seconds) per sealed-cache lookup: "user_tokens" or "rank_state"
+        self.on_cache = on_cache
+        self.rank_version = (hashlib.sha256(self.encoder_version.encode()).hexdigest()[:24]
+                             if encoder is not None else "")
         self._erasures = ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-erasure")
         self.pending: dict[int, Future] = {}
 
@@ -105,7 +109,12 @@ class UserOps:
 
     def recommendations(self, external_id: str, k: int) -> list[tuple[str, float]]:
         encoder = self._need_encoder()
-        return recommend(encoder, self.history(external_id), k)
+        t0 = time.perf_counter()
+        items, hit = cached_recommend(self.store, encoder, self.rank_version, external_id,
+                                      self.history(external_id), k)
+        if self.on_cache is not None:
+            self.on_cache("rank_state", hit, time.perf_counter() - t0)
+        return items
 
     def similar(self, external_id: str, k: int) -> list[tuple[str, float]]:
         self._need_encoder()
@@ -128,8 +137,8 @@ class UserOps:
             return UserTokens(None, False)
         t0 = time.perf_counter()
         tokens, hit = self.personalizer.cached_user_tokens(self.store, external_id, history)
-        if self.on_tokens is not None and tokens is not None:
-            self.on_tokens(hit, time.perf_counter() - t0)
+        if self.on_cache is not None and tokens is not None:
+            self.on_cache("user_tokens", hit, time.perf_counter() - t0)
         return UserTokens(tokens, hit)
 
     # -- admin ----------------------------------------------------------------------------

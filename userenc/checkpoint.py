@@ -30,6 +30,9 @@ class LoadedEncoder:
     tokenizer: EventTokenizer
     manifest: dict[str, Any]
     path: Path
+    # The candidate tower's output for the whole catalogue: it depends on the weights alone, so
+    # serving computes it once instead of on every ranking (see item_scores).
+    _catalogue: torch.Tensor | None = None
 
     @property
     def version(self) -> str:
@@ -63,6 +66,24 @@ class LoadedEncoder:
         if chunk:
             flush()
         return np.concatenate(out) if out else np.zeros((0, self.model.cfg.out_dim), dtype=np.float32)
+
+    @torch.inference_mode()
+    def last_states(self, histories: list[list[Event]]) -> torch.Tensor:
+        """Each history's latest state [B, d_model] (float32): what the next-item head ranks from."""
+        if any(not h for h in histories):
+            raise ValueError("cannot rank for an empty history")
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        return self.model.states(*self.batch(histories, device), last_only=True)[:, -1].float()
+
+    @torch.inference_mode()
+    def item_scores(self, states: torch.Tensor) -> torch.Tensor:
+        """Next-item scores over the catalogue [B, num_items] from latest states [B, d_model];
+        padding and OOV ids score -inf. The catalogue's embeddings are computed once."""
+        if self._catalogue is None:
+            self.model.eval()
+            self._catalogue = self.model.heads.candidates()
+        return self.model.heads.item_scores(states.to(self._catalogue.dtype), self._catalogue)
 
     def user_tokens(self, histories: list[list[Event]], batch_size: int = 64) -> list[torch.Tensor]:
         """The tokens an LLM reads for each history: [K, out_dim] from the Perceiver (or

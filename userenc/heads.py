@@ -56,13 +56,15 @@ class NextEventHeads(nn.Module):
             {f.name: nn.Linear(cfg.d_model, cfg.vocab_sizes[f.name]) for f in spec.features if f.target and not f.is_item}
         )
 
-    def item_logits(self, states: torch.Tensor) -> torch.Tensor:
-        """Raw scores over the whole catalogue [*, num_items], padding and OOV ids included."""
-        return self.query(states) @ self.candidates().T
+    def item_logits(self, states: torch.Tensor, catalogue: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw scores over the whole catalogue [*, num_items], padding and OOV ids included.
+        `catalogue`: the candidate tower's output, when the caller keeps it (it depends on the
+        weights only, so inference computes it once)."""
+        return self.query(states) @ (self.candidates() if catalogue is None else catalogue).T
 
-    def item_scores(self, states: torch.Tensor) -> torch.Tensor:
+    def item_scores(self, states: torch.Tensor, catalogue: torch.Tensor | None = None) -> torch.Tensor:
         """Scores over the whole catalogue [*, num_items]; padding and OOV ids can never win."""
-        scores = self.item_logits(states)
+        scores = self.item_logits(states, catalogue)
         scores[..., :FIRST_ID] = float("-inf")
         return scores
 

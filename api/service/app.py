@@ -4,6 +4,7 @@ loads the models and starts the async engine, and closes them all on shutdown.""
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -63,15 +64,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             personalizer, encoder = load_models(settings)
 
-            def on_tokens(hit: bool, seconds: float) -> None:
-                metrics.cache.labels("hit" if hit else "miss").inc()
-                if not hit:
-                    metrics.refresh.observe(seconds)
-
             app.state.ops = UserOps(store, personalizer, encoder,
-                                    settings.max_events_per_request, on_tokens)
+                                    settings.max_events_per_request, metrics.observe_cache)
             app.state.engine = AsyncEngine(personalizer.engine) if personalizer else None
             app.state.keys = KeyChecker(store.data, settings.key_cache_s)
+            app.state.pool = ThreadPoolExecutor(settings.read_threads,
+                                                thread_name_prefix="userllm-read")
             metrics.watch_engine(lambda: personalizer.engine.stats() if personalizer else None)
             log.info("userllm service ready (model %s, encoder %s)",
                      "loaded" if personalizer else "none", "loaded" if encoder else "none")
@@ -80,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine = getattr(app.state, "engine", None)
             if engine is not None:
                 await engine.close()
+            if getattr(app.state, "pool", None) is not None:
+                app.state.pool.shutdown(wait=True)
             if getattr(app.state, "ops", None) is not None:
                 app.state.ops.close()
             if personalizer is not None:

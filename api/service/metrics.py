@@ -2,7 +2,8 @@
 
 Requests by route template, method and status, with latencies; engine queue depth (waiting and
 running requests), KV blocks in use, generated tokens (tokens/s is `rate()` of the counter),
-user-token cache hits and misses (hit rate = hits / (hits + misses)) and refresh latency."""
+user-token cache hits and misses (hit rate = hits / (hits + misses)) and refresh latency, and
+the recommendations' latest-state cache hits and misses."""
 
 from __future__ import annotations
 
@@ -49,6 +50,19 @@ class Metrics:
         self.refresh = Histogram("userllm_user_tokens_refresh_seconds",
                                  "user-token computation (cache misses)",
                                  buckets=LATENCY_BUCKETS, registry=r)
+
+        self.rank_cache = Counter("userllm_rank_state_cache",
+                                  "recommendations: sealed latest-state cache lookups",
+                                  ["result"], registry=r)
+
+    def observe_cache(self, cache: str, hit: bool, seconds: float) -> None:
+        """One sealed-cache lookup: "user_tokens" (chat) or "rank_state" (recommendations)."""
+        if cache == "user_tokens":
+            self.cache.labels("hit" if hit else "miss").inc()
+            if not hit:
+                self.refresh.observe(seconds)
+        else:
+            self.rank_cache.labels("hit" if hit else "miss").inc()
 
     def watch_engine(self, stats: Callable[[], dict | None]) -> None:
         self.registry.register(_EngineCollector(stats))

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     kv_cache_mb: int = Field(default=128, ge=1)
     max_num_seqs: int = Field(default=32, ge=1)
+    # threads for the read routes' store and encoder work (embedding, recommendations, similar)
+    read_threads: int = Field(default=8, ge=1)
     # Limits.
     max_body_bytes: int = Field(default=1 << 20, ge=1)
     max_events_per_request: int = Field(default=1000, ge=1)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from api.service.auth import require
 from api.service.errors import ApiError, ErrorBody
+from api.service.offload import model_response, offload
 from api.service.schemas import (
     EmbeddingOut,
     EventsIn,
@@ -52,12 +53,12 @@ def _embedding(vec, version: str) -> EmbeddingOut:  # noqa: ANN001
 @router.get("/users/{user_id}/embedding", response_model=EmbeddingOut, responses=ERRORS,
             dependencies=[Depends(require("embeddings:read"))],
             summary="The user's stored embedding (scope embeddings:read: it can leak history)")
-def get_embedding(user_id: UserId, request: Request) -> EmbeddingOut:
+async def get_embedding(user_id: UserId, request: Request) -> Response:
     o = ops(request)
-    vec = o.embedding(user_id)
+    vec = await offload(request, o.embedding, user_id)
     if vec is None:
         raise ApiError(404, "no embedding stored for this user yet: POST .../embedding:refresh")
-    return _embedding(vec, o.encoder_version)
+    return model_response(_embedding(vec, o.encoder_version))
 
 
 @router.post("/users/{user_id}/embedding:refresh", response_model=EmbeddingOut,
@@ -78,16 +79,17 @@ def _k(request: Request, k: int) -> int:
 @router.get("/users/{user_id}/recommendations", response_model=RecommendationsOut,
             responses=ERRORS, dependencies=[Depends(require("generate"))],
             summary="The encoder's most likely next items, items already seen left out")
-def recommendations(user_id: UserId, request: Request,
-                    k: Annotated[int, Query(ge=1)] = 10) -> RecommendationsOut:
-    items = ops(request).recommendations(user_id, _k(request, k))
-    return RecommendationsOut(items=[Recommendation(item_id=i, score=s) for i, s in items])
+async def recommendations(user_id: UserId, request: Request,
+                          k: Annotated[int, Query(ge=1)] = 10) -> Response:
+    items = await offload(request, ops(request).recommendations, user_id, _k(request, k))
+    return model_response(
+        RecommendationsOut(items=[Recommendation(item_id=i, score=s) for i, s in items]))
 
 
 @router.get("/users/{user_id}/similar", response_model=SimilarOut, responses=ERRORS,
             dependencies=[Depends(require("embeddings:read"))],
             summary="The most similar live users by stored embedding (cosine)")
-def similar(user_id: UserId, request: Request,
-            k: Annotated[int, Query(ge=1)] = 10) -> SimilarOut:
-    users = ops(request).similar(user_id, _k(request, k))
-    return SimilarOut(users=[SimilarUser(user_id=u, score=s) for u, s in users])
+async def similar(user_id: UserId, request: Request,
+                  k: Annotated[int, Query(ge=1)] = 10) -> Response:
+    users = await offload(request, ops(request).similar, user_id, _k(request, k))
+    return model_response(SimilarOut(users=[SimilarUser(user_id=u, score=s) for u, s in users]))
