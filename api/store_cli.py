@@ -1,5 +1,5 @@
-"""Store and admin subcommands: `ingest` and `admin init | create-key | delete-user |
-verify-deleted | restore-check | rotate-kek | audit-verify | stale-models`. Parsing and printing
+"""Store and admin subcommands: `ingest` and `admin init | create-key | list-keys | revoke-key |
+delete-user | verify-deleted | restore-check | rotate-kek | audit-verify | stale-models`. Parsing and printing
 only: the operations live in store/.
 
 Every command opens the store from the environment (USERLLM_HOME, USERLLM_DATABASE_URL,
@@ -125,6 +125,26 @@ def cmd_create_key(args: argparse.Namespace) -> int:
         token = create_api_key(store, scopes, args.label)
     print(token)
     print("store this key now: only its hash is kept", file=sys.stderr)
+    return 0
+
+
+def cmd_list_keys(args: argparse.Namespace) -> int:
+    from store.apikeys import list_keys
+
+    with _open() as store:
+        for k in list_keys(store.data):
+            state = "revoked" if k["revoked_at"] is not None else "live"
+            print(f"{k['id']}\t{state}\t{','.join(k['scopes'])}\t{k['label']}")
+    return 0
+
+
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    from store.admin import revoke_api_key
+
+    with _open() as store:
+        if not revoke_api_key(store, args.id):
+            raise ValueError(f"no live API key has id {args.id} (see `userllm admin list-keys`)")
+    print(f"revoked API key {args.id}; a running server stops accepting it within its key cache time")
     return 0
 
 
@@ -320,6 +340,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     a.add_argument("--label", default="", help="a note for operators (no personal data)")
     a.set_defaults(func=cmd_create_key)
+    a = admin.add_parser("list-keys", help="API keys: id, live or revoked, scopes, label")
+    a.set_defaults(func=cmd_list_keys)
+    a = admin.add_parser("revoke-key", help="revoke an API key by its id (see list-keys)")
+    a.add_argument("--id", type=_positive, required=True, help="the key's id from list-keys")
+    a.set_defaults(func=cmd_revoke_key)
     a = admin.add_parser(
         "delete-user", help="erase users everywhere (resumable: re-run after a crash)"
     )

@@ -27,7 +27,8 @@ from llm.engine.sampling_params import SamplingParams
 from llm.engine.sequence import RequestOutput
 from store import IngestCounts, Store, delete_user
 from store import audit as store_audit
-from store.admin import rotate_kek
+from store.admin import new_api_key, revoke_api_key, rotate_kek
+from store.apikeys import list_keys
 from store.erasure import erasure_status, request_erasure
 from training.embedding import embed_users, store_embeddings
 from training.prompts import SYSTEM
@@ -166,6 +167,15 @@ class UserOps:
 
     def erasure_status(self, request_id: int) -> dict | None:
         return erasure_status(self.store, request_id)
+
+    def create_api_key(self, scopes: list[str], label: str) -> tuple[int, str]:
+        return new_api_key(self.store, scopes, label)
+
+    def api_keys(self) -> list[dict]:
+        return list_keys(self.store.data)
+
+    def revoke_api_key(self, key_id: int) -> bool:
+        return revoke_api_key(self.store, key_id)
 
     def rotate_keys(self) -> dict:
         return asdict(rotate_kek(self.store))

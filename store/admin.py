@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from privacy import KekDirectory
-from store.apikeys import create_key
+from store.apikeys import new_key, revoke_key_id
 from store.errors import StoreIntegrityError
 from store.store import Store
 
@@ -25,9 +25,23 @@ def init_store(
 
 def create_api_key(store: Store, scopes: list[str], label: str = "") -> str:
     """A new API key (shown once; only its hash is kept), recorded in the audit log."""
-    token = create_key(store.data, scopes, label)
-    store.audit("api-key.created", {"scopes": sorted(set(scopes))})
-    return token
+    return new_api_key(store, scopes, label)[1]
+
+
+def new_api_key(store: Store, scopes: list[str], label: str = "") -> tuple[int, str]:
+    """create_api_key, with the key's id: (id, token)."""
+    key_id, token = new_key(store.data, scopes, label)
+    store.audit("api-key.created", {"key_id": key_id, "scopes": sorted(set(scopes))})
+    return key_id, token
+
+
+def revoke_api_key(store: Store, key_id: int) -> bool:
+    """Revoke an API key by its id (from `list_keys`), recorded in the audit log; False when no
+    live key has that id."""
+    revoked = revoke_key_id(store.data, key_id)
+    if revoked:
+        store.audit("api-key.revoked", {"key_id": key_id})
+    return revoked
 
 
 @dataclass(slots=True)

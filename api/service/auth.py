@@ -37,6 +37,11 @@ class KeyChecker:
             return True, hit[1]
         return False, None
 
+    def forget(self) -> None:
+        """Drop every remembered answer (a key was revoked here: it stops working at once)."""
+        with self._lock:
+            self._cache.clear()
+
     def scopes(self, token: str) -> frozenset[str] | None:
         known, scopes = self.cached(token)
         if known:

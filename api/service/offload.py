@@ -1,12 +1,14 @@
-"""Running the blocking store and encoder work of the read routes off the event loop, with the
-request timeout, and answering with the response model serialized once.
+"""Running the blocking store and encoder work of the user routes (events, embedding, refresh,
+recommendations, similar users) off the event loop, with the request timeout, and answering with
+the response model serialized once.
 
 Why not FastAPI's plain `def` routes: those hop through anyio's worker threads (a capacity
 limiter and cancel scopes per call) and then validate the returned model a second time; on the
 read path (embedding, recommendations, similar users) that bookkeeping cost more than the store
 read itself. Here the call goes to the app's own thread pool (`app.state.pool`), the wait is
 bounded by `request_timeout_s` (504 past it; the store call still runs to its end in its
-thread, which is harmless for a read), and the answer is the pydantic model's own JSON.
+thread: harmless for a read, and for an ingest a retry is idempotent), and the answer is the
+pydantic model's own JSON.
 """
 
 from __future__ import annotations

@@ -139,6 +139,30 @@ class RotationOut(BaseModel):
     removed_versions: list[int]
 
 
+class ApiKeyIn(BaseModel):
+    scopes: list[Literal["events:write", "generate", "embeddings:read", "admin"]] = Field(
+        min_length=1, max_length=4)
+    label: str = Field(default="", max_length=100)
+
+
+class ApiKeyCreated(BaseModel):
+    id: int
+    key: str  # shown once: only its hash is kept
+    scopes: list[str]
+
+
+class ApiKeyOut(BaseModel):
+    id: int
+    label: str
+    scopes: list[str]
+    created_at: int
+    revoked_at: int | None
+
+
+class ApiKeysOut(BaseModel):
+    keys: list[ApiKeyOut]
+
+
 class AuditEntryOut(BaseModel):
     seq: int
     at: int

@@ -175,3 +175,78 @@ def test_a_bug_answers_500_with_headers_and_logs_no_message(edge_server, caplog)
     assert r.headers["cache-control"] == "no-store" and r.headers["x-frame-options"] == "DENY"
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("userllm"))
     assert "unhandled RuntimeError on /v1/admin/audit" in logged and secret not in logged
+
+
+def test_api_keys_created_listed_and_revoked_over_http_and_cli(edge_server, sqlite_backend):
+    import subprocess
+    import sys
+
+    from api_helpers import subprocess_env
+
+    server, keys = edge_server
+    admin = {"Authorization": f"Bearer {keys['admin']}"}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        # Only the admin scope manages keys; a bad scope name is refused before anything is made.
+        r = c.post("/v1/admin/api-keys", json={"scopes": ["admin"]},
+                   headers={"Authorization": f"Bearer {keys['all']}"})
+        _error(r, 403, "forbidden")
+        _error(c.post("/v1/admin/api-keys", json={"scopes": ["root"]}, headers=admin), 422,
+               "invalid_request")
+        before = len(c.get("/v1/admin/api-keys", headers=admin).json()["keys"])
+        r = c.post("/v1/admin/api-keys", json={"scopes": ["generate", "generate"], "label": "ci"},
+                   headers=admin)
+        assert r.status_code == 201, r.text
+        made = r.json()
+        assert made["key"].startswith("ulk_") and made["scopes"] == ["generate"]
+        listed = c.get("/v1/admin/api-keys", headers=admin).json()["keys"]
+        assert len(listed) == before + 1
+        mine = next(k for k in listed if k["id"] == made["id"])
+        assert mine["label"] == "ci" and mine["revoked_at"] is None and set(mine) == {
+            "id", "label", "scopes", "created_at", "revoked_at"}
+        new = {"Authorization": f"Bearer {made['key']}"}
+        # The new key works for its scope (404: unknown user, past the auth check) at once ...
+        assert c.get("/v1/users/nobody/recommendations", headers=new).status_code in (404, 503)
+        # ... and stops at once when revoked here, even though the checker had cached it.
+        assert c.delete(f"/v1/admin/api-keys/{made['id']}", headers=admin).status_code == 204
+        _error(c.get("/v1/users/nobody/recommendations", headers=new), 401, "unauthorized")
+        _error(c.delete(f"/v1/admin/api-keys/{made['id']}", headers=admin), 404, "not_found")
+        audit = c.get("/v1/admin/audit", params={"limit": 1000}, headers=admin).json()
+        kinds = [e["action"] for e in audit["entries"]]
+        assert "api-key.created" in kinds and "api-key.revoked" in kinds and audit["verified"]
+
+    # The same through the CLI: list-keys prints ids and states (never a key), revoke-key by id.
+    env = subprocess_env(sqlite_backend)
+    cli = [sys.executable, "-m", "api.cli", "admin"]
+    listed = subprocess.run([*cli, "list-keys"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert [r[1] for r in rows if r[0] == str(made["id"])] == ["revoked"]
+    assert not any(k in listed.stdout for k in keys.values())
+    live = next(r[0] for r in rows if r[1] == "live" and r[2] == "admin")
+    out = subprocess.run([*cli, "revoke-key", "--id", live], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    again = subprocess.run([*cli, "revoke-key", "--id", live], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "no live API key" in again.stderr
+
+
+def test_store_routes_answer_504_past_the_request_timeout_and_a_retry_is_harmless(
+        sqlite_backend, serve, monkeypatch):
+    keys = make_keys(sqlite_backend)
+    server = serve(settings_for(sqlite_backend, request_timeout_s=0.3))
+    auth = {"Authorization": f"Bearer {keys['events:write']}"}
+    batch = {"events": [{"event_id": f"e{i}", "user_id": "u-slow", "item_id": f"i{i}",
+                         "timestamp": 1_000 + i} for i in range(3)]}
+    # The store's test hook holds the ingest transaction open for 1 s: past the 0.3 s timeout.
+    monkeypatch.setenv("USERLLM_TEST_BATCH_DELAY", "1.0")
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        r = c.post("/v1/events", json=batch, headers=auth)
+        _error(r, 504, "timeout")
+        monkeypatch.delenv("USERLLM_TEST_BATCH_DELAY")
+        import time
+
+        time.sleep(1.2)  # the timed-out write finishes in its thread
+        r = c.post("/v1/events", json=batch, headers=auth)
+        assert r.status_code == 200 and r.json()["duplicates"] == 3 and r.json()["inserted"] == 0

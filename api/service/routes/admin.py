@@ -1,16 +1,26 @@
-"""Admin routes (scope `admin`): erasure requests and their status, KEK rotation, the audit log."""
+"""Admin routes (scope `admin`): erasure requests and their status, API keys (create, list,
+revoke), KEK rotation, the audit log."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from api.service.auth import require
 from api.service.errors import ApiError
 from api.service.routes.users import ERRORS, ops
-from api.service.schemas import AuditOut, ErasureAccepted, ErasureStatus, RotationOut
+from api.service.schemas import (
+    ApiKeyCreated,
+    ApiKeyIn,
+    ApiKeyOut,
+    ApiKeysOut,
+    AuditOut,
+    ErasureAccepted,
+    ErasureStatus,
+    RotationOut,
+)
 from store.records import MAX_ID_CHARS
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require("admin"))])
@@ -33,6 +43,28 @@ def erasure(request_id: Annotated[int, Path(ge=1, lt=2**62)], request: Request) 
     if status is None:
         raise ApiError(404, "no such erasure request")
     return ErasureStatus(**status)
+
+
+@router.post("/api-keys", status_code=201, response_model=ApiKeyCreated, responses=ERRORS,
+             summary="Create an API key: the key is in this answer once, only its hash is kept")
+def create_api_key(body: ApiKeyIn, request: Request) -> ApiKeyCreated:
+    key_id, token = ops(request).create_api_key(list(body.scopes), body.label)
+    return ApiKeyCreated(id=key_id, key=token, scopes=sorted(set(body.scopes)))
+
+
+@router.get("/api-keys", response_model=ApiKeysOut, responses=ERRORS,
+            summary="API keys: ids, labels, scopes and times (never the keys or their hashes)")
+def api_keys(request: Request) -> ApiKeysOut:
+    return ApiKeysOut(keys=[ApiKeyOut(**k) for k in ops(request).api_keys()])
+
+
+@router.delete("/api-keys/{key_id}", status_code=204, responses=ERRORS,
+               summary="Revoke an API key (at once on this server; within the key cache time on others)")
+def revoke_api_key(key_id: Annotated[int, Path(ge=1, lt=2**62)], request: Request) -> Response:
+    if not ops(request).revoke_api_key(key_id):
+        raise ApiError(404, "no live API key has this id")
+    request.app.state.keys.forget()
+    return Response(status_code=204)
 
 
 @router.post("/keys/rotate", response_model=RotationOut, responses=ERRORS,

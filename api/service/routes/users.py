@@ -23,7 +23,7 @@ from userenc.events import Event
 
 router = APIRouter(prefix="/v1", tags=["users"])
 UserId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503, 504)}
 
 
 def ops(request: Request):  # noqa: ANN201
@@ -37,12 +37,13 @@ def ops(request: Request):  # noqa: ANN201
              "refuses the whole request (400/422, naming its position, never its contents). "
              "The request is then written in one transaction: acknowledged whole or not at all. "
              "Retrying is harmless: events already stored count as `duplicates`. Events of "
-             "erased users are refused and counted in `refused_erased`.")
-def post_events(body: EventsIn, request: Request) -> EventsOut:
+             "erased users are refused and counted in `refused_erased`. Past the request "
+             "timeout the answer is 504 and the write may still land: retry it.")
+async def post_events(body: EventsIn, request: Request) -> Response:
     events = [Event(e.event_id, e.user_id, e.item_id, e.timestamp, e.fields) for e in body.events]
-    c = ops(request).ingest(events)
-    return EventsOut(received=c.received, inserted=c.inserted, duplicates=c.duplicates,
-                     refused_erased=c.tombstoned)
+    c = await offload(request, ops(request).ingest, events)
+    return model_response(EventsOut(received=c.received, inserted=c.inserted,
+                                    duplicates=c.duplicates, refused_erased=c.tombstoned))
 
 
 def _embedding(vec, version: str) -> EmbeddingOut:  # noqa: ANN001
@@ -64,9 +65,10 @@ async def get_embedding(user_id: UserId, request: Request) -> Response:
 @router.post("/users/{user_id}/embedding:refresh", response_model=EmbeddingOut,
              responses=ERRORS, dependencies=[Depends(require("embeddings:read"))],
              summary="Recompute the user's embedding from their history, store and index it")
-def refresh_embedding(user_id: UserId, request: Request) -> EmbeddingOut:
+async def refresh_embedding(user_id: UserId, request: Request) -> Response:
     o = ops(request)
-    return _embedding(o.refresh_embedding(user_id), o.encoder_version)
+    return model_response(_embedding(await offload(request, o.refresh_embedding, user_id),
+                                     o.encoder_version))
 
 
 def _k(request: Request, k: int) -> int:
