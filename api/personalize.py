@@ -15,8 +15,9 @@ the fingerprint (the tokens are recomputed: the encoder is not incremental), ano
 encoder checkpoint changes the artefact's name, and erasure deletes the user's artefacts.
 
 `recommend` ranks the catalogue with an encoder's next-item head, items already seen left out;
-`cached_recommend` keeps the history's latest state sealed beside the user tokens (same
-fingerprint rule), so repeated reads skip the encoder.
+`cached_recommend` keeps the history's latest state and seen items sealed beside the user tokens,
+keyed by the store's history digest (the keyed ids of the stored events: no payload is opened to
+check it), so a repeated read neither decrypts the history nor runs the encoder.
 """
 from __future__ import annotations
 
@@ -81,8 +82,10 @@ class Personalizer:
         history by this adapter's encoder, else computed now and sealed for next time."""
         if not history or self.encoder is None:
             return None, False
-        return sealed_per_history(store, external_id, f"user-tokens-{self.token_version}", history,
-                                  lambda: self.user_tokens(history))
+        (tokens,), hit = sealed_per_history(
+            store, external_id, f"user-tokens-{self.token_version}", history_fingerprint(history),
+            lambda: [self.user_tokens(history).detach().float().cpu().numpy()])
+        return torch.from_numpy(tokens), hit
 
     @staticmethod
     def messages(prompt: str) -> list[dict]:
@@ -106,51 +109,87 @@ def history_fingerprint(history: list[Event]) -> bytes:
     return h.digest()
 
 
-def sealed_per_history(store, external_id: str, name: str, history: list[Event],
-                       compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:  # noqa: ANN001
-    """(tensor, cache hit): the float32 2-d tensor sealed in the store's artefact `name` when it
-    was computed from this very history (its fingerprint leads the blob), else `compute()`d now
-    and sealed for next time. Erasure deletes a user's artefacts with their data key."""
-    fp = history_fingerprint(history)
+_CACHE_MAGIC = b"UC1"  # the layout below; any other blob (an older layout) is a miss
+_DTYPES = {b"f": np.dtype("<f4"), b"i": np.dtype("<i4")}
+
+
+def _pack(fingerprint: bytes, arrays: list[np.ndarray]) -> bytes:
+    parts = [_CACHE_MAGIC, fingerprint, struct.pack("<I", len(arrays))]
+    for a in arrays:
+        code = b"f" if a.dtype.kind == "f" else b"i"
+        a = np.ascontiguousarray(a, dtype=_DTYPES[code]).reshape(a.shape[0] if a.ndim else 1, -1)
+        parts += [code, struct.pack("<II", *a.shape), a.tobytes()]
+    return b"".join(parts)
+
+
+def _unpack(blob: bytes, fingerprint: bytes) -> list[np.ndarray] | None:
+    """The arrays when `blob` is in this layout and was computed for `fingerprint`, else None."""
+    if blob[:3] != _CACHE_MAGIC or blob[3:35] != fingerprint:
+        return None
+    (n,), at, out = struct.unpack_from("<I", blob, 35), 39, []
+    for _ in range(n):
+        dtype = _DTYPES.get(blob[at:at + 1])
+        if dtype is None:
+            return None
+        rows, cols = struct.unpack_from("<II", blob, at + 1)
+        size, at = rows * cols * dtype.itemsize, at + 9
+        if len(blob) < at + size:
+            return None
+        out.append(np.frombuffer(blob, dtype, rows * cols, at).reshape(rows, cols).copy())
+        at += size
+    return out if at == len(blob) else None
+
+
+def sealed_per_history(store, external_id: str, name: str, fingerprint: bytes,
+                       compute: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], bool]:  # noqa: ANN001
+    """(arrays, cache hit): the arrays (float32 or int32, 2-d) sealed in the store's artefact
+    `name` when they were computed for this very history (`fingerprint` leads the blob), else
+    `compute()`d now and sealed for next time. Erasure deletes a user's artefacts."""
+    assert len(fingerprint) == 32, "fingerprints are 32 bytes"
     blob = store.artefact(external_id, name)
-    if blob is not None and blob[:32] == fp:
-        rows, cols = struct.unpack("<II", blob[32:40])
-        arr = np.frombuffer(blob[40:], dtype="<f4")
-        if arr.size == rows * cols:
-            return torch.from_numpy(arr.reshape(rows, cols).copy()), True
-    value = compute()
-    assert value.dim() == 2, "sealed per-history values are 2-d"
-    rows, cols = value.shape
-    body = value.detach().float().cpu().numpy().astype("<f4").tobytes()
-    store.put_artefact(external_id, name, fp + struct.pack("<II", rows, cols) + body)
-    return value, False
+    arrays = _unpack(blob, fingerprint) if blob is not None else None
+    if arrays is not None:
+        return arrays, True
+    arrays = compute()
+    store.put_artefact(external_id, name, _pack(fingerprint, arrays))
+    return arrays, False
 
 
-def recommend(encoder: LoadedEncoder, history: list[Event], k: int,
-              state: torch.Tensor | None = None) -> list[tuple[str, float]]:
+def recommend(encoder: LoadedEncoder, history: list[Event], k: int) -> list[tuple[str, float]]:
     """The encoder's top-k next items for this history, items it already holds left out:
-    [(item id, score)], best first. Empty for an empty history. `state`: the history's latest
-    state [d_model] when the caller has it (cached_recommend), else computed here."""
+    [(item id, score)], best first. Empty for an empty history."""
     if not history or k < 1:
         return []
-    if state is None:
-        state = encoder.last_states([history])[0]
-    scores = encoder.item_scores(state[None])[0].clone()
+    state, seen = _rank_inputs(encoder, history)
+    return _top_unseen(encoder, torch.from_numpy(state[0]), seen[0], k)
+
+
+def _rank_inputs(encoder: LoadedEncoder, history: list[Event]) -> list[np.ndarray]:
+    """[the history's latest state [1, d_model], its items' vocabulary ids [1, n]]."""
     vocab = encoder.tokenizer.vocabs[encoder.tokenizer.spec.item.name]
-    seen = sorted({vocab.id(e.item_id) for e in history})
-    scores[seen] = float("-inf")
-    n = int(torch.isfinite(scores).sum())
-    top = torch.topk(scores, min(k, n))
+    seen = np.array(sorted({vocab.id(e.item_id) for e in history}), dtype=np.int32)
+    return [encoder.last_states([history]).numpy(), seen[None]]
+
+
+def _top_unseen(encoder: LoadedEncoder, state: torch.Tensor, seen: np.ndarray, k: int
+                ) -> list[tuple[str, float]]:
+    scores = encoder.item_scores(state[None])[0].clone()
+    scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
+    top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+    vocab = encoder.tokenizer.vocabs[encoder.tokenizer.spec.item.name]
     return [(vocab.value(int(i)), float(v)) for v, i in zip(top.values, top.indices)]
 
 
-def cached_recommend(store, encoder: LoadedEncoder, version: str, external_id: str,
-                     history: list[Event], k: int) -> tuple[list[tuple[str, float]], bool]:  # noqa: ANN001
-    """recommend() with the history's latest state sealed in the store per encoder `version`
-    (recomputed when the history changes): a repeated read ranks the catalogue with one small
-    matrix product instead of running the encoder. (items, cache hit)."""
-    if not history or k < 1:
+def cached_recommend(store, encoder: LoadedEncoder, version: str, external_id: str, k: int,
+                     history: Callable[[], list[Event]]) -> tuple[list[tuple[str, float]], bool]:  # noqa: ANN001
+    """recommend() with the history's latest state and seen items sealed in the store per
+    encoder `version`, keyed by the store's history digest (no payload is opened to check it):
+    a repeated read ranks the catalogue with one small matrix product, and only a changed
+    history is read (`history()`) and encoded again. (items, cache hit); ([], False) for a
+    user without events."""
+    digest = store.history_digest(external_id)
+    if digest is None or k < 1:
         return [], False
-    state, hit = sealed_per_history(store, external_id, f"rank-state-{version}", history,
-                                    lambda: encoder.last_states([history]))
-    return recommend(encoder, history, k, state[0]), hit
+    (state, seen), hit = sealed_per_history(store, external_id, f"rank-state-{version}", digest,
+                                            lambda: _rank_inputs(encoder, history()))
+    return _top_unseen(encoder, torch.from_numpy(state[0]), seen[0], k), hit

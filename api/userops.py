@@ -111,8 +111,10 @@ class UserOps:
     def recommendations(self, external_id: str, k: int) -> list[tuple[str, float]]:
         encoder = self._need_encoder()
         t0 = time.perf_counter()
-        items, hit = cached_recommend(self.store, encoder, self.rank_version, external_id,
-                                      self.history(external_id), k)
+        items, hit = cached_recommend(self.store, encoder, self.rank_version, external_id, k,
+                                      lambda: self.history(external_id))
+        if not items and self.store.history_digest(external_id) is None:
+            raise UnknownUser()
         if self.on_cache is not None:
             self.on_cache("rank_state", hit, time.perf_counter() - t0)
         return items

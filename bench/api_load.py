@@ -226,7 +226,7 @@ def main() -> int:
     ap.add_argument("--keys-database-url", default=None)
     ap.add_argument("--users", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=20.0, help="duration of each load phase")
-    ap.add_argument("--read-clients", type=int, default=16)
+    ap.add_argument("--read-clients", default="4,8,16", help="concurrent read clients per phase")
     ap.add_argument("--clients", default="1,8,32", help="concurrent chat clients per phase")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="server torch threads")
@@ -234,7 +234,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = ap.parse_args()
     if args.smoke:
-        args.seconds, args.users, args.clients, args.read_clients = 1.0, 20, "1,4", 4
+        args.seconds, args.users, args.clients, args.read_clients = 1.0, 20, "1,4", "4"
     work = Path(tempfile.mkdtemp(prefix="api-load-"))
     home = work / "home"
 
@@ -281,10 +281,14 @@ def main() -> int:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
             for u in users:  # embeddings to read
                 c.post(f"/v1/users/{u}/embedding:refresh").raise_for_status()
-        results["reads"] = run(read_load(url, token, users, args.read_clients, args.seconds))
-        print("reads", json.dumps(results["reads"]), flush=True)
+        read_clients = [int(c) for c in args.read_clients.split(",")]
+        results["reads"] = []
+        for n in read_clients:
+            r = run(read_load(url, token, users, n, args.seconds))
+            results["reads"].append(r)
+            print("reads", json.dumps(r), flush=True)
         for route in ("embedding", "recommendations?k=10"):
-            r = run(read_load(url, token, users, args.read_clients, args.seconds / 2,
+            r = run(read_load(url, token, users, read_clients[-1], args.seconds / 2,
                               lambda u, i, route=route: f"/v1/users/{u}/{route}"))
             results["reads_by_route"][route.split("?")[0]] = r
             print("reads", route, json.dumps(r), flush=True)
@@ -320,13 +324,16 @@ def main() -> int:
                      d["tokens_per_s"] / h["tokens_per_s"] if h["tokens_per_s"] else float("nan")])
     from common import markdown_table, write_results  # noqa: E402 - bench/common.py
 
-    rd, sm = results["reads"], results["server_metrics"]
+    sm = results["server_metrics"]
     md = (f"# API load ({model_kind}; {args.seconds:g} s per phase; server threads {args.threads})\n\n"
-          f"Reads (embedding + recommendations, {rd['clients']} clients): **{rd['req_per_s']:.0f} req/s**, "
-          f"p50 {rd['p50_ms']:.1f} ms, p99 {rd['p99_ms']:.1f} ms, {rd['errors']} errors "
-          f"(target >= 1,000 req/s, p99 <= 20 ms on 2 cores; the load generator shares the 2 cores)\n\n"
-          + "".join(f"- {name} alone: {r['req_per_s']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
-                    f"p99 {r['p99_ms']:.1f} ms, {r['errors']} errors\n"
+          "Reads, embedding and recommendations mixed 50/50 (target >= 1,000 req/s with p99 <= 20 ms "
+          "on 2 cores; the load generator shares the 2 cores):\n\n"
+          + markdown_table(["clients", "req/s", "p50 ms", "p99 ms", "errors"],
+                           [[r["clients"], r["req_per_s"], r["p50_ms"], r["p99_ms"], r["errors"]]
+                            for r in results["reads"]])
+          + "\n"
+          + "".join(f"- {name} alone ({r['clients']} clients): {r['req_per_s']:.0f} req/s, p50 "
+                    f"{r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors\n"
                     for name, r in results["reads_by_route"].items())
           + f"- recommendations' latest-state cache: {sm['rank_state_hits']:.0f} hits, "
           f"{sm['rank_state_misses']:.0f} misses (a miss runs the encoder)\n\n"

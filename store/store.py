@@ -11,6 +11,7 @@ read for user U returns only data that authenticates as U's, or raises StoreInte
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -215,6 +216,24 @@ class Store(Ingest):
         """The user's events in timestamp order (ties by event id); [] for an unknown user."""
         key = self.user_key(external_id)
         return [] if key is None else self._history(key, external_id)
+
+    def history_digest(self, external_id: str) -> bytes | None:
+        """32 bytes naming the set of events stored for the user (a hash of their keyed row ids),
+        read without opening a payload; None for an unknown user or one without events. Events
+        are never rewritten (ingest skips an event id already stored), so the same digest means
+        the same history: a key for caches computed from it."""
+        key = self.user_key(external_id)
+        if key is None:
+            return None
+        with self.data.connect() as conn:
+            ids = conn.execute(select(EventRow.id).where(EventRow.user_id == key.user_id)
+                               .order_by(EventRow.id)).scalars().all()
+        if not ids:
+            return None
+        digest = hashlib.sha256(len(ids).to_bytes(8, "little"))
+        for row_id in ids:
+            digest.update(row_id)
+        return digest.digest()
 
     def _history(self, key: UserKey, external_id: str) -> list[Event]:
         uid, h, open_, aad, event_hash = (

@@ -1,6 +1,7 @@
 """The recommendations' sealed latest-state cache: the same ranking as running the encoder, a hit
-for an unchanged history, a recompute when an event arrives, sealed like every artefact, and
-gone with the user's erasure."""
+for an unchanged history (checked by the store's digest of event row ids: the history is not
+even read), a recompute when an event arrives, sealed like every artefact, and gone with the
+user's erasure."""
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,8 @@ def test_cached_ranking_matches_the_encoder_and_follows_the_history(tiny_models,
         for u in users:
             history = store.history(u)
             direct = recommend(encoder, history, 5)
-            first, hit1 = cached_recommend(store, encoder, "v1", u, history, 5)
-            again, hit2 = cached_recommend(store, encoder, "v1", u, history, 5)
+            first, hit1 = cached_recommend(store, encoder, "v1", u, 5, lambda u=u: store.history(u))
+            again, hit2 = cached_recommend(store, encoder, "v1", u, 5, lambda: 1 / 0)  # no read
             assert (hit1, hit2) == (False, True)
             for got in (first, again):
                 assert [i for i, _ in got] == [i for i, _ in direct]
@@ -44,13 +45,13 @@ def test_cached_ranking_matches_the_encoder_and_follows_the_history(tiny_models,
         top = recommend(encoder, store.history(u), 1)[0][0]
         last = store.history(u)[-1]
         store.ingest([Event("new-1", u, top, last.timestamp + 60, dict(last.fields))])
-        after, hit = cached_recommend(store, encoder, "v1", u, store.history(u), 5)
+        after, hit = cached_recommend(store, encoder, "v1", u, 5, lambda: store.history(u))
         assert hit is False and top not in {i for i, _ in after}
         assert [i for i, _ in after] == [i for i, _ in recommend(encoder, store.history(u), 5)]
         # Another encoder version is another artefact: never a state from other weights.
-        _, hit = cached_recommend(store, encoder, "v2", u, store.history(u), 5)
+        _, hit = cached_recommend(store, encoder, "v2", u, 5, lambda: store.history(u))
         assert hit is False
 
         delete_user(store, u)
         assert not folder.exists() or not any(folder.iterdir())
-        assert cached_recommend(store, encoder, "v1", u, store.history(u), 5) == ([], False)
+        assert cached_recommend(store, encoder, "v1", u, 5, lambda: 1 / 0) == ([], False)
