@@ -59,7 +59,10 @@ def fuzz(url: str, headers: dict[str, str], cases: int) -> tuple[dict[int, int],
     from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis import GenerationMode
 
-    schema = schemathesis.openapi.from_dict(httpx.get(f"{url}/openapi.json").json())
+    # Every operation but revoking an API key: a generated id hits the fuzzer's own key soon
+    # enough, and every later case would stop at 401 (test_api_edge covers revocation).
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{url}/openapi.json").json()).exclude(
+        method="DELETE", path="/v1/admin/api-keys/{key_id}")
     seen: dict[int, int] = {}
     failures: list[str] = []
 
