@@ -30,6 +30,7 @@ from training.split import data_fingerprint, encoder_holdout
 from training.tasks import Catalogue, check_tasks, task_split, train_examples, valid_examples
 from training.train_encoder import CosineSchedule, _restore_state, _training_state, seed_everything
 from training.userllm import UserLLM, parameter_counts
+from userenc.checkpoint import recover_folder
 from userenc.events import Event
 
 PROBE_STEPS = 8  # steps timed before a time budget fixes the schedule
@@ -178,6 +179,10 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
             find_unused_parameters=True)
 
     state_dir = out.with_name(out.name + ".last")
+    if dist.rank() == 0:  # a kill inside a checkpoint write leaves the old folder aside
+        recover_folder(out)
+        recover_folder(state_dir)
+    dist.barrier()
     meta: dict[str, Any] = {"step": 0, "best_loss": math.inf, "history": [], "seconds": 0.0,
                             "planned_steps": total, "warmup": schedule.warmup}
     if resume and (state_dir / "state.json").is_file():
@@ -190,8 +195,9 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
                     trained[name[6:]].copy_(t)
         if opt is not None:
             _restore_state(model, opt, {k: v for k, v in state.items() if not k.startswith("param.")})
-    elif resume:
-        raise FileNotFoundError(f"nothing to resume: {state_dir} has no training state")
+    elif resume and progress and dist.rank() == 0:
+        # Killed before its first validation: nothing was saved, so resuming is starting.
+        tqdm.write(f"nothing to resume in {state_dir}: starting from step 0")
     schedule.total_steps, schedule.warmup = meta["planned_steps"], meta["warmup"]
 
     manifest = {
@@ -203,12 +209,13 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
     } | s2.meta | (manifest_extra or {})
 
     def checkpoint(folder: Path, extra: bool) -> None:
-        state = None
-        if extra:
+        state, written = None, files
+        if extra:  # the training state and state.json go in the same atomic write as the weights
             state = {f"param.{n}": p for n, p in model.trained_parameters().items()}
             if opt is not None:
                 state |= _training_state(model, opt)
-        save_adapter(folder, model, s2.meta, manifest | {"step": meta["step"]}, files, state)
+            written = (files or {}) | {"state.json": json.dumps(meta, indent=1)}
+        save_adapter(folder, model, s2.meta, manifest | {"step": meta["step"]}, written, state)
 
     def validate() -> None:
         if dist.rank() != 0:
@@ -224,7 +231,6 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
             manifest["metrics"] = {"valid_loss": losses}
             checkpoint(out, extra=False)
         checkpoint(state_dir, extra=True)
-        (state_dir / "state.json").write_text(json.dumps(meta, indent=1))
 
     started = time.perf_counter() - meta["seconds"]
     if meta["step"] == 0 and (opt is None or tcfg.validate_first):

@@ -24,7 +24,7 @@ from training import distributed as dist
 from training.config import TrainConfig
 from training.evaluate import evaluate, model_scorer
 from training.split import Split, data_fingerprint, leave_one_out, windows
-from userenc.checkpoint import save_checkpoint
+from userenc.checkpoint import recover_folder, save_checkpoint
 from userenc.config import EncoderConfig
 from userenc.events import Event
 from userenc.model import UserEncoder
@@ -131,6 +131,10 @@ def train_encoder(
     wrapped = dist.wrap(model)
 
     state_dir = out.with_name(out.name + ".last")
+    if dist.rank() == 0:  # a kill inside a checkpoint write leaves the old folder aside
+        recover_folder(out)
+        recover_folder(state_dir)
+    dist.barrier()
     meta: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "seconds": 0.0, "planned_epochs": tcfg.epochs}
     if resume and (state_dir / "state.json").is_file():
         meta = json.loads((state_dir / "state.json").read_text())
@@ -142,8 +146,11 @@ def train_encoder(
         for group, base in zip(opt.param_groups, sched.base_lrs):
             group["lr"] = base * schedule(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in opt.param_groups]
-    elif resume:
-        raise FileNotFoundError(f"nothing to resume: {state_dir} has no training state")
+    if resume and dist.rank() == 0:
+        # One line even when quiet: an operator (and the kill tests) can see what was kept.
+        # Nothing saved (killed before its first epoch ended) means resuming is starting.
+        print(f"resuming {out.name} after epoch {meta['epoch']}" if meta["epoch"]
+              else f"nothing to resume in {state_dir}: starting from epoch 1", flush=True)
 
     manifest = {
         "data_source": manifest_extra.get("data_source") if manifest_extra else None,
@@ -192,8 +199,10 @@ def train_encoder(
                 meta["planned_epochs"] = max(1, min(tcfg.epochs, int(60 * tcfg.max_minutes / meta["seconds"])))
             over_time = bool(tcfg.max_minutes) and meta["seconds"] > 60 * tcfg.max_minutes
             stop = epoch >= meta["planned_epochs"] or meta["bad_epochs"] >= tcfg.patience or over_time
-            save_checkpoint(state_dir, model, tokenizer, manifest, extra=_training_state(model, opt), files=files)
-            (state_dir / "state.json").write_text(json.dumps(meta, indent=1))
+            # The training state goes inside the same atomic write as the weights: a kill leaves
+            # either the previous epoch's pair or this one's, never weights without their state.
+            save_checkpoint(state_dir, model, tokenizer, manifest, extra=_training_state(model, opt),
+                            files=(files or {}) | {"state.json": json.dumps(meta, indent=1)})
         planned = dist.broadcast_int(meta["planned_epochs"])
         schedule.total_steps = steps_per_epoch * planned
         if dist.broadcast_flag(stop):

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -123,24 +124,45 @@ def save_checkpoint(
     return write_folder_atomically(folder, write)
 
 
+# Test-only hook: seconds to sleep between moving the old folder aside and renaming the new one
+# into place, so the crash tests can kill a run inside that window. Unset in production.
+CHECKPOINT_PAUSE_ENV = "USERLLM_TEST_CHECKPOINT_PAUSE"
+
+
 def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` fills a temporary folder beside `folder`, which then replaces `folder` by
-    renames: a reader sees the old folder or the new one, never half of one."""
+    renames: a reader sees the old folder or the new one, never half of one. A process killed
+    between the two renames leaves the old folder as `.<name>.old`: `recover_folder` puts it
+    back."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    recover_folder(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp", dir=folder.parent))
     try:
         write(tmp)
         old = folder.with_name(f".{folder.name}.old")
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
+            if pause := float(os.environ.get(CHECKPOINT_PAUSE_ENV) or 0):
+                time.sleep(pause)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def recover_folder(folder: str | Path) -> None:
+    """Undo what a kill inside write_folder_atomically left: the old folder moved aside with no
+    new one in its place goes back, and half-written temporary folders go."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if old.is_dir() and not folder.exists():
+        os.replace(old, folder)
+    for tmp in folder.parent.glob(f".{folder.name}.tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> LoadedEncoder:

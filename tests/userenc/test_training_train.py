@@ -89,10 +89,11 @@ def test_interrupted_run_resumed_equals_straight_run(tmp_path):
     assert_equal_state(opt_a, opt_b)
 
 
-def test_resume_extends_a_finished_run_and_needs_state(tmp_path):
+def test_resume_starts_an_unsaved_run_and_extends_a_finished_one(tmp_path):
     ds = _small(tmp_path)
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(epochs=1), tmp_path / "x", resume=True, progress=False)
+    # A run killed before its first epoch ended saved nothing: resuming it starts it.
+    fresh = train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(epochs=1), tmp_path / "x", resume=True, progress=False)
+    assert [r["epoch"] for r in fresh.history] == [1]
     short = train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(epochs=1), tmp_path / "run", progress=False)
     longer = train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(epochs=2), tmp_path / "run", resume=True, progress=False)
     # Epoch 1 is kept as it was; training continues with epoch 2 only.
