@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,9 @@ class NodeAnchor:
 
     def __init__(self, path: Path, mac: RecordMac):
         self.path, self.mac = path, mac
+        # Threads of one process (a server's requests, its erasure worker) append concurrently:
+        # their anchor writes are serialized and never move the anchor back to an older entry.
+        self._lock, self._written = threading.Lock(), 0
 
     def read(self) -> Tail | None:
         try:
@@ -79,13 +83,16 @@ class NodeAnchor:
         return (seq, h) if self.mac.check(tag, "node-anchor", seq, h) else (-1, "forged")
 
     def write(self, t: Tail) -> None:
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(
-                {"seq": t[0], "entry_hash": t[1], "mac": self.mac.tag("node-anchor", t[0], t[1])}, f
-            )
-        os.replace(tmp, self.path)
+        with self._lock:
+            if t[0] <= self._written:
+                return
+            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}.{threading.get_ident()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"seq": t[0], "entry_hash": t[1],
+                           "mac": self.mac.tag("node-anchor", t[0], t[1])}, f)
+            os.replace(tmp, self.path)
+            self._written = t[0]
 
 
 def anchor_gaps(conn: Connection, log_tail: Tail, anchor, node: Tail | None) -> list[str]:  # noqa: ANN001

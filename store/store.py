@@ -70,6 +70,9 @@ class Store(Ingest):
             home / f"audit-anchor-{self.keys.mac.tag('store-id')[:16]}.json", self.keys.mac
         )
         self.event_aad = aad_builder("events", "payload")
+        # This process's appends go one at a time (request threads and an erasure worker would
+        # otherwise race for each next sequence number); other processes are met by retrying.
+        self._audit_lock = threading.RLock()
         self._rows_confirmed: set[int] = set()  # users whose data-database row matches their key
         self.created = parts.created
         if parts.created:
@@ -102,6 +105,10 @@ class Store(Ingest):
         """Append an entry. The log must end where both anchors say; if not, the entry is still
         recorded but the anchors are not moved over the gap (returned, and logged as a warning),
         unless `acknowledge_gaps` (restore-check), which records the gaps in the entry itself."""
+        with self._audit_lock:
+            return self._audit(action, details, acknowledge_gaps)
+
+    def _audit(self, action: str, details: dict, acknowledge_gaps: bool) -> list[str]:
         for attempt in range(5):
             try:
                 with self.data.begin() as conn:
