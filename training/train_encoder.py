@@ -2,8 +2,10 @@
 
 AdamW with linear warm-up and cosine decay, validation (full ranking NDCG@10) after every
 epoch with early stopping, the best model saved as a checkpoint folder, and the latest
-training state beside it for `--resume`. Under torchrun each rank trains on its shard of the
-windows (DDP: gloo on CPU, NCCL on GPU); rank 0 validates and writes.
+training state beside it for `--resume`. Under torchrun (DDP: gloo on CPU, NCCL on GPU) every
+rank draws the same global batches of `batch_size x world size` windows and trains on its slice
+of each, its loss weighted by its share of the batch's target events, so a step is the step one
+process would take on the whole global batch (up to float rounding); rank 0 validates and writes.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class TrainResult:
     best_valid: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+    model: UserEncoder | None = None  # the final weights in memory (every rank's own copy)
 
 
 def seed_everything(seed: int) -> None:
@@ -119,9 +122,10 @@ def train_encoder(
     device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
 
-    items = dist.shard([w for user in sorted(split.train) for w in windows(tokenizer.encode(split.train[user]), cfg.max_len)])
+    items = [w for user in sorted(split.train) for w in windows(tokenizer.encode(split.train[user]), cfg.max_len)]
     lengths = [len(w[spec.item.name]) for w in items]
-    steps_per_epoch = math.ceil(len(items) / tcfg.batch_size)
+    world, global_batch = dist.world_size(), tcfg.batch_size * dist.world_size()
+    steps_per_epoch = math.ceil(len(items) / global_batch)
     total_steps = steps_per_epoch * tcfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     # Warm-up is a fraction of the run, but never longer than one epoch: with a large --epochs
@@ -164,13 +168,20 @@ def train_encoder(
     started = time.perf_counter() - meta["seconds"]
     for epoch in range(meta["epoch"] + 1, tcfg.epochs + 1):
         model.train()
-        rng = np.random.default_rng([tcfg.seed, epoch, dist.rank()])
-        batches = _batches(items, lengths, tcfg.batch_size, rng)
+        # The same global batches on every rank; each trains on its slice (a batch too small to
+        # give every rank a window is dropped, or the ranks' step counts would part).
+        rng = np.random.default_rng([tcfg.seed, epoch])
+        batches = [(b[dist.rank()::world], sum(len(w[spec.item.name]) - 1 for w in b))
+                   for b in _batches(items, lengths, global_batch, rng) if len(b) >= world]
         bar = tqdm(batches, desc=f"epoch {epoch}/{tcfg.epochs}", unit="batch", disable=not progress or dist.rank() != 0, dynamic_ncols=True, mininterval=1.0)
         seen_events, t0, losses = 0, time.perf_counter(), []
-        for batch in bar:
+        for batch, global_targets in bar:
             ids, valid = left_pad_tensors(batch, spec, cfg.max_len, device)
+            # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of
+            # the global batch's targets makes that average the global batch's mean.
+            share = world * sum(len(w[spec.item.name]) - 1 for w in batch) / max(1, global_targets)
             loss, _ = wrapped(ids, valid)
+            loss = loss * share
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -208,4 +219,4 @@ def train_encoder(
         if dist.broadcast_flag(stop):
             break
     dist.barrier()
-    return TrainResult(out, meta["best_epoch"], meta.get("best_valid", {}), meta["history"], meta["seconds"])
+    return TrainResult(out, meta["best_epoch"], meta.get("best_valid", {}), meta["history"], meta["seconds"], model)
