@@ -42,7 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         store = Store.open()
         try:  # the user's tokens, from the store's sealed cache while their history is unchanged
-            tokens, _ = p.cached_user_tokens(store, args.user, store.history(args.user))
+            tokens, _ = p.cached_user_tokens(store, args.user)
         finally:
             store.close()
         if tokens is None:

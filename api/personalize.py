@@ -10,9 +10,10 @@ into the encoder. A user with no events gets no user tokens: the engine answers 
 model (the stated cold-start fallback).
 
 User tokens are cached sealed in the store (`cached_user_tokens`): one artefact per user and
-adapter encoder, holding a fingerprint of the history it was computed from. New events change
-the fingerprint (the tokens are recomputed: the encoder is not incremental), another adapter or
-encoder checkpoint changes the artefact's name, and erasure deletes the user's artefacts.
+adapter encoder, holding the store's digest of the history it was computed from (a hash of the
+user's keyed event row ids: checking it opens no payload). New events change the digest (the
+tokens are recomputed: the encoder is not incremental), another adapter or encoder checkpoint
+changes the artefact's name, and erasure deletes the user's artefacts.
 
 `recommend` ranks the catalogue with an encoder's next-item head, items already seen left out;
 `cached_recommend` keeps the history's latest state and seen items sealed beside the user tokens,
@@ -76,15 +77,22 @@ class Personalizer:
             return None
         return self.encoder.user_tokens([history])[0]
 
-    def cached_user_tokens(self, store, external_id: str, history: list[Event]
-                           ) -> tuple[torch.Tensor | None, bool]:  # noqa: ANN001
-        """(tokens, cache hit): the sealed copy in the store when it was computed from this very
-        history by this adapter's encoder, else computed now and sealed for next time."""
-        if not history or self.encoder is None:
+    def cached_user_tokens(self, store, external_id: str) -> tuple[torch.Tensor | None, bool]:  # noqa: ANN001
+        """(tokens, cache hit): the sealed copy in the store when it was computed from the user's
+        current history (the store's digest of it: no payload opened) by this adapter's encoder,
+        else read, encoded and sealed now. (None, False) for a user without events."""
+        digest = store.history_digest(external_id)
+        if digest is None or self.encoder is None:
             return None, False
+
+        def compute() -> list[np.ndarray]:
+            history = store.history(external_id)
+            if not history:  # erased between the digest and the read
+                raise LookupError("the user has no events")
+            return [self.user_tokens(history).detach().float().cpu().numpy()]
+
         (tokens,), hit = sealed_per_history(
-            store, external_id, f"user-tokens-{self.token_version}", history_fingerprint(history),
-            lambda: [self.user_tokens(history).detach().float().cpu().numpy()])
+            store, external_id, f"user-tokens-{self.token_version}", digest, compute)
         return torch.from_numpy(tokens), hit
 
     @staticmethod
@@ -98,15 +106,6 @@ class Personalizer:
 
     def close(self) -> None:
         self.engine.close()
-
-
-def history_fingerprint(history: list[Event]) -> bytes:
-    """32 bytes that change whenever the history does (ids, items, times; fields by event id:
-    the store never rewrites a stored event)."""
-    h = hashlib.sha256()
-    for e in history:
-        h.update(f"{len(e.event_id)}:{e.event_id}|{len(e.item_id)}:{e.item_id}|{e.timestamp};".encode())
-    return h.digest()
 
 
 _CACHE_MAGIC = b"UC1"  # the layout below; any other blob (an older layout) is a miss

@@ -132,14 +132,13 @@ class UserOps:
             raise NotConfigured("no model is configured (set USERLLM_ADAPTER or USERLLM_MODEL)")
         if external_id is None:
             return UserTokens(None, False)
-        try:
-            history = self.history(external_id)
-        except UnknownUser:
-            if require_known:
-                raise
-            return UserTokens(None, False)
         t0 = time.perf_counter()
-        tokens, hit = self.personalizer.cached_user_tokens(self.store, external_id, history)
+        try:
+            tokens, hit = self.personalizer.cached_user_tokens(self.store, external_id)
+        except LookupError:  # erased while we looked
+            tokens, hit = None, False
+        if tokens is None and require_known and self.store.history_digest(external_id) is None:
+            raise UnknownUser()
         if self.on_cache is not None and tokens is not None:
             self.on_cache("user_tokens", hit, time.perf_counter() - t0)
         return UserTokens(tokens, hit)

@@ -307,7 +307,7 @@ def main() -> int:
     p = Personalizer.load(adapter, kv_cache_bytes=128 << 20, max_num_seqs=32)
     store = Store.open(home, data_url, keys_url)
     try:
-        tokens_of = {u: (lambda u=u: p.cached_user_tokens(store, u, store.history(u))[0]) for u in users}
+        tokens_of = {u: (lambda u=u: p.cached_user_tokens(store, u)[0]) for u in users}
         for n in clients:
             r = run(chat_direct(p, tokens_of, users, n, args.seconds, args.max_tokens))
             results["chat_direct"].append(r)
