@@ -219,6 +219,35 @@ def run(coro):  # noqa: ANN001, ANN201
     return uvloop.run(coro)
 
 
+def plot(results: dict, path: Path) -> None:
+    """Reads: throughput and p99 by client count; chat: TTFT p50 over HTTP and direct."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    reads = results["reads"]
+    a.plot([r["clients"] for r in reads], [r["req_per_s"] for r in reads], "o-", label="req/s")
+    a.axhline(1000, ls="--", c="grey", lw=1)
+    a.set_xlabel("read clients")
+    a.set_ylabel("requests/s (dashed: target)")
+    a2 = a.twinx()
+    a2.plot([r["clients"] for r in reads], [r["p99_ms"] for r in reads], "s--", c="tab:red")
+    a2.set_ylabel("p99 ms", color="tab:red")
+    a.set_title("embedding + recommendation reads")
+    for name, rows in (("HTTP (openai client)", results["chat_http"]), ("engine direct", results["chat_direct"])):
+        b.plot([r["clients"] for r in rows], [r["ttft_p50_ms"] for r in rows], "o-", label=name)
+    b.set_xscale("log", base=2)
+    b.set_xlabel("chat clients")
+    b.set_ylabel("time to first token p50 (ms)")
+    b.legend()
+    b.set_title("streamed chat")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", default=None, help="a trained adapter (default: tiny random models)")
@@ -357,7 +386,9 @@ def main() -> int:
         (out / "api_load.md").write_text(md)
         print(f"results in {out}")
     else:
-        print(f"wrote {write_results('api_load', config, results, md)}")
+        path = write_results("api_load", config, results, md)
+        plot(results, path.with_suffix(".png"))
+        print(f"wrote {path}")
     print(md)
     return 0
 
