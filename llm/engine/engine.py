@@ -32,6 +32,7 @@ from llm.engine.model_runner import ModelRunner
 from llm.engine.sampling_params import SamplingParams
 from llm.engine.scheduler import Scheduler
 from llm.engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
+from llm.engine.step_profile import StepProfile
 
 
 @dataclass(slots=True)
@@ -120,6 +121,7 @@ class Engine:
                                   decode_graphs=graphs,
                                   eos_token_ids=tuple(sorted(self.eos_token_ids)))
         self.detokenizer = Detokenizer(tokenizer)
+        self.profile = self.runner.profile = StepProfile()
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
@@ -239,18 +241,25 @@ class Engine:
     # -- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         with self._lock:
+            prof = self.profile
+            t0 = prof.clock()
             batch = self.scheduler.schedule()
+            prof.schedule += prof.clock() - t0
             if not batch.seqs:
                 return []
             sampled = self.runner.run(batch)
+            t1 = prof.clock()
             self.num_steps += 1
             outputs = []
+            detok = prof.detokenize
             for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
                 seq.num_computed_tokens += n
                 seq.cross_written = seq.cross_written or bool(seq.cross_block_table)
                 self.block_manager.register_full_blocks(seq)
                 if token is not None:
                     outputs.append(self._append_token(seq, token))
+            prof.bookkeeping += prof.clock() - t1 - (prof.detokenize - detok)
+            prof.steps += 1
             return outputs
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
@@ -261,7 +270,10 @@ class Engine:
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = FinishReason.LENGTH
+        prof = self.profile
+        t0 = prof.clock()
         new_text, stopped = self.detokenizer.update(seq, finishing=reason is not None)
+        prof.detokenize += prof.clock() - t0
         if stopped:
             reason = FinishReason.STOP
         new_ids = seq.output_ids[seq.num_emitted_tokens:]

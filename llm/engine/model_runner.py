@@ -10,6 +10,7 @@ samples this step.
 """
 from __future__ import annotations
 
+
 import torch
 from torch import nn
 
@@ -17,6 +18,7 @@ from llm.context import ForwardContext, use_context
 from llm.engine.decode_graphs import DecodeGraphRunner
 from llm.engine.sampler import Sampler
 from llm.engine.scheduler import ScheduledBatch
+from llm.engine.step_profile import StepProfile
 
 
 def _padded(rows: list[list[int]], device) -> torch.Tensor:
@@ -41,6 +43,7 @@ class ModelRunner:
         # Static decode buffers / CUDA graphs (models without cross blocks only, see there).
         assert decode_graphs is None or not has_cross
         self.decode_graphs = decode_graphs
+        self.profile = StepProfile()  # the engine shares its own
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext,
                                                        list[int]]:
@@ -126,19 +129,27 @@ class ModelRunner:
         return result
 
     def _run_group(self, batch: ScheduledBatch, is_decode: bool = False) -> list[int | None]:
+        prof = self.profile
+        t0 = prof.clock()
         if (is_decode and self.decode_graphs is not None
                 and all(s.num_computed_tokens >= s.num_soft_tokens for s in batch.seqs)):
             hidden = self.decode_graphs.run(batch.seqs)  # one row per sequence, all sample
             last_rows = list(range(len(batch.seqs)))
+            t1 = t0
         else:
             ids, pos, ctx, last_rows = self.prepare(batch)
+            t1 = prof.clock()
             with use_context(ctx):
                 hidden = self.model(ids, pos)
+        prof.prepare += t1 - t0
         sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
                     if s.num_computed_tokens + n == len(s)]
         if not sampling:
+            prof.forward += prof.clock() - t1
             return [None] * len(batch.seqs)
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=hidden.device)])
+        t2 = prof.clock()
+        prof.forward += t2 - t1
         for row, s in enumerate(sampling):
             if s.num_output_tokens < s.sampling.min_tokens:  # no eos / stop token yet
                 banned = list(self.eos_token_ids) + list(s.sampling.stop_token_ids)
@@ -149,5 +160,6 @@ class ModelRunner:
             previous = [s.token_ids for s in sampling]
         tokens = iter(self.sampler(logits, [s.sampling for s in sampling],
                                    [s.generator for s in sampling], previous))
+        prof.sample += prof.clock() - t2
         return [next(tokens) if s.num_computed_tokens + n == len(s) else None
                 for s, n in zip(batch.seqs, batch.num_new_tokens)]
