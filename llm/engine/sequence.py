@@ -32,6 +32,7 @@ class Sequence:
         "status", "num_computed_tokens", "num_cached_tokens", "block_table", "block_hashes",
         "cross_block_table", "cross_written", "generator", "arrival", "finish_reason",
         "text", "num_emitted_tokens", "num_emitted_chars", "num_preemptions", "num_soft_tokens",
+        "row", "num_synced_blocks", "prefix_offset", "read_offset",
     )
 
     def __init__(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
@@ -59,7 +60,14 @@ class Sequence:
         self.text = ""
         self.num_emitted_tokens = 0
         self.num_emitted_chars = 0
+        # Incremental detokenization: token_ids[prefix_offset:read_offset] decode to the text
+        # already produced; what follows read_offset is new (llm/engine/detokenizer.py).
+        self.prefix_offset = self.read_offset = len(prompt_ids)
         self.num_preemptions = 0
+        # The InputBatch row this sequence holds while running (-1: none) and how many of its
+        # block-table entries that row has.
+        self.row = -1
+        self.num_synced_blocks = 0
         # Soft-prompt integration: the first num_soft_tokens entries of token_ids are
         # placeholders whose embeddings the model replaces with the projected user tokens.
         self.num_soft_tokens = self.num_user_tokens if soft_prompt else 0

@@ -1,0 +1,83 @@
+"""Next-token choice for the whole batch in one pass of tensor ops on the logits' device.
+
+Greedy, temperature, top-k and top-p rows are handled together: the settings are per-row
+tensors (llm/engine/input_batch.py); one sort serves both masks (skipped when no running
+request uses either; a top-k of the largest k instead when every sampling request has a top_k),
+and the draw is an exponential race, argmax(p / q) with q ~ Exp(1), which picks token i with
+probability p_i, as multinomial does.
+
+Noise: a request with a seed draws its row from its own torch.Generator (same tokens whatever
+else shares its batch); the others share one draw from the engine's generator. The reference
+(llm/engine/sampler.py: Sampler) stays the oracle: same greedy tokens, same distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """One step's sampling rows, gathered from the persistent InputBatch."""
+    temperature: torch.Tensor  # [S] float32, 0 = greedy
+    top_k: torch.Tensor  # [S] (any dtype holding integers), 0 = off
+    top_p: torch.Tensor  # [S] float32, 1 = off
+    any_random: bool
+    use_top_k: bool
+    use_top_p: bool
+    seeded: list[tuple[int, torch.Generator]]  # (row, its generator)
+    # > 0 when every sampling row has a top_k <= this: a top-k of that width replaces the sort.
+    candidates: int = 0
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None
+           ) -> torch.Tensor:
+    """logits [S, V] (any float dtype; penalties and min_tokens masks already applied) ->
+    token ids [S] int64 on the logits' device."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    if not batch.any_random:
+        return greedy
+    t = batch.temperature
+    is_greedy = t == 0
+    # As the reference: shift by the row maximum and keep T above the smallest normal, so a
+    # tiny temperature tends to the greedy token instead of overflowing to inf / NaN.
+    t = torch.where(is_greedy, torch.ones_like(t), t).clamp_min(torch.finfo(torch.float32).tiny)
+    x = (logits - logits.max(dim=-1, keepdim=True).values) / t[:, None]
+    vocab = x.shape[-1]
+    index = None  # candidate column -> token id; None: the candidates are the vocabulary
+    if batch.candidates:
+        x, index = x.topk(min(batch.candidates, vocab), dim=-1)
+    elif batch.use_top_k or batch.use_top_p:
+        x, index = x.sort(dim=-1, descending=True)
+    if index is not None:
+        width = x.shape[-1]
+        drop = torch.zeros_like(x, dtype=torch.bool)
+        if batch.use_top_k:
+            top_k = batch.top_k.long()
+            k = torch.where(top_k > 0, top_k.clamp(max=width), torch.full_like(top_k, width))
+            drop |= x < x.gather(1, (k - 1)[:, None])  # ties with the k-th are kept
+        if batch.use_top_p:
+            probs = x.masked_fill(drop, float("-inf")).softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs
+            drop |= mass_before >= batch.top_p[:, None]
+            drop[:, 0] = False
+        x = x.masked_fill(drop, float("-inf"))
+    # Unnormalised weights (x <= 0): elementwise the same numbers whichever path ran, so a
+    # seeded row's choice does not depend on its batch; argmax(w / q) ignores the scale.
+    weights = x.exp()
+    u = torch.empty_like(weights).uniform_(generator=generator)
+    if batch.seeded:
+        # A seeded row's noise covers the whole vocabulary, in token order, from its own
+        # generator, and is then read at its candidates.
+        rows = torch.tensor([r for r, _ in batch.seeded], device=u.device)
+        own = torch.empty(len(batch.seeded), vocab, device=u.device)
+        for j, (_, gen) in enumerate(batch.seeded):
+            own[j].uniform_(generator=gen)
+        u[rows] = own if index is None else own.gather(1, index[rows])
+    # q = -log(u) ~ Exp(1); u = 0 gives q = inf and a score of 0, never NaN (w > 0 or 0 / inf).
+    choice = (weights / u.log_().neg_()).argmax(dim=-1)
+    if index is not None:
+        choice = index.gather(1, choice[:, None])[:, 0]
+    return torch.where(is_greedy, greedy, choice)
