@@ -293,3 +293,43 @@ def test_static_decode_buffers_match_eager_path(tiny_path):
     outs = eng.generate(prompts, sp)
     assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_padded_decode_mixes_personalized_and_plain_sequences(tiny_path):
+    """The CUDA-graph decode buffers of a cross-attention model (static cross block tables
+    and lengths, padded buckets), run eagerly on CPU: a batch mixing users with and without
+    user tokens gives the same tokens as the unpadded eager path, and users still matter."""
+    def personalized(**kw) -> Engine:
+        eng = engine(tiny_path, cross_every_n=1, user_dim=8, block_size=8, max_num_seqs=7,
+                     max_num_batched_tokens=64, **kw)
+        torch.manual_seed(0)
+        for block in eng.model.model.cross_blocks.values():
+            block.gate_attn.data.fill_(0.8)
+            block.gate_mlp.data.fill_(0.8)
+            for p in block.cross_attn.parameters():
+                p.data.normal_(0, 0.3)
+        return eng
+
+    g = torch.Generator().manual_seed(5)
+    users = [torch.randn(6, 8, generator=g) * 3, None, torch.randn(3, 8, generator=g) * 3,
+             None, torch.randn(9, 8, generator=g) * 3]
+    prompts = random_prompts(5, [7, 19, 33], seed=14)
+    eager = personalized(use_cuda_graphs=False)
+    expected = eager.generate(prompts, GREEDY, user_tokens=users)
+    padded = personalized(use_cuda_graphs=True)
+    assert padded.runner.decode_graphs.buckets == [1, 2, 4, 7]
+    outs = padded.generate(prompts, GREEDY, user_tokens=users)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    alone = personalized(use_cuda_graphs=True).generate([prompts[0]], GREEDY,
+                                                        user_tokens=[None])[0]
+    assert alone.token_ids != outs[0].token_ids  # the user tokens changed the output
+    # Requests join and leave at different steps: the buckets shrink and grow.
+    staggered = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+                 for m in (3, 12, 5, 9, 12)]
+    ref = eager.generate(prompts, staggered, user_tokens=users)
+    got = padded.generate(prompts, staggered, user_tokens=users)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    for eng in (eager, padded):
+        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+        assert eng.cross_manager.num_free_blocks == eng.cross_manager.pool.num_blocks
+        assert not eng.inputs.rows and len(eng.inputs.free_rows) == 7
