@@ -3,6 +3,8 @@ parity with HF generate, batching invariance, preemption, cancellation, prefix c
 cross-attention users, streaming, stop strings, bad input."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -23,8 +25,15 @@ def hf_model(tiny_path):
     return LlamaForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
 
 
+# `make test-gpu` runs these on CUDA (USERLLM_TEST_DEVICE=cuda): fp32 through the compiled
+# Triton kernels and CUDA-graph decode. The default is the CPU, whatever the machine has.
+DEVICE = os.environ.get("USERLLM_TEST_DEVICE", "cpu")
+
+
 def engine(path, **kw) -> Engine:
     kw.setdefault("kv_cache_bytes", 1 << 21)
+    kw.setdefault("device", DEVICE)
+    kw.setdefault("dtype", torch.float32)
     return Engine.from_pretrained(path, **kw)
 
 
@@ -81,8 +90,8 @@ def test_preemption_with_tiny_pool_keeps_outputs(tiny_path):
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     reference = engine(tiny_path).generate(prompts, sp)
     # 8 blocks of 16 tokens: two or three sequences at a time; decodes must preempt.
-    eng = Engine.from_pretrained(tiny_path, block_size=16, max_num_batched_tokens=64,
-                                 kv_cache_bytes=8 * 2 * 2 * 16 * 2 * 16 * 4)
+    eng = engine(tiny_path, block_size=16, max_num_batched_tokens=64,
+                 kv_cache_bytes=8 * 2 * 2 * 16 * 2 * 16 * 4)
     assert eng.block_manager.num_blocks == 8
     outs = eng.generate(prompts, sp)
     assert eng.scheduler.num_preemptions > 0
@@ -145,8 +154,8 @@ def _dense_greedy(model, prompt, n, user=None):
     ids = list(prompt)
     with torch.inference_mode():
         for _ in range(n):
-            kwargs = {} if user is None else {"user_tokens": user[None]}
-            h = model(torch.tensor([ids]), **kwargs)
+            kwargs = {} if user is None else {"user_tokens": user[None].to(model.device)}
+            h = model(torch.tensor([ids], device=model.device), **kwargs)
             ids.append(int(model.compute_logits(h[0, -1]).argmax()))
     return ids[len(prompt):]
 
