@@ -29,6 +29,7 @@ class SamplingBatch:
     seeded: list[tuple[int, torch.Generator]]  # (row, its generator)
     # > 0 when every sampling row has a top_k <= this: a top-k of that width replaces the sort.
     candidates: int = 0
+    all_random: bool = False  # no greedy row: skip the argmax they would need
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None
@@ -36,14 +37,16 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generato
     """logits [S, V] (any float dtype; penalties and min_tokens masks already applied) ->
     token ids [S] int64 on the logits' device."""
     logits = logits.float()
-    greedy = logits.argmax(dim=-1)
     if not batch.any_random:
-        return greedy
+        return logits.argmax(dim=-1)
     t = batch.temperature
-    is_greedy = t == 0
+    greedy = is_greedy = None
+    if not batch.all_random:
+        greedy, is_greedy = logits.argmax(dim=-1), t == 0
+        t = torch.where(is_greedy, torch.ones_like(t), t)
     # As the reference: shift by the row maximum and keep T above the smallest normal, so a
     # tiny temperature tends to the greedy token instead of overflowing to inf / NaN.
-    t = torch.where(is_greedy, torch.ones_like(t), t).clamp_min(torch.finfo(torch.float32).tiny)
+    t = t.clamp_min(torch.finfo(torch.float32).tiny)
     x = (logits - logits.max(dim=-1, keepdim=True).values) / t[:, None]
     vocab = x.shape[-1]
     index = None  # candidate column -> token id; None: the candidates are the vocabulary
@@ -67,17 +70,22 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generato
     # Unnormalised weights (x <= 0): elementwise the same numbers whichever path ran, so a
     # seeded row's choice does not depend on its batch; argmax(w / q) ignores the scale.
     weights = x.exp()
-    u = torch.empty_like(weights).uniform_(generator=generator)
     if batch.seeded:
         # A seeded row's noise covers the whole vocabulary, in token order, from its own
         # generator, and is then read at its candidates.
-        rows = torch.tensor([r for r, _ in batch.seeded], device=u.device)
-        own = torch.empty(len(batch.seeded), vocab, device=u.device)
+        own = torch.empty(len(batch.seeded), vocab, device=weights.device)
         for j, (_, gen) in enumerate(batch.seeded):
             own[j].uniform_(generator=gen)
-        u[rows] = own if index is None else own.gather(1, index[rows])
+        if len(batch.seeded) == weights.shape[0]:  # every row seeded, in row order
+            u = own if index is None else own.gather(1, index)
+        else:
+            u = torch.empty_like(weights).uniform_(generator=generator)
+            rows = torch.tensor([r for r, _ in batch.seeded], device=u.device)
+            u[rows] = own if index is None else own.gather(1, index[rows])
+    else:
+        u = torch.empty_like(weights).uniform_(generator=generator)
     # q = -log(u) ~ Exp(1); u = 0 gives q = inf and a score of 0, never NaN (w > 0 or 0 / inf).
     choice = (weights / u.log_().neg_()).argmax(dim=-1)
     if index is not None:
         choice = index.gather(1, choice[:, None])[:, 0]
-    return torch.where(is_greedy, greedy, choice)
+    return choice if greedy is None else torch.where(is_greedy, greedy, choice)

@@ -172,5 +172,5 @@ class ModelRunner:
         seeded = ([(i, s.generator) for i, s in enumerate(seqs) if s.generator is not None]
                   if ib.num_seeded else [])
         batch = SamplingBatch(t, k, p, True, ib.num_top_k > 0, ib.num_top_p > 0, seeded,
-                              candidates=ib.max_top_k)
+                              candidates=ib.max_top_k, all_random=ib.num_random == len(ib.rows))
         return sample(logits, batch, self.generator).tolist()

@@ -18,7 +18,8 @@ def batch_for(params: list[SamplingParams], seeded=(), candidates: int = 0) -> S
         top_k=torch.tensor([float(p.top_k) for p in params]),
         top_p=torch.tensor([p.top_p for p in params]),
         any_random=bool(rnd), use_top_k=any(p.top_k > 0 for p in rnd),
-        use_top_p=any(p.top_p < 1 for p in rnd), seeded=list(seeded), candidates=candidates)
+        use_top_p=any(p.top_p < 1 for p in rnd), seeded=list(seeded), candidates=candidates,
+        all_random=len(rnd) == len(params))
 
 
 def exact_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
