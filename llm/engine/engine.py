@@ -257,13 +257,15 @@ class Engine:
             sampled = self.runner.run(batch)
             t1 = prof.clock()
             self.num_steps += 1
-            register = self.block_manager.register_full_blocks
+            bm = self.block_manager
+            bs = bm.block_size if bm.enable_prefix_caching else 1 << 62
             appended: list[tuple[Sequence, FinishReason | None]] = []
             for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
                 seq.num_computed_tokens += n
                 if seq.cross_block_table:
                     seq.cross_written = True
-                register(seq)
+                if seq.num_computed_tokens >= (len(seq.block_hashes) + 1) * bs:
+                    bm.register_full_blocks(seq)  # a block filled up: publish it
                 if token is not None:
                     appended.append((seq, self._append_token(seq, token)))
             with_text = [(s, r) for s, r in appended if s.sampling.detokenize]
