@@ -164,6 +164,25 @@ def table(rows: list[dict], title: str) -> str:
     return f"## {title}\n\n" + markdown_table(header, body)
 
 
+def compare(before: list[dict], after: list[dict]) -> str:
+    """Overhead and step/forward before -> after, with the CPU targets of issue 11."""
+    old = {(r["variant"], r["num_seqs"]): r for r in before}
+    target = {1: 300, 64: 1500}
+    body = []
+    for r in after:
+        b = old.get((r["variant"], r["num_seqs"]))
+        if b is None:
+            continue
+        t = target.get(r["num_seqs"])
+        body.append([r["variant"], r["num_seqs"], f"{b['overhead_us']:.0f}",
+                     f"{r['overhead_us']:.0f}", f"{b['overhead_us'] / r['overhead_us']:.1f}x",
+                     f"{b['step_over_forward']:.2f}", f"{r['step_over_forward']:.2f}",
+                     "-" if t is None else f"<= {t}: {'yes' if r['overhead_us'] <= t else 'no'}"])
+    return "## before -> after\n\n" + markdown_table(
+        ["variant", "seqs", "overhead before µs", "overhead after µs", "cut",
+         "step/forward before", "after", "target"], body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", default="engine_overhead")
@@ -203,6 +222,7 @@ def main() -> None:
     if args.name != "engine_overhead_before" and before.exists():
         old = json.loads(before.read_text())
         results["before"] = old["results"]["rows"]
+        md += "\n" + compare(old["results"]["rows"], rows)
         md += "\n" + table(old["results"]["rows"], "before (engine_overhead_before.json: "
                            + old["machine"].get("processor", "?") + ")")
     write_results(args.name, config, results, md)
