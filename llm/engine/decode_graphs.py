@@ -54,6 +54,10 @@ class DecodeGraphRunner:
         self.cross_lens = torch.zeros(b, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self._contexts: dict[int, ForwardContext] = {}
+        # The rows and InputBatch version whose tables the buffers hold: a steady decode batch
+        # whose tables did not grow skips the gathers.
+        self._gathered: tuple[list[int], int] | None = None
         if capture:
             self._capture()
 
@@ -87,20 +91,22 @@ class DecodeGraphRunner:
         b = n if self.buckets is None else next(size for size in self.buckets if size >= n)
         bs = self.block_size
         pos = [s.num_computed_tokens for s in seqs]
+        rows = [s.row for s in seqs]
         # The slots are a lookup in lists the host holds anyway: cheaper than a device gather
         # (a few tensor ops cost more than this at any batch size the engine runs).
-        host = torch.tensor([[s.row for s in seqs], pos,
-                             [s.token_ids[p] for s, p in zip(seqs, pos)],
+        host = torch.tensor([rows, pos, [s.token_ids[p] for s, p in zip(seqs, pos)],
                              [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]],
                             dtype=torch.long)
         self.staged[:, :n].copy_(host, non_blocking=True)
-        rows = self.staged[0, :n]
-        torch.index_select(self.inputs.tables, 0, rows, out=self.block_tables[:n])
         torch.add(self.positions[:n], 1, out=self.context_lens[:n])
-        if self.has_cross:
-            torch.index_select(self.inputs.cross_tables, 0, rows,
-                               out=self.cross_block_tables[:n])
-            torch.index_select(self.inputs.cross_lens, 0, rows, out=self.cross_lens[:n])
+        if self._gathered != (rows, self.inputs.version):
+            self._gathered = (rows, self.inputs.version)
+            idx = self.staged[0, :n]
+            torch.index_select(self.inputs.tables, 0, idx, out=self.block_tables[:n])
+            if self.has_cross:
+                torch.index_select(self.inputs.cross_tables, 0, idx,
+                                   out=self.cross_block_tables[:n])
+                torch.index_select(self.inputs.cross_lens, 0, idx, out=self.cross_lens[:n])
         if b > n:  # padding rows: write nothing, attend to nothing
             self.slot_mapping[n:b] = -1
             self.context_lens[n:b] = 0
@@ -112,5 +118,9 @@ class DecodeGraphRunner:
         if b in self.graphs:
             self.graphs[b].replay()
             return self.outputs[b][:n]
-        with use_context(self._context(b)):
+        ctx = self._contexts.get(b)
+        if ctx is None:
+            ctx = self._contexts[b] = self._context(b)
+        ctx.plans = {}  # gather plans hold this step's tables
+        with use_context(ctx):
             return self.model(self.input_ids[:b], self.positions[:b])[:n]

@@ -32,6 +32,7 @@ class InputBatch:
         self.num_random = self.num_top_k = self.num_top_p = 0
         self.num_penalty = self.num_min_tokens = self.num_seeded = 0
         self.top_ks: dict[int, int] = {}  # row -> top_k of the sampling rows that set one
+        self.version = 0  # bumped on every table write: lets readers reuse what they gathered
 
     @property
     def max_top_k(self) -> int:
@@ -63,6 +64,7 @@ class InputBatch:
         if p.top_k > 0 and not p.greedy:
             self.top_ks[row] = p.top_k
         self._count(seq, 1)
+        self.version += 1
 
     def release(self, seq: Sequence) -> None:
         """Give the row back (finished, cancelled, preempted); no-op without one."""
@@ -76,6 +78,7 @@ class InputBatch:
         self.cross_lens[row] = 0
         self.top_ks.pop(row, None)
         self._count(seq, -1)
+        self.version += 1
 
     def sync(self, seqs: list[Sequence]) -> None:
         """Rows for newcomers; block-table entries added since the last step, in one write."""
@@ -92,6 +95,7 @@ class InputBatch:
                 v.extend(new)
                 seq.num_synced_blocks = len(table)
         if v:
+            self.version += 1
             idx = torch.tensor([r, c], dtype=torch.long).to(self.device, non_blocking=True)
             self.tables.index_put_((idx[0], idx[1]),
                                    torch.tensor(v, dtype=torch.int32).to(self.device))
