@@ -342,3 +342,14 @@ def test_padded_decode_mixes_personalized_and_plain_sequences(tiny_path):
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
         assert eng.cross_manager.num_free_blocks == eng.cross_manager.pool.num_blocks
         assert not eng.inputs.rows and len(eng.inputs.free_rows) == 7
+
+
+def test_token_only_streams_get_no_text_and_text_streams_the_full_decode(tiny_path):
+    eng = engine(tiny_path)
+    prompt = "Hello world, how are"
+    text_sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    ids_sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, detokenize=False)
+    with_text, ids_only = eng.generate([prompt, prompt], [text_sp, ids_sp])
+    assert with_text.token_ids == ids_only.token_ids
+    assert ids_only.text == "" and with_text.text
+    assert with_text.text == eng.tokenizer.decode(with_text.token_ids, skip_special_tokens=True)
