@@ -6,8 +6,10 @@ request uses either; a top-k of the largest k instead when every sampling reques
 and the draw is an exponential race, argmax(p / q) with q ~ Exp(1), which picks token i with
 probability p_i, as multinomial does.
 
-Noise: a request with a seed draws its row from its own torch.Generator (same tokens whatever
-else shares its batch); the others share one draw from the engine's generator. The reference
+Noise: requests without a seed share one draw from the engine's generator. A seeded request's
+noise is a counter-based hash of (seed, output position, token id), computed for all seeded
+rows at once (no generator per request, no loop over rows): the same tokens whatever else
+shares its batch, which path (sort, top-k, none) the batch needed, and on any device. The reference
 (llm/engine/sampler.py: Sampler) stays the oracle: same greedy tokens, same distribution.
 """
 from __future__ import annotations
@@ -26,10 +28,39 @@ class SamplingBatch:
     any_random: bool
     use_top_k: bool
     use_top_p: bool
-    seeded: list[tuple[int, torch.Generator]]  # (row, its generator)
+    seeded: list[tuple[int, tuple[int, int]]]  # (row, step_keys(seed, output position))
     # > 0 when every sampling row has a top_k <= this: a top-k of that width replaces the sort.
     candidates: int = 0
     all_random: bool = False  # no greedy row: skip the argmax they would need
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """lowbias32 (C. Wellons): a well-mixing bijection on 32-bit values; works on Python ints
+    and on int64 tensors (every product of a 32-bit value and a constant is masked back)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def step_keys(seed: int, step: int) -> tuple[int, int]:
+    """Two 32-bit keys for a seeded request's draw at output position `step`."""
+    seed &= (1 << 64) - 1
+    h = _mix32(_mix32(seed & _M32) ^ (seed >> 32))
+    k1 = _mix32(h ^ (step & _M32))
+    return k1, _mix32(k1 ^ 0x5BD1E995)
+
+
+def seeded_uniform(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """keys [R, 2] int64, tokens [R, C] or [1, C] int64 -> uniforms [R, C] float32 in (0, 1):
+    two hash rounds over (key, token id), so each token's number depends on nothing else."""
+    x = _mix32(((tokens * 0x9E3779B9) & _M32) ^ keys[:, :1])
+    x = _mix32(x ^ keys[:, 1:])
+    return ((x >> 9).float() + 0.5) * 2.0 ** -23  # 23 bits + 0.5: exact in float32
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None
@@ -71,17 +102,16 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generato
     # seeded row's choice does not depend on its batch; argmax(w / q) ignores the scale.
     weights = x.exp()
     if batch.seeded:
-        # A seeded row's noise covers the whole vocabulary, in token order, from its own
-        # generator, and is then read at its candidates.
-        own = torch.empty(len(batch.seeded), vocab, device=weights.device)
-        for j, (_, gen) in enumerate(batch.seeded):
-            own[j].uniform_(generator=gen)
+        dev = weights.device
+        keys = torch.tensor([k for _, k in batch.seeded], dtype=torch.long).to(dev)
         if len(batch.seeded) == weights.shape[0]:  # every row seeded, in row order
-            u = own if index is None else own.gather(1, index)
+            tokens = index if index is not None else torch.arange(vocab, device=dev)[None]
+            u = seeded_uniform(keys, tokens)
         else:
             u = torch.empty_like(weights).uniform_(generator=generator)
-            rows = torch.tensor([r for r, _ in batch.seeded], device=u.device)
-            u[rows] = own if index is None else own.gather(1, index[rows])
+            rows = torch.tensor([r for r, _ in batch.seeded], device=dev)
+            tokens = index[rows] if index is not None else torch.arange(vocab, device=dev)[None]
+            u[rows] = seeded_uniform(keys, tokens)
     else:
         u = torch.empty_like(weights).uniform_(generator=generator)
     # q = -log(u) ~ Exp(1); u = 0 gives q = inf and a score of 0, never NaN (w > 0 or 0 / inf).

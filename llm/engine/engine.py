@@ -200,14 +200,12 @@ class Engine:
             raise ValueError(f"prompt + max_tokens = {total} tokens needs more KV blocks than "
                              f"the whole pool has ({self.block_manager.num_blocks} blocks of "
                              f"{self.config.block_size}); raise kv_cache_bytes")
-        generator = None  # unseeded requests share the runner's generator
-        if not sampling.greedy and sampling.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        seed = sampling.seed if not sampling.greedy else None  # None: the runner's generator
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._seqs:
                 raise ValueError(f"request id {rid!r} is already in use")
-            seq = Sequence(rid, prompt_ids, sampling, user, user_salt(user_tokens), generator,
+            seq = Sequence(rid, prompt_ids, sampling, user, user_salt(user_tokens), seed,
                            soft_prompt=self.soft_prompt)
             self._seqs[rid] = seq
             self.scheduler.add(seq)

@@ -48,7 +48,7 @@ class InputBatch:
         self.num_top_p += sign * (p.top_p < 1.0 and not p.greedy)
         self.num_penalty += sign * (p.repetition_penalty != 1.0)
         self.num_min_tokens += sign * (p.min_tokens > 0)
-        self.num_seeded += sign * (seq.generator is not None)
+        self.num_seeded += sign * (seq.seed is not None)
 
     def add(self, seq: Sequence) -> None:
         assert seq.row < 0, "a sequence holds one row"

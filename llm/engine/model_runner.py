@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from llm.context import ForwardContext, use_context
-from llm.engine.batch_sampler import SamplingBatch, sample
+from llm.engine.batch_sampler import SamplingBatch, sample, step_keys
 from llm.engine.decode_graphs import DecodeGraphRunner
 from llm.engine.input_batch import InputBatch
 from llm.engine.sampler import apply_repetition_penalty
@@ -35,7 +35,7 @@ class ModelRunner:
         self.soft_prompt = soft_prompt
         self.inputs = inputs
         self.decode_graphs = decode
-        # Noise for requests without a seed (seeded ones carry their own generator).
+        # Noise for requests without a seed (seeded ones hash theirs).
         self.generator = torch.Generator(device=device)
         self.generator.seed()
         self.profile = StepProfile()  # the engine shares its own
@@ -169,8 +169,8 @@ class ModelRunner:
             return logits.argmax(dim=-1).tolist()
         rows = torch.tensor([s.row for s in seqs], dtype=torch.long).to(self.device)
         t, k, p = ib.sampling.index_select(0, rows).unbind(1)
-        seeded = ([(i, s.generator) for i, s in enumerate(seqs) if s.generator is not None]
-                  if ib.num_seeded else [])
+        seeded = ([(i, step_keys(s.seed, s.num_output_tokens))
+                   for i, s in enumerate(seqs) if s.seed is not None] if ib.num_seeded else [])
         batch = SamplingBatch(t, k, p, True, ib.num_top_k > 0, ib.num_top_p > 0, seeded,
                               candidates=ib.max_top_k, all_random=ib.num_random == len(ib.rows))
         return sample(logits, batch, self.generator).tolist()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm.engine.batch_sampler import SamplingBatch, sample
+from llm.engine.batch_sampler import SamplingBatch, _mix32, sample, seeded_uniform, step_keys
 from llm.engine.sampler import Sampler, top_k_mask, top_p_mask
 from llm.engine.sampling_params import SamplingParams
 
@@ -60,10 +60,10 @@ def test_same_distribution_as_the_reference(params, candidates):
     logits = torch.randn(vocab) * 2
     exact = exact_probs(logits, params)
     rows = logits.expand(n, vocab)
-    # Unseeded rows share one generator; seeded rows each draw from their own.
+    # Unseeded rows share one generator; seeded rows hash (seed, position, token).
     ours = sample(rows, batch_for([params] * n, candidates=candidates),
                   torch.Generator().manual_seed(2))
-    seeded = [(i, torch.Generator().manual_seed(10_000 + i)) for i in range(n)]
+    seeded = [(i, step_keys(10_000 + i, 0)) for i in range(n)]
     ours_seeded = sample(rows, batch_for([params] * n, seeded, candidates), None)
     ref = Sampler()(rows.clone(), [params] * n,
                     [torch.Generator().manual_seed(i) for i in range(n)])
@@ -85,11 +85,10 @@ def test_seeded_row_does_not_depend_on_its_batch():
                                                                          top_k=30)]
 
     def draws(rows, params, at, candidates, steps=8):
-        gen = torch.Generator().manual_seed(7)
         out = []
-        for _ in range(steps):
-            toks = sample(rows, batch_for(params, [(at, gen)], candidates),
-                          torch.Generator().manual_seed(len(out)))
+        for step in range(steps):
+            toks = sample(rows, batch_for(params, [(at, step_keys(7, step))], candidates),
+                          torch.Generator().manual_seed(100 + step))
             out.append(int(toks[at]))
         return out
 
@@ -107,3 +106,21 @@ def test_tiny_temperatures_sample_the_greedy_token():
             == [1, 2]
     params = [SamplingParams(temperature=1e-300, top_p=0.5, top_k=2, seed=0)] * 2
     assert sample(logits, batch_for(params, candidates=2), None).tolist() == [1, 2]
+
+
+def test_seeded_noise_is_the_python_hash_and_uniform():
+    """The int64 tensor hash equals the same hash on Python ints (the 64-bit products wrap,
+    the masks keep the low 32 bits), and its numbers look uniform."""
+    keys = [step_keys(s, t) for s, t in [(0, 0), (1, 0), (0, 1), (-5, 3), (2**63 - 1, 10**6)]]
+    tokens = torch.arange(0, 49152, 97)
+    u = seeded_uniform(torch.tensor(keys), tokens[None])
+    for row, (k1, k2) in enumerate(keys):
+        for j in (0, 7, len(tokens) - 1):
+            x = _mix32(_mix32(((int(tokens[j]) * 0x9E3779B9) & 0xFFFFFFFF) ^ k1) ^ k2)
+            assert float(u[row, j]) == ((x >> 9) + 0.5) * 2.0 ** -23
+    flat = seeded_uniform(torch.tensor([step_keys(s, 0) for s in range(200)]),
+                          torch.arange(500)[None]).flatten()
+    assert 0 < float(flat.min()) and float(flat.max()) < 1
+    hist = torch.histc(flat, bins=10, min=0, max=1) / flat.numel()
+    assert (hist - 0.1).abs().max() < 0.005  # 100,000 numbers: ~0.001 binomial noise
+    assert abs(float(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1])) < 0.02
