@@ -5,7 +5,7 @@ A tiny Llama (2 layers, 64 wide, random weights, the SmolLM2 tokenizer's first `
 runs N sequences that all decode (16-token prompts, prefilled first). Per N we time engine
 steps (median over `--steps`), then build the same batch's ForwardContext by hand and time the
 bare forward + logits on it (median; the two interleaved, step by step). Host overhead =
-median of (step - forward) over the pairs. The engine's StepProfile
+median of (step - forward) over the pairs; "best" = min(step) - min(forward). The engine's StepProfile
 splits the step into schedule / prepare / forward / sample / detokenize / bookkeeping (means).
 
 Variants: greedy with streamed text (the API's default), seeded sampling (T 0.8, top-k 50,
@@ -150,16 +150,21 @@ def measure(variant: str, n: int, args, tokenizer, device, dtype) -> dict:
     return {
         "variant": variant, "num_seqs": n, "step_us": step_us, "forward_us": fwd_us,
         "overhead_us": overhead_us, "step_over_forward": step_us / fwd_us,
+        # Best of the run: contention only ever adds time, so on a busy machine the minima
+        # are the steadier estimate of the work itself.
+        "step_min_us": min(steps) * 1e6, "forward_min_us": min(forward) * 1e6,
+        "overhead_best_us": (min(steps) - min(forward)) * 1e6,
         "step_mean_us": statistics.fmean(steps) * 1e6,
         "phases_us": {p: prof[p] / prof["steps"] * 1e6 for p in PHASES},
     }
 
 
 def table(rows: list[dict], title: str) -> str:
-    header = ["variant", "seqs", "step µs", "bare forward µs", "overhead µs", "step/forward",
-              *[f"{p} µs" for p in PHASES]]
+    header = ["variant", "seqs", "step µs", "bare forward µs", "overhead µs",
+              "overhead (best) µs", "step/forward", *[f"{p} µs" for p in PHASES]]
     body = [[r["variant"], r["num_seqs"], f"{r['step_us']:.0f}", f"{r['forward_us']:.0f}",
-             f"{r['overhead_us']:.0f}", f"{r['step_over_forward']:.2f}",
+             f"{r['overhead_us']:.0f}", f"{r.get('overhead_best_us', float('nan')):.0f}",
+             f"{r['step_over_forward']:.2f}",
              *[f"{r['phases_us'][p]:.0f}" for p in PHASES]] for r in rows]
     return f"## {title}\n\n" + markdown_table(header, body)
 
@@ -174,13 +179,17 @@ def compare(before: list[dict], after: list[dict]) -> str:
         if b is None:
             continue
         t = target.get(r["num_seqs"])
+        met = [r[k] <= t for k in ("overhead_us", "overhead_best_us")] if t else []
         body.append([r["variant"], r["num_seqs"], f"{b['overhead_us']:.0f}",
                      f"{r['overhead_us']:.0f}", f"{b['overhead_us'] / r['overhead_us']:.1f}x",
+                     f"{b.get('overhead_best_us', float('nan')):.0f}",
+                     f"{r['overhead_best_us']:.0f}",
                      f"{b['step_over_forward']:.2f}", f"{r['step_over_forward']:.2f}",
-                     "-" if t is None else f"<= {t}: {'yes' if r['overhead_us'] <= t else 'no'}"])
+                     "-" if t is None else f"<= {t}: median {'yes' if met[0] else 'no'}, "
+                                           f"best {'yes' if met[1] else 'no'}"])
     return "## before -> after\n\n" + markdown_table(
-        ["variant", "seqs", "overhead before µs", "overhead after µs", "cut",
-         "step/forward before", "after", "target"], body)
+        ["variant", "seqs", "overhead before µs", "after µs", "cut", "best before µs",
+         "best after µs", "step/forward before", "after", "target"], body)
 
 
 def main() -> None:
@@ -188,7 +197,7 @@ def main() -> None:
     ap.add_argument("--name", default="engine_overhead")
     ap.add_argument("--num-seqs", default="1,8,64,256")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
