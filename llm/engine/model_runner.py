@@ -154,12 +154,16 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, seqs) -> list[int]:
         ib = self.inputs
-        if ib.num_min_tokens:  # no eos / stop token before min_tokens outputs
+        if ib.num_min_tokens:  # no eos / stop token before min_tokens outputs: one write
+            rows, banned = [], []
             for row, s in enumerate(seqs):
                 if s.num_output_tokens < s.sampling.min_tokens:
-                    banned = list(self.eos_token_ids) + list(s.sampling.stop_token_ids)
-                    if banned:
-                        logits[row, torch.tensor(banned, device=logits.device)] = float("-inf")
+                    ids = self.eos_token_ids + s.sampling.stop_token_ids
+                    rows.extend([row] * len(ids))
+                    banned.extend(ids)
+            if banned:
+                idx = torch.tensor([rows, banned], dtype=torch.long).to(logits.device)
+                logits[idx[0], idx[1]] = float("-inf")
         if ib.num_penalty:
             penalties = [s.sampling.repetition_penalty for s in seqs]
             logits = apply_repetition_penalty(
