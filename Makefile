@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-gpu demo bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,16 @@ endif
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+
+# On a CUDA machine: the Triton kernels compiled for real (TRITON_INTERPRET=0; tests/conftest.py
+# only sets the interpreter when the variable is unset), the kernel tests' CUDA cases with the
+# bf16 tl.dot path, and the engine tests on CUDA (fp32, Triton backend, CUDA-graph decode).
+# Not part of `make test`: CI has no GPU.
+test-gpu: setup
+	TRITON_INTERPRET=0 $(BIN)/python -m pytest -q tests/llm/test_llm_kernels_decode.py \
+		tests/llm/test_llm_kernels_write.py tests/llm/test_llm_kernels_compile.py
+	TRITON_INTERPRET=0 USERLLM_TEST_DEVICE=cuda $(BIN)/python -m pytest -q \
+		tests/llm/test_llm_engine_tiny.py tests/llm/test_llm_batch_sampler.py
 
 demo: setup
 	DATA="$(DATA)" $(BIN)/python -m api.demo

@@ -11,14 +11,27 @@ so every request produces exactly its length).
                   requested tokens count as useful output
   hf_sequential   one generate() per request with its own length
 
-Also: batch-1 decode tokens/s (engine vs transformers), KV memory use of the paged pool against
-a contiguous cache (per-batch padded to the longest prompt + output, and preallocated to the
-context length), and whether the engine's tokens equal transformers' sequential greedy tokens.
+Also: batch-1 decode tokens/s (engine vs transformers) beside its roofline (the weights' bytes
+read once per token at the device's measured copy bandwidth), the personalized path (the same
+requests through a model with gated cross-attention every 6 layers and K=4 user tokens per
+request), KV memory use of the paged pool against a contiguous cache (per-batch padded to the
+longest prompt + output, and preallocated to the context length), and whether the engine's
+tokens equal transformers' sequential greedy tokens.
+
+Determinism: the same requests again with the prefix cache warm must give the same tokens. In
+fp32 that is exact equality. In bf16 near-tied logits round differently when a prefix's K/V
+came from another batch, so there a request that diverges must diverge at a near-tie: at the
+first differing position, a teacher-forced dense forward over the common prefix must score the
+two candidate tokens within --bf16-logit-tol of each other (a cache bug shows as a large gap).
+
+--random-weights builds SmolLM2-135M's exact shape from its config and tokenizer alone
+(bench/../shared/models/smollm2-135m-config; random init, seeded), so a GPU machine needs no
+copy of the GGUF file.
 
 Writes bench/results/engine_throughput.{json,md,png}.
 
     python bench/engine_throughput.py                       # SmolLM2-135M from ../shared, CPU fp32
-    python bench/engine_throughput.py --num-requests 64     # GPU sizing from the issue
+    python bench/engine_throughput.py --num-requests 64 --random-weights   # GPU, from the issue
 """
 from __future__ import annotations
 
@@ -34,9 +47,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import SHARED, RESULTS, markdown_table, write_results  # noqa: E402
 from llm.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from llm.layers.linear import Linear  # noqa: E402
-from llm.loader import build_model, read_checkpoint  # noqa: E402
+from llm.loader import Checkpoint, build_model, read_checkpoint  # noqa: E402
 
 DEFAULT_MODEL = SHARED / "models" / "smollm2-135m-instruct-q4_1-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CONFIG = SHARED / "models" / "smollm2-135m-config"
+
+
+def random_checkpoint(config_dir, seed: int) -> Checkpoint:
+    """The model's exact shape from config.json + tokenizer, transformers' own random init."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    hf_config = AutoConfig.from_pretrained(config_dir)
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    return Checkpoint(hf_config, AutoTokenizer.from_pretrained(config_dir),
+                      {k: v.detach() for k, v in hf.state_dict().items()})
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    n = (256 << 20) // 4
+    x = torch.empty(n, dtype=torch.float32, device=device).fill_(1)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync(device)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.nbytes / best
+
+
+@torch.inference_mode()
+def near_tie_gaps(model, prompts, cold, warm) -> list[float]:
+    """For each request whose warm-cache tokens differ from the cold ones: the teacher-forced
+    logit gap between the two tokens chosen at the first difference (dense forward, no cache,
+    over prompt + the common output prefix)."""
+    gaps = []
+    for prompt, a, b in zip(prompts, cold, warm):
+        if a == b:
+            continue
+        t = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        ids = torch.tensor([prompt + a[:t]], device=model.device)
+        logits = model.compute_logits(model(ids)[0, -1]).float()
+        gaps.append(abs(float(logits[a[t]] - logits[b[t]])))
+    return gaps
 
 
 def hf_model_on(ckpt, dtype, device):
@@ -72,17 +129,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_engine(engine: Engine, prompts, olens, device, cold: bool = True):
+def run_engine(engine: Engine, prompts, olens, device, cold: bool = True, users=None):
     """All requests at t=0; step to completion. Returns (seconds, outputs, per-step KV stats).
-    cold: the prefix cache is emptied first (an earlier run's blocks would otherwise be hit)."""
+    cold: the prefix cache is emptied first (an earlier run's blocks would otherwise be hit).
+    Token ids only (detokenize=False): transformers' generate returns ids too."""
     if cold:
         engine.reset_prefix_cache()
     # min_tokens = max_tokens: eos masked, as transformers' min_new_tokens does.
-    sp = [SamplingParams(temperature=0, max_tokens=o, min_tokens=o, ignore_eos=True)
-          for o in olens]
+    sp = [SamplingParams(temperature=0, max_tokens=o, min_tokens=o, ignore_eos=True,
+                         detokenize=False) for o in olens]
+    users = users or [None] * len(prompts)
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    ids = [engine.add_request(p, sampling=s) for p, s in zip(prompts, sp)]
+    ids = [engine.add_request(p, u, sampling=s) for p, u, s in zip(prompts, users, sp)]
     done, steps = {}, []
     bm = engine.block_manager
     while engine.has_unfinished():
@@ -138,7 +197,7 @@ def timed(fn, device):
 
 def engine_batch1_decode(engine: Engine, prompt, n_new, device):
     engine.add_request(prompt, sampling=SamplingParams(temperature=0, max_tokens=n_new,
-                                                       ignore_eos=True))
+                                                       ignore_eos=True, detokenize=False))
     engine.step()  # prefill (+ first token)
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -168,6 +227,18 @@ def main() -> None:
     ap.add_argument("--skip-hf-sequential", action="store_true")
     ap.add_argument("--repeats", type=int, default=2,
                     help="runs per path; the table keeps each path's fastest (CPU seconds)")
+    ap.add_argument("--name", default="engine_throughput", help="results file name")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="SmolLM2-135M's shape from --config (config + tokenizer), random init")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--skip-unpacked", action="store_true",
+                    help="skip the engine-without-packed-weights ablation (CPU)")
+    ap.add_argument("--skip-personalized", action="store_true")
+    ap.add_argument("--cross-every-n", type=int, default=6)
+    ap.add_argument("--user-tokens", type=int, default=4, help="K per personalized request")
+    ap.add_argument("--user-dim", type=int, default=64)
+    ap.add_argument("--bf16-logit-tol", type=float, default=0.25,
+                    help="largest teacher-forced logit gap at a cold/warm divergence (bf16)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,7 +246,8 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     t0 = time.perf_counter()
-    ckpt = read_checkpoint(args.model)
+    ckpt = (random_checkpoint(args.config, args.seed) if args.random_weights
+            else read_checkpoint(args.model))
     ours = build_model(ckpt.hf_config, ckpt.state_dict, dtype=dtype, device=device)
     hf = hf_model_on(ckpt, dtype, device)
     load_s = time.perf_counter() - t0
@@ -229,7 +301,7 @@ def main() -> None:
                  run_engine(engine, prompts, olens, device)),
              "hf_batched": lambda: timed(
                  lambda: hf_generate(hf, prompts, max(olens), pad_id, device), device)}
-    if packed:
+    if packed and not args.skip_unpacked:
         paths["engine_unpacked"] = engine_unpacked
     timings = best(paths)
     eng_t, (engine_out, steps) = timings["engine"]
@@ -240,7 +312,15 @@ def main() -> None:
     # (transformers has no such cache).
     warm_t, warm_out, _ = run_engine(engine, prompts, olens, device, cold=False)
     print(f"engine, prompts cached: {warm_t.wall:.1f}s wall, {warm_t.cpu:.1f}s cpu", flush=True)
-    assert warm_out == engine_out, "outputs changed with the prefix cache warm"
+    gaps = near_tie_gaps(ours, prompts, engine_out, warm_out)
+    determinism = {"warm_equals_cold": sum(a == b for a, b in zip(engine_out, warm_out)),
+                   "divergence_logit_gaps": gaps}
+    if dtype == torch.float32:
+        assert warm_out == engine_out, "outputs changed with the prefix cache warm (fp32)"
+    else:
+        determinism["tolerance"] = args.bf16_logit_tol
+        assert max(gaps, default=0.0) <= args.bf16_logit_tol, \
+            f"a cold/warm divergence at a logit gap of {max(gaps):.3f} (not a near-tie)"
     results: dict = {
         "engine": {**eng_t.rates(useful), "steps": len(steps),
                    "preemptions": engine.scheduler.num_preemptions},
@@ -248,6 +328,7 @@ def main() -> None:
                        "generated_tokens": args.num_requests * max(olens)},
         "speedup_vs_hf_batched": {"wall": hf_b_t.wall / eng_t.wall, "cpu": hf_b_t.cpu / eng_t.cpu},
         "engine_prefix_cache_warm": warm_t.rates(useful),
+        "determinism": determinism,
         "packed_weights_resident_bytes": pack_rss,
     }
     if plain_t is not None:
@@ -289,6 +370,36 @@ def main() -> None:
         "contiguous_padded_len": max_batch_len, "context_len": ctx_len,
     }
 
+    pers_t = None
+    if not args.skip_personalized:
+        # The same requests through a personalized model: gated cross-attention every
+        # cross_every_n layers (gates opened so they matter), K user tokens per request.
+        pers_model = build_model(ckpt.hf_config, ckpt.state_dict, dtype=dtype, device=device,
+                                 cross_every_n=args.cross_every_n, user_dim=args.user_dim)
+        with torch.no_grad():
+            for block in pers_model.model.cross_blocks.values():
+                block.gate_attn.fill_(0.5)
+                block.gate_mlp.fill_(0.5)
+        pers = Engine(pers_model, ckpt.tokenizer, EngineConfig(
+            block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
+            max_num_seqs=max(args.num_requests, 1),
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_user_tokens=args.user_tokens), eos_token_ids=[eos])
+        g = torch.Generator().manual_seed(args.seed + 1)
+        users = [torch.randn(args.user_tokens, args.user_dim, generator=g)
+                 for _ in prompts]
+        run_engine(pers, [warm], [4], device, users=users[:1])  # warm-up
+        pers_t, _, _ = run_engine(pers, prompts, olens, device, users=users)
+        print(f"engine, personalized: {pers_t.wall:.1f}s wall, {pers_t.cpu:.1f}s cpu",
+              flush=True)
+        results["engine_personalized"] = pers_t.rates(useful) | {
+            "cross_every_n": args.cross_every_n, "user_tokens": args.user_tokens,
+            "cross_layers": len(pers_model.config.cross_layer_indices)}
+        results["personalized_over_plain_throughput"] = {
+            "wall": eng_t.wall / pers_t.wall, "cpu": eng_t.cpu / pers_t.cpu}
+        pers.close()
+        del pers, pers_model
+
     # Batch-1 decode speed: engine decode steps after the prefill; transformers as the
     # difference between generating n+1 and 1 new tokens.
     p1 = prompts[0][:128]
@@ -299,12 +410,21 @@ def main() -> None:
     b1 = {"engine_wall": e1_n / e1_t.wall, "engine_cpu": e1_n / e1_t.cpu,
           "hf_wall": n1 / max(long_t.wall - short_t.wall, 1e-9),
           "hf_cpu": n1 / max(long_t.cpu - short_t.cpu, 1e-9)}
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    bandwidth = copy_bandwidth(device)
+    b1["roofline"] = bandwidth / weight_bytes
+    b1["engine_wall_over_roofline"] = b1["engine_wall"] / b1["roofline"]
     results["batch1_decode_tok_s"] = b1
+    results["batch1_roofline"] = {"weight_bytes": weight_bytes,
+                                  "copy_bandwidth_bytes_s": bandwidth,
+                                  "us_per_token": 1e6 * weight_bytes / bandwidth}
     results["repeats"] = repeats
     print(f"batch-1 decode: {b1}", flush=True)
 
     config = dict(vars(args))
     config.update({"dtype": str(dtype), "device": str(device),
+                   "weights": "random (config + tokenizer)" if args.random_weights
+                   else args.model,
                    "prompt_lens": list(map(len, prompts)), "output_lens": olens,
                    "useful_output_tokens": useful, "model_load_seconds": load_s})
 
@@ -316,15 +436,19 @@ def main() -> None:
             row("HF generate, batched (left-padded)", hf_b_t)]
     if "hf_sequential" in results:
         rows.append(row("HF generate, sequential", hf_s_t))
+    if pers_t is not None:
+        rows.append(row(f"engine, personalized (cross-attention every {args.cross_every_n} "
+                        f"layers, K={args.user_tokens} user tokens per request)", pers_t))
     if plain_t is not None:
         rows.append(row(f"engine without packed weights (ablation; the packs add "
                         f"{pack_rss / 2**20:.0f} MiB resident)", plain_t))
     rows.append(row("engine, same prompts again (prefix cache warm; not the comparison)",
                     warm_t))
     kv = results["kv"]
+    gpu = f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else ""
     md = (f"# Engine throughput\n\n{args.num_requests} requests, prompts {args.prompt_min}-"
           f"{args.prompt_max} tokens, outputs {args.output_min}-{args.output_max} tokens "
-          f"({useful} in all), greedy; {device}, {dtype}, {torch.get_num_threads()} torch "
+          f"({useful} in all), greedy; {device}{gpu}, {dtype}, {torch.get_num_threads()} torch "
           f"thread(s). Wall and CPU seconds (CPU seconds are our process's own work: the box is "
           f"shared).\n\n"
           + markdown_table(["path", "wall s", "cpu s", "tok/s (wall)", "tok/s (cpu)",
@@ -343,11 +467,19 @@ def main() -> None:
                f"{kv['waste_contiguous_padded_batch']:.1%}"],
               [f"contiguous, max context ({ctx_len} per sequence)",
                f"{kv['waste_contiguous_max_context']:.1%}"]])
-          + "\n" + markdown_table(["batch-1 decode", "tok/s (wall)", "tok/s (cpu)"], [
+          + f"\nPrefix cache warm vs cold: {determinism['warm_equals_cold']}/"
+            f"{args.num_requests} requests identical"
+          + (" (fp32: exact equality required)." if dtype == torch.float32 else
+             f"; every divergence at a near-tie (teacher-forced logit gaps "
+             f"{[round(x, 3) for x in gaps]}, tolerance {args.bf16_logit_tol}).")
+          + "\n\n" + markdown_table(["batch-1 decode", "tok/s (wall)", "tok/s (cpu)"], [
               ["engine", f"{b1['engine_wall']:.1f}", f"{b1['engine_cpu']:.1f}"],
-              ["HF generate", f"{b1['hf_wall']:.1f}", f"{b1['hf_cpu']:.1f}"]]))
-    write_results("engine_throughput", config, results, md)
-    plot(results, RESULTS / "engine_throughput.png")
+              ["HF generate", f"{b1['hf_wall']:.1f}", f"{b1['hf_cpu']:.1f}"],
+              [f"roofline: {weight_bytes / 1e6:.0f} MB of weights per token at "
+               f"{bandwidth / 1e9:.0f} GB/s (measured copy); engine at "
+               f"{b1['engine_wall_over_roofline']:.1%}", f"{b1['roofline']:.0f}", "-"]]))
+    write_results(args.name, config, results, md)
+    plot(results, RESULTS / f"{args.name}.png")
     print(md)
 
 

@@ -1,5 +1,6 @@
 """Test-wide set-up. Triton kernels run under the interpreter on CPU: the variable must be set
-before any kernel module is imported, so it is set here, first."""
+before any kernel module is imported, so it is set here, first, unless the caller chose:
+`make test-gpu` sets TRITON_INTERPRET=0 to run the compiled kernels on CUDA."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

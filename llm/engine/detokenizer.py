@@ -1,9 +1,13 @@
 """Output text for streaming, and stop strings checked on that text.
 
-The whole output is re-decoded each step (a Rust tokenizer call over at most a few hundred ids):
-incremental decoding by token is wrong for byte-fallback pieces and leading-space rules, while
-the full decode is always right. What is streamed is held back while it could still change: a
-trailing U+FFFD (an incomplete UTF-8 sequence) or a tail that may be the start of a stop string.
+Incremental, for the requests that asked for text (SamplingParams.detokenize): each step
+decodes two short windows per stream, token_ids[prefix_offset:read_offset] (text already
+produced) and token_ids[prefix_offset:] (the same plus the new tokens); the new text is what the
+second adds to the first. Decoding from a few tokens back, not from the new token alone, keeps
+leading-space rules and byte-fallback pieces right (vLLM's scheme). A window ending in U+FFFD
+(an incomplete UTF-8 sequence) waits for more tokens. All streams of a step go to the Rust
+tokenizer in one decode_batch call when the tokenizer has one and cleans up no spaces.
+What is streamed is also held back while its tail may be the start of a stop string.
 """
 from __future__ import annotations
 
@@ -26,12 +30,44 @@ def _held_back_tail(text: str, stops: tuple[str, ...]) -> int:
 class Detokenizer:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        cleans = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decode_batch = (backend.decode_batch
+                              if backend is not None and hasattr(backend, "decode_batch")
+                              and not cleans else None)
 
-    def update(self, seq: Sequence, finishing: bool) -> tuple[str, bool]:
-        """Refresh seq.text after new tokens. Returns (text to emit now, hit a stop string).
-        With `finishing` (the request ends this step for another reason) nothing is held."""
+    def _decode(self, windows: list[list[int]], skip: bool) -> list[str]:
+        if self._decode_batch is not None:
+            return self._decode_batch(windows, skip_special_tokens=skip)
+        return [self.tokenizer.decode(w, skip_special_tokens=skip) for w in windows]
+
+    def update(self, seqs: list[Sequence], finishing: list[bool]) -> list[tuple[str, bool]]:
+        """Refresh each seq.text after its new tokens. Per sequence: (text to emit now, hit a
+        stop string). A finishing sequence (it ends this step for another reason) holds
+        nothing back."""
+        out: list[tuple[str, bool]] = [("", False)] * len(seqs)
+        for skip in (True, False):
+            idx = [i for i, s in enumerate(seqs) if s.sampling.skip_special_tokens is skip]
+            if not idx:
+                continue
+            windows = []
+            for i in idx:
+                ids, s = seqs[i].token_ids, seqs[i]
+                windows.append(ids[s.prefix_offset:s.read_offset])
+                windows.append(ids[s.prefix_offset:])
+            texts = self._decode(windows, skip)
+            for j, i in enumerate(idx):
+                out[i] = self._advance(seqs[i], texts[2 * j], texts[2 * j + 1], finishing[i])
+        return out
+
+    @staticmethod
+    def _advance(seq: Sequence, before: str, after: str, finishing: bool) -> tuple[str, bool]:
+        delta = ""
+        if len(after) > len(before) and (finishing or not after.endswith("\ufffd")):
+            delta = after[len(before):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.token_ids)
         params = seq.sampling
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
+        text = seq.text + delta if delta else seq.text
         stopped = False
         if params.stop:
             # Only the part that could contain a new occurrence is searched.
@@ -41,7 +77,10 @@ class Detokenizer:
                 text = text[:min(found)]
                 stopped = True
         seq.text = text
-        end = len(text) if (stopped or finishing) else len(text) - _held_back_tail(text, params.stop)
+        if stopped or finishing or not (params.stop or text.endswith("\ufffd")):
+            end = len(text)
+        else:
+            end = len(text) - _held_back_tail(text, params.stop)
         end = max(end, seq.num_emitted_chars)
         new_text = text[seq.num_emitted_chars:end]
         seq.num_emitted_chars = end

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import threading
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass
@@ -26,12 +25,14 @@ from llm.engine.beam_search import BeamSearch, TokenTrie
 from llm.engine.block_manager import BlockManager, CrossBlockManager, user_salt
 from llm.engine.decode_graphs import DecodeGraphRunner
 from llm.engine.detokenizer import Detokenizer
+from llm.engine.input_batch import InputBatch
 from llm.engine.inputs import Prompt, checked_user_tokens, prompt_token_ids
 from llm.engine.kv_cache import KVCache, PoolShape
 from llm.engine.model_runner import ModelRunner
 from llm.engine.sampling_params import SamplingParams
 from llm.engine.scheduler import Scheduler
 from llm.engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
+from llm.engine.step_profile import StepProfile
 
 
 @dataclass(slots=True)
@@ -45,9 +46,10 @@ class EngineConfig:
     max_user_tokens: int = 32  # K limit per request; sizes the cross pool
     enable_prefix_caching: bool = True
     # Decode steps through preallocated batch-size buckets, captured as CUDA graphs on CUDA
-    # (models without cross-attention blocks; ignored for the others). On CPU the flag runs the
-    # same padded buffers eagerly: no speed-up there, it exists to test the padding logic.
-    use_cuda_graphs: bool = False
+    # (personalized models too: padded cross block tables). None: on for CUDA, off for CPU.
+    # On CPU True runs the same padded buffers eagerly: no speed-up there, it exists to test
+    # the padding logic.
+    use_cuda_graphs: bool | None = None
     # CPU fp32: MKL-packed weight copies (llm/layers/linear.py): 1.5-2x faster linears on
     # decode-sized batches, 7-25% on prefill chunks, for about the weights' memory again.
     cpu_packed_weights: bool = True
@@ -111,15 +113,20 @@ class Engine:
                               if cross_shape is not None else None)
         self.scheduler = Scheduler(self.block_manager, self.cross_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        graphs = None
-        if config.use_cuda_graphs and cross_shape is None:
-            graphs = DecodeGraphRunner(model, config.max_num_seqs,
-                                       -(-self.max_model_len // bs), bs, self.device,
-                                       capture=self.device.type == "cuda")
-        self.runner = ModelRunner(model, bs, self.device, has_cross=cross_shape is not None,
-                                  decode_graphs=graphs,
+        has_cross = cross_shape is not None
+        self.inputs = InputBatch(config.max_num_seqs, -(-self.max_model_len // bs),
+                                 -(-config.max_user_tokens // bs) if has_cross else 0,
+                                 self.device)
+        graphs = config.use_cuda_graphs
+        if graphs is None:
+            graphs = self.device.type == "cuda"
+        decode = DecodeGraphRunner(model, self.inputs, bs, has_cross, bucketed=graphs,
+                                   capture=graphs and self.device.type == "cuda")
+        self.runner = ModelRunner(model, bs, self.device, self.inputs, decode, has_cross,
+                                  soft_prompt=self.soft_prompt,
                                   eos_token_ids=tuple(sorted(self.eos_token_ids)))
         self.detokenizer = Detokenizer(tokenizer)
+        self.profile = self.runner.profile = StepProfile()
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
@@ -132,7 +139,7 @@ class Engine:
                         kv_cache_bytes: int | None = None, block_size: int = 16,
                         max_num_seqs: int = 32, max_num_batched_tokens: int = 1024,
                         max_model_len: int | None = None, max_user_tokens: int = 32,
-                        enable_prefix_caching: bool = True, use_cuda_graphs: bool = False,
+                        enable_prefix_caching: bool = True, use_cuda_graphs: bool | None = None,
                         cross_every_n: int = 0, user_dim: int | None = None,
                         adapter: str | os.PathLike | None = None,
                         **load_kwargs) -> "Engine":
@@ -193,15 +200,12 @@ class Engine:
             raise ValueError(f"prompt + max_tokens = {total} tokens needs more KV blocks than "
                              f"the whole pool has ({self.block_manager.num_blocks} blocks of "
                              f"{self.config.block_size}); raise kv_cache_bytes")
-        generator = None
-        if not sampling.greedy:
-            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)
+        seed = sampling.seed if not sampling.greedy else None  # None: the runner's generator
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._seqs:
                 raise ValueError(f"request id {rid!r} is already in use")
-            seq = Sequence(rid, prompt_ids, sampling, user, user_salt(user_tokens), generator,
+            seq = Sequence(rid, prompt_ids, sampling, user, user_salt(user_tokens), seed,
                            soft_prompt=self.soft_prompt)
             self._seqs[rid] = seq
             self.scheduler.add(seq)
@@ -214,6 +218,7 @@ class Engine:
             if seq is None:
                 return False
             self.scheduler.remove(seq)
+            self.inputs.release(seq)
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = FinishReason.CANCELLED
             return True
@@ -239,41 +244,72 @@ class Engine:
     # -- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         with self._lock:
+            prof = self.profile
+            t0 = prof.clock()
             batch = self.scheduler.schedule()
+            for seq in batch.preempted:
+                self.inputs.release(seq)
+            prof.schedule += prof.clock() - t0
             if not batch.seqs:
                 return []
             sampled = self.runner.run(batch)
+            t1 = prof.clock()
             self.num_steps += 1
-            outputs = []
+            bm = self.block_manager
+            bs = bm.block_size if bm.enable_prefix_caching else 1 << 62
+            appended: list[tuple[Sequence, FinishReason | None]] = []
             for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
                 seq.num_computed_tokens += n
-                seq.cross_written = seq.cross_written or bool(seq.cross_block_table)
-                self.block_manager.register_full_blocks(seq)
+                if seq.cross_block_table:
+                    seq.cross_written = True
+                if seq.num_computed_tokens >= (len(seq.block_hashes) + 1) * bs:
+                    bm.register_full_blocks(seq)  # a block filled up: publish it
                 if token is not None:
-                    outputs.append(self._append_token(seq, token))
+                    appended.append((seq, self._append_token(seq, token)))
+            with_text = [(s, r) for s, r in appended if s.sampling.detokenize]
+            t2 = prof.clock()
+            texts = iter(self.detokenizer.update([s for s, _ in with_text],
+                                                 [r is not None for _, r in with_text])
+                         if with_text else ())
+            t3 = prof.clock()
+            outputs = []
+            for seq, reason in appended:
+                new_text = ""
+                if seq.sampling.detokenize:
+                    new_text, stopped = next(texts)
+                    if stopped:
+                        reason = FinishReason.STOP
+                outputs.append(self._output(seq, reason, new_text))
+            prof.detokenize += t3 - t2
+            prof.bookkeeping += prof.clock() - t3 + t2 - t1
+            prof.steps += 1
             return outputs
 
-    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+    def _append_token(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Append a sampled token; the finish reason it causes by itself (not stop strings)."""
         seq.token_ids.append(token)
         p = seq.sampling
-        reason = None
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            reason = FinishReason.STOP
-        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
-            reason = FinishReason.LENGTH
-        new_text, stopped = self.detokenizer.update(seq, finishing=reason is not None)
-        if stopped:
-            reason = FinishReason.STOP
-        new_ids = seq.output_ids[seq.num_emitted_tokens:]
-        seq.num_emitted_tokens = seq.num_output_tokens
+            return FinishReason.STOP
+        if len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens \
+                or len(seq.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _output(self, seq: Sequence, reason: FinishReason | None, new_text: str
+                ) -> RequestOutput:
+        start = seq.num_prompt_tokens
+        new_ids = seq.token_ids[start + seq.num_emitted_tokens:]
+        seq.num_emitted_tokens = len(seq.token_ids) - start
         if reason is not None:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = reason
             self.scheduler.remove(seq)
+            self.inputs.release(seq)
             del self._seqs[seq.request_id]
         return RequestOutput(
             request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text,
-            token_ids=list(seq.output_ids), text=seq.text, finished=reason is not None,
+            token_ids=seq.token_ids[start:], text=seq.text, finished=reason is not None,
             finish_reason=reason.value if reason is not None else None,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
 

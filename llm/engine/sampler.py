@@ -1,4 +1,6 @@
-"""Next-token choice for a batch of sequences with per-request settings.
+"""The reference sampler: next-token choice for a batch of sequences with per-request settings,
+written for clarity. The engine samples with llm/engine/batch_sampler.py (one vectorized pass on
+the device); tests hold that one to this one (same greedy tokens, same distribution).
 
 The logit transforms are batched tensor ops; only the final draw loops over rows, because each
 request draws from its own torch.Generator: a seeded request then gets the same tokens whatever

@@ -74,14 +74,25 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         # 1) decodes first, then 2) unfinished prefills of running sequences.
-        decoding = [s for s in self.running if len(s) - s.num_computed_tokens == 1]
-        prefilling = [s for s in self.running if len(s) - s.num_computed_tokens > 1]
+        decoding, prefilling = [], []
+        for s in self.running:
+            left = len(s.token_ids) - s.num_computed_tokens
+            if left == 1:
+                decoding.append(s)
+            elif left > 1:
+                prefilling.append(s)
+        bs = self.blocks.block_size
         for seq in decoding + prefilling:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(len(seq) - seq.num_computed_tokens, budget)
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            if seq.num_computed_tokens + n <= len(seq.block_table) * bs:  # room already
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                budget -= n
+                continue
             while not self.blocks.ensure_slots(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim, batch)

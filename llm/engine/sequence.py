@@ -30,13 +30,14 @@ class Sequence:
     __slots__ = (
         "request_id", "token_ids", "num_prompt_tokens", "sampling", "user_tokens", "salt",
         "status", "num_computed_tokens", "num_cached_tokens", "block_table", "block_hashes",
-        "cross_block_table", "cross_written", "generator", "arrival", "finish_reason",
+        "cross_block_table", "cross_written", "seed", "arrival", "finish_reason",
         "text", "num_emitted_tokens", "num_emitted_chars", "num_preemptions", "num_soft_tokens",
+        "row", "num_synced_blocks", "prefix_offset", "read_offset",
     )
 
     def __init__(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
                  user_tokens: torch.Tensor | None, salt: bytes,
-                 generator: torch.Generator | None, soft_prompt: bool = False) -> None:
+                 seed: int | None, soft_prompt: bool = False) -> None:
         assert prompt_ids, "empty prompts are refused at add_request"
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_ids)
@@ -52,14 +53,21 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # hash chain of this sequence's full blocks
         self.cross_block_table: list[int] = []
         self.cross_written = False  # cross K/V computed into cross_block_table
-        self.generator = generator
+        self.seed = seed  # a sampling request's own noise (llm/engine/batch_sampler.py)
         self.arrival = next(_arrival)
         self.finish_reason: FinishReason | None = None
         # Detokenization / streaming state.
         self.text = ""
         self.num_emitted_tokens = 0
         self.num_emitted_chars = 0
+        # Incremental detokenization: token_ids[prefix_offset:read_offset] decode to the text
+        # already produced; what follows read_offset is new (llm/engine/detokenizer.py).
+        self.prefix_offset = self.read_offset = len(prompt_ids)
         self.num_preemptions = 0
+        # The InputBatch row this sequence holds while running (-1: none) and how many of its
+        # block-table entries that row has.
+        self.row = -1
+        self.num_synced_blocks = 0
         # Soft-prompt integration: the first num_soft_tokens entries of token_ids are
         # placeholders whose embeddings the model replaces with the projected user tokens.
         self.num_soft_tokens = self.num_user_tokens if soft_prompt else 0

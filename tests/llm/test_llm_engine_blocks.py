@@ -1,4 +1,6 @@
 """Block manager, scheduler bookkeeping, sampler and stop strings: no model needed."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -231,3 +233,41 @@ def test_reset_prefix_cache_forgets_idle_blocks_only():
     assert bm.reset_prefix_cache() == 2  # a's two full blocks; b still holds its own
     assert bm.match_prefix(make_seq(range(9), rid="c")) == 0
     assert bm.match_prefix(make_seq(range(100, 109), rid="d")) == 8
+
+
+SMOLLM2_TOKENIZER = (Path(__file__).resolve().parents[2] / ".." / "shared" / "models"
+                     / "smollm2-135m-config").resolve()
+
+
+@pytest.mark.parametrize("text", ["Hello world, héllo 😀 ok\n\tdone", "日本語のテキスト 🎉🎉 end",
+                                  "  leading spaces and a tab\tthen 😀"])
+def test_incremental_detokenizer_equals_full_decode(text):
+    """Token by token, the streamed deltas join to exactly the full decode, and no delta holds
+    half a character (byte-level pieces of an emoji arrive over several tokens)."""
+    if not SMOLLM2_TOKENIZER.is_dir():
+        pytest.skip(f"no tokenizer at {SMOLLM2_TOKENIZER}")
+    from transformers import AutoTokenizer
+
+    from llm.engine.detokenizer import Detokenizer
+
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
+    ids = tok(text)["input_ids"]
+    for detok in (Detokenizer(tok), _slow(Detokenizer(tok))):
+        seq = Sequence("r", [1, 2], SamplingParams(temperature=0), None, NO_USER_SALT, None)
+        deltas = []
+        for i, t in enumerate(ids):
+            seq.token_ids.append(t)
+            [(delta, stopped)] = detok.update([seq], [i == len(ids) - 1])
+            assert not stopped and "\ufffd" not in delta
+            deltas.append(delta)
+        assert "".join(deltas) == seq.text == tok.decode(ids, skip_special_tokens=True)
+
+
+def _slow(detok):
+    detok._decode_batch = None  # the per-window tokenizer.decode fallback
+    return detok
+
+
+def test_token_only_requests_refuse_stop_strings():
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop=["x"], detokenize=False)

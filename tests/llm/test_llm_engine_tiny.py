@@ -3,6 +3,8 @@ parity with HF generate, batching invariance, preemption, cancellation, prefix c
 cross-attention users, streaming, stop strings, bad input."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -23,8 +25,15 @@ def hf_model(tiny_path):
     return LlamaForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
 
 
+# `make test-gpu` runs these on CUDA (USERLLM_TEST_DEVICE=cuda): fp32 through the compiled
+# Triton kernels and CUDA-graph decode. The default is the CPU, whatever the machine has.
+DEVICE = os.environ.get("USERLLM_TEST_DEVICE", "cpu")
+
+
 def engine(path, **kw) -> Engine:
     kw.setdefault("kv_cache_bytes", 1 << 21)
+    kw.setdefault("device", DEVICE)
+    kw.setdefault("dtype", torch.float32)
     return Engine.from_pretrained(path, **kw)
 
 
@@ -81,8 +90,8 @@ def test_preemption_with_tiny_pool_keeps_outputs(tiny_path):
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     reference = engine(tiny_path).generate(prompts, sp)
     # 8 blocks of 16 tokens: two or three sequences at a time; decodes must preempt.
-    eng = Engine.from_pretrained(tiny_path, block_size=16, max_num_batched_tokens=64,
-                                 kv_cache_bytes=8 * 2 * 2 * 16 * 2 * 16 * 4)
+    eng = engine(tiny_path, block_size=16, max_num_batched_tokens=64,
+                 kv_cache_bytes=8 * 2 * 2 * 16 * 2 * 16 * 4)
     assert eng.block_manager.num_blocks == 8
     outs = eng.generate(prompts, sp)
     assert eng.scheduler.num_preemptions > 0
@@ -145,8 +154,8 @@ def _dense_greedy(model, prompt, n, user=None):
     ids = list(prompt)
     with torch.inference_mode():
         for _ in range(n):
-            kwargs = {} if user is None else {"user_tokens": user[None]}
-            h = model(torch.tensor([ids]), **kwargs)
+            kwargs = {} if user is None else {"user_tokens": user[None].to(model.device)}
+            h = model(torch.tensor([ids], device=model.device), **kwargs)
             ids.append(int(model.compute_logits(h[0, -1]).argmax()))
     return ids[len(prompt):]
 
@@ -293,3 +302,54 @@ def test_static_decode_buffers_match_eager_path(tiny_path):
     outs = eng.generate(prompts, sp)
     assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_padded_decode_mixes_personalized_and_plain_sequences(tiny_path):
+    """The CUDA-graph decode buffers of a cross-attention model (static cross block tables
+    and lengths, padded buckets), run eagerly on CPU: a batch mixing users with and without
+    user tokens gives the same tokens as the unpadded eager path, and users still matter."""
+    def personalized(**kw) -> Engine:
+        eng = engine(tiny_path, cross_every_n=1, user_dim=8, block_size=8, max_num_seqs=7,
+                     max_num_batched_tokens=64, **kw)
+        torch.manual_seed(0)
+        for block in eng.model.model.cross_blocks.values():
+            block.gate_attn.data.fill_(0.8)
+            block.gate_mlp.data.fill_(0.8)
+            for p in block.cross_attn.parameters():
+                p.data.normal_(0, 0.3)
+        return eng
+
+    g = torch.Generator().manual_seed(5)
+    users = [torch.randn(6, 8, generator=g) * 3, None, torch.randn(3, 8, generator=g) * 3,
+             None, torch.randn(9, 8, generator=g) * 3]
+    prompts = random_prompts(5, [7, 19, 33], seed=14)
+    eager = personalized(use_cuda_graphs=False)
+    expected = eager.generate(prompts, GREEDY, user_tokens=users)
+    padded = personalized(use_cuda_graphs=True)
+    assert padded.runner.decode_graphs.buckets == [1, 2, 4, 7]
+    outs = padded.generate(prompts, GREEDY, user_tokens=users)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    alone = personalized(use_cuda_graphs=True).generate([prompts[0]], GREEDY,
+                                                        user_tokens=[None])[0]
+    assert alone.token_ids != outs[0].token_ids  # the user tokens changed the output
+    # Requests join and leave at different steps: the buckets shrink and grow.
+    staggered = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+                 for m in (3, 12, 5, 9, 12)]
+    ref = eager.generate(prompts, staggered, user_tokens=users)
+    got = padded.generate(prompts, staggered, user_tokens=users)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    for eng in (eager, padded):
+        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+        assert eng.cross_manager.num_free_blocks == eng.cross_manager.pool.num_blocks
+        assert not eng.inputs.rows and len(eng.inputs.free_rows) == 7
+
+
+def test_token_only_streams_get_no_text_and_text_streams_the_full_decode(tiny_path):
+    eng = engine(tiny_path)
+    prompt = "Hello world, how are"
+    text_sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    ids_sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, detokenize=False)
+    with_text, ids_only = eng.generate([prompt, prompt], [text_sp, ids_sp])
+    assert with_text.token_ids == ids_only.token_ids
+    assert ids_only.text == "" and with_text.text
+    assert with_text.text == eng.tokenizer.decode(with_text.token_ids, skip_special_tokens=True)
