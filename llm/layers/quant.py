@@ -126,6 +126,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", sz)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) must not cast the codes' scales: the CPU kernels need them in bf16.
+        dtypes = {name: b.dtype for name, b in self._buffers.items()}
+        super()._apply(fn, recurse)
+        for name, b in self._buffers.items():
+            if b.dtype != dtypes[name]:
+                self._buffers[name] = b.to(dtypes[name])
+        return self
+
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, group_size: int) -> "QuantLinear":
         quant = quantize_int4 if bits == 4 else quantize_int8
@@ -219,9 +228,11 @@ def _force_triton() -> bool:
 class QuantEmbedding(nn.Module):
     """Token embeddings read from a tied LM head's quantized weight (one copy for both)."""
 
-    def __init__(self, head: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, head: QuantLinear) -> None:
         super().__init__()
-        self.dtype = dtype
+        # Empty; follows the model's .to(dtype), so lookups come out in the model's dtype.
+        self.register_buffer("dtype_ref", torch.empty(0, device=head.qweight.device),
+                             persistent=False)
         self.head = [head]  # a list: not a submodule, so its buffers are not listed twice
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
 
@@ -240,4 +251,4 @@ class QuantEmbedding(nn.Module):
         else:
             q = head.qweight[:, flat].transpose(0, 1).float()  # [B, G, gs]
             w = q * head.scales[:, flat].t().float()[..., None]
-        return w.reshape(*ids.shape, k).to(self.dtype)
+        return w.reshape(*ids.shape, k).to(self.dtype_ref.dtype)
