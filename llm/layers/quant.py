@@ -187,7 +187,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.is_cuda or _force_triton():
+        if x2.is_cuda:
             from llm.kernels.quant_matmul import quant_matmul_triton
             out = quant_matmul_triton(x2, self.qweight, self.scales, self.bits, self.group_size)
         elif x2.shape[0] >= DEQUANT_MIN_ROWS or torch.is_grad_enabled() and x2.requires_grad:
@@ -218,11 +218,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int{self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
-
-
-def _force_triton() -> bool:
-    import os
-    return os.environ.get("USERLLM_KERNELS", "").strip().lower() == "triton"
 
 
 class QuantEmbedding(nn.Module):
