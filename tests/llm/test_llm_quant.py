@@ -215,8 +215,13 @@ def test_smollm2_gguf_kept_quantized_small_and_personalizes():
     assert base_bytes < 100 * 2**20  # 92 MiB: Q4_1 layers + Q8_0 tied head/embeddings
     for block in eng.model.model.cross_blocks.values():
         block.gate_attn.data.fill_(1.0)
-    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        block.gate_mlp.data.fill_(1.0)
+        for p in block.cross_attn.o_proj.parameters():
+            p.data.mul_(50)  # fresh blocks are tiny: make users matter
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompt = eng.tokenizer.encode("I play the guitar and")
-    a, b = eng.generate([prompt, prompt], sp, user_tokens=[torch.randn(4, 16) * 5, None])
-    assert len(a.token_ids) == len(b.token_ids) == 6
+    g = torch.Generator().manual_seed(0)
+    a, b = eng.generate([prompt, prompt], sp, user_tokens=[torch.randn(8, 16, generator=g),
+                                                            None])
+    assert len(a.token_ids) == len(b.token_ids) == 8
     assert a.token_ids != b.token_ids
