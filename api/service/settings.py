@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import (
@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     kv_cache_mb: int = Field(default=128, ge=1)
     max_num_seqs: int = Field(default=32, ge=1)
+    # Base weights (llm/quantize.py): None keeps a GGUF's Q4/Q8 blocks and serves any other
+    # checkpoint in full precision; "none" de-quantizes; "int8" / "int4" quantize at load.
+    # Cross blocks / the user-token path always stay full precision.
+    quantize: Literal["none", "gguf", "int8", "int4"] | None = None
     # Limits.
     max_body_bytes: int = Field(default=1 << 20, ge=1)
     max_events_per_request: int = Field(default=1000, ge=1)
