@@ -2,10 +2,11 @@
 our `QuantizedTensor` without going through fp32.
 
 Block formats (32 weights per block, one block row = one output channel's run of inputs):
-- Q8_0: fp16 d, 32 x int8 q            -> w = d * q            (int8, zero None)
-- Q4_0: fp16 d, 16 bytes of nibbles    -> w = d * (q - 8)      (int4, zero 0)
-- Q4_1: fp16 d, fp16 m, 16 bytes       -> w = d * q + m        (int4, zero m + 8d)
-In a 16-byte nibble run, byte j holds weight j (low nibble) and weight j + 16 (high nibble).
+- Q8_0: fp16 d, 32 x int8 q            -> w = d * q            (int8, scale d)
+- Q4_0: fp16 d, 16 bytes of nibbles    -> w = d * (q - 8)      (int4, scale d, offset -8d)
+- Q4_1: fp16 d, fp16 m, 16 bytes       -> w = d * q + m        (int4, scale d, offset m)
+In a 16-byte nibble run, byte j holds weight j (low nibble) and weight j + 16 (high nibble):
+the order QuantLinear keeps, so the codes are copied, not re-packed.
 
 llama.cpp's converter permutes the q/k projection rows for its RoPE layout; transformers
 undoes it when it de-quantizes, and so do we, on the codes and scales (a row permutation).
@@ -55,14 +56,14 @@ def decode_blocks(raw: np.ndarray, qtype: str, n: int, k: int) -> QuantizedTenso
         q = blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k)
         return QuantizedTensor(8, BLOCK, q, d, None)
     if qtype == "Q4_0":
-        nib, zero = blocks[..., 2:], torch.zeros_like(d)
+        nib, offset = blocks[..., 2:], -8 * d
     elif qtype == "Q4_1":
         m = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
-        nib, zero = blocks[..., 4:], m + 8 * d
+        nib, offset = blocks[..., 4:], m
     else:
         raise ValueError(f"GGUF block type {qtype} is not supported (supported: {QUANT_TYPES})")
     q = torch.cat([nib & 0xF, nib >> 4], dim=-1).reshape(n, k)
-    return QuantizedTensor(4, BLOCK, q, d, zero)
+    return QuantizedTensor(4, BLOCK, q, d, offset)
 
 
 def _rope_unpermute_index(rows: int, heads: int) -> torch.Tensor:

@@ -2,25 +2,25 @@
 
 Two forms of one weight W [N, K]:
 
-- `QuantizedTensor`: the canonical, lossless form (q codes + fp32 scale/zero per group of
-  `group_size` inputs). int4: w = scale * (q - 8) + zero, q in 0..15 (torch's int4pack
-  convention; GGUF Q4_0 is zero = 0, Q4_1's w = d*q + m is zero = m + 8d). int8: w = scale * q,
-  q in -128..127 (GGUF Q8_0 exactly). Made from floats (`quantize_int4/8`) or from GGUF blocks
-  (llm/gguf_blocks.py), compared against references in the tests.
-- `QuantLinear`: what the model runs. Codes in the layout torch's CPU kernels read (int4:
-  `_convert_weight_to_int4pack_for_cpu`'s 32-row interleave; int8: [G, N, group] so one
-  group's codes are a contiguous [N, group] matrix), scales in bf16: those kernels are fast
-  only with bf16 activations and scales (fp32 runs a scalar loop, 10-15x slower, measured).
-  The bf16 scales round a group's scale by <= 2^-9 relative, far below one int4/int8 step.
+- `QuantizedTensor`: the canonical, lossless form (codes + fp32 scale/offset per group of
+  `group_size` inputs). int4: w = scale * q + offset, q in 0..15 (GGUF Q4_1 is exactly this,
+  d and m; Q4_0 is offset = -8 d). int8: w = scale * q, q in -128..127 (GGUF Q8_0 exactly).
+  Made from floats (`quantize_int4/8`) or from GGUF blocks (llm/gguf_blocks.py).
+- `QuantLinear`: what the model runs. Codes in llama.cpp's block order (int4: per 32 inputs
+  16 bytes, low nibble = input j, high nibble = input j + 16; int8: row-major), scales and
+  offsets fp32 [N, K / group_size]: a GGUF's blocks load without loss.
 
 Forward on CPU, by row count (a decode step has one row per sequence, a prefill chunk many):
-- < DEQUANT_MIN_ROWS: torch's packed int4/int8 GEMV/GEMM on bf16 activations (reads 4 or 8
-  bits per weight: decode is memory-bound);
-- otherwise: de-quantize the layer into a shared scratch buffer and run fp32 MKL GEMM (the
-  packed int ops are 2.3-2.5x slower than fp32 GEMM at 64-1024 rows; de-quantizing a layer
-  costs ~10% of one 256-row GEMM). Its inputs/outputs are rounded to bf16 like the int path,
-  so a sequence's result hardly depends on how many rows shared its step (batch invariance).
-On CUDA: the Triton dequant-GEMM (llm/kernels/quant_matmul.py) in the activations' dtype.
+- < DEQUANT_MIN_ROWS: our AVX2 kernel (llm/kernels/cpu_quant.cpp): activations rounded to
+  int8 per 32 inputs (as llama.cpp does), int8 dot products; it reads 4.5-5 bits per weight,
+  and a decode step is memory-bound;
+- otherwise: the same activation rounding in PyTorch, the layer de-quantized into a shared
+  fp32 scratch buffer, MKL GEMM (prefill is compute-bound: fp32 GEMM is faster there).
+Both compute the same sums up to fp32 rounding order, so a sequence's result does not depend
+on how many rows shared its step (batch invariance). Without the compiled kernel the second
+path runs for every row count. Inference only: the rounding has no useful gradient.
+On CUDA: the Triton dequant-GEMM (llm/kernels/quant_matmul.py) in the activations' dtype,
+activations not rounded.
 """
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 QUANT_BITS = {"int8": 8, "int4": 4}
-DEQUANT_MIN_ROWS = 32  # from here on dequantize + fp32 GEMM was measured faster
-PACK_ROWS = 32  # int4pack interleaves blocks of 32 output rows (AVX2 and AVX512 kernels)
+DEQUANT_MIN_ROWS = 32  # from here on de-quantize + fp32 GEMM was measured faster
+PACK_ROWS = 32  # out_features must be a multiple of this (the Triton kernel's N tiles)
+ACT_BLOCK = 32  # activations are rounded to int8 per this many inputs
 
 
 @dataclass(slots=True)
@@ -41,27 +42,25 @@ class QuantizedTensor:
     group_size: int
     q: torch.Tensor  # [N, K] int4: uint8 0..15, int8: int8
     scale: torch.Tensor  # [N, K // group_size] float32
-    zero: torch.Tensor | None  # int4: [N, K // group_size] float32; int8: None (symmetric)
+    offset: torch.Tensor | None  # int4: [N, K // group_size] float32; int8: None (symmetric)
 
     def __post_init__(self) -> None:
         n, k = self.q.shape
         assert self.bits in (4, 8) and k % self.group_size == 0, (self.bits, k, self.group_size)
         assert self.scale.shape == (n, k // self.group_size)
-        assert (self.zero is None) == (self.bits == 8)
+        assert (self.offset is None) == (self.bits == 8)
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.q.shape
-        q = self.q.float().view(n, -1, self.group_size)
-        if self.bits == 4:
-            w = (q - 8) * self.scale[..., None] + self.zero[..., None]
-        else:
-            w = q * self.scale[..., None]
+        w = self.q.float().view(n, -1, self.group_size) * self.scale[..., None]
+        if self.offset is not None:
+            w = w + self.offset[..., None]
         return w.view(n, k)
 
     def permute_rows(self, index: torch.Tensor) -> "QuantizedTensor":
         """Rows reordered (blocks run along K, so a row permutation is lossless)."""
         return QuantizedTensor(self.bits, self.group_size, self.q[index], self.scale[index],
-                               None if self.zero is None else self.zero[index])
+                               None if self.offset is None else self.offset[index])
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> QuantizedTensor:
@@ -71,7 +70,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> QuantizedTensor:
     lo, hi = g.amin(-1), g.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-10)
     q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
-    return QuantizedTensor(4, group_size, q.view(n, k), scale, lo + 8 * scale)
+    return QuantizedTensor(4, group_size, q.view(n, k), scale, lo)
 
 
 def quantize_int8(w: torch.Tensor, group_size: int) -> QuantizedTensor:
@@ -84,15 +83,32 @@ def quantize_int8(w: torch.Tensor, group_size: int) -> QuantizedTensor:
 
 
 def quantizable(in_features: int, out_features: int, group_size: int) -> bool:
-    return in_features % group_size == 0 and out_features % PACK_ROWS == 0
+    return (in_features % group_size == 0 and group_size % ACT_BLOCK == 0
+            and out_features % PACK_ROWS == 0)
 
 
-def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """[N, K] uint8 codes from the CPU int4pack layout: in each block of 32 rows, byte
-    k*16 + j holds row j (low nibble) and row j+16 (high nibble) of column k."""
-    b = packed.view(n // PACK_ROWS, k, PACK_ROWS // 2)
-    q = torch.cat([b & 0xF, b >> 4], dim=2)  # [N/32, K, 32]
-    return q.transpose(1, 2).reshape(n, k)
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes 0..15 -> [N, K/2] bytes: per 32 inputs, input j in the low nibble of
+    byte j and input j + 16 in its high nibble (llama.cpp's Q4 block order)."""
+    n, k = q.shape
+    b = q.to(torch.uint8).view(n, k // 32, 32)
+    return (b[..., :16] | (b[..., 16:] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    n = packed.shape[0]
+    b = packed.view(n, -1, 16)
+    return torch.cat([b & 0xF, b >> 4], dim=-1).view(n, -1)
+
+
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 rounded to int8 codes per 32 inputs (scale max|x| / 127), returned as
+    their fp32 values: exactly what the CPU kernel multiplies."""
+    m, k = x.shape
+    xb = x.view(m, k // ACT_BLOCK, ACT_BLOCK)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv) * d).view(m, k)
 
 
 _scratch: dict[torch.device, torch.Tensor] = {}
@@ -116,23 +132,22 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         groups = in_features // group_size
-        if bits == 4:
-            q = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
-            sz = torch.empty(groups, out_features, 2, dtype=torch.bfloat16, device=device)
-        else:
-            q = torch.empty(groups, out_features, group_size, dtype=torch.int8, device=device)
-            sz = torch.empty(groups, out_features, dtype=torch.bfloat16, device=device)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scales", sz)
+        codes = (torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+                 if bits == 4 else
+                 torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("qweight", codes)
+        self.register_buffer("scales", torch.empty(out_features, groups, device=device))
+        self.register_buffer("offsets", torch.empty(out_features, groups, device=device)
+                             if bits == 4 else None)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) must not cast the codes' scales: the CPU kernels need them in bf16.
-        dtypes = {name: b.dtype for name, b in self._buffers.items()}
+        # .to(dtype) must not round the fp32 scales (they hold GGUF's fp16 d/m exactly).
+        dtypes = {name: b.dtype for name, b in self._buffers.items() if b is not None}
         super()._apply(fn, recurse)
-        for name, b in self._buffers.items():
-            if b.dtype != dtypes[name]:
-                self._buffers[name] = b.to(dtypes[name])
+        for name, dtype in dtypes.items():
+            if self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)
         return self
 
     @classmethod
@@ -145,29 +160,22 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def load_quantized(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
-        n, k = qt.q.shape
-        assert (n, k) == (self.out_features, self.in_features) and qt.bits == self.bits
+        assert qt.q.shape == (self.out_features, self.in_features) and qt.bits == self.bits
         assert qt.group_size == self.group_size
+        self.qweight.copy_(pack_int4(qt.q) if self.bits == 4 else qt.q)
+        self.scales.copy_(qt.scale)
         if self.bits == 4:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                qt.q.to("cpu", torch.int32).contiguous(), 1)
-            self.qweight.copy_(packed)
-            self.scales.copy_(torch.stack([qt.scale.t(), qt.zero.t()], dim=-1))
-        else:
-            self.qweight.copy_(qt.q.view(n, -1, self.group_size).transpose(0, 1))
-            self.scales.copy_(qt.scale.t())
+            self.offsets.copy_(qt.offset)
         if bias is not None:
             self.bias.copy_(bias)
 
     def quantized(self) -> QuantizedTensor:
-        """Back to the canonical form (scales as stored: bf16 values in fp32)."""
-        n, k, gs = self.out_features, self.in_features, self.group_size
+        """Back to the canonical form (lossless)."""
         if self.bits == 4:
-            q = unpack_int4(self.qweight, n, k)
-            return QuantizedTensor(4, gs, q, self.scales[..., 0].t().float(),
-                                   self.scales[..., 1].t().float())
-        return QuantizedTensor(8, gs, self.qweight.transpose(0, 1).reshape(n, k),
-                               self.scales.t().float(), None)
+            return QuantizedTensor(4, self.group_size, unpack_int4(self.qweight),
+                                   self.scales.clone(), self.offsets.clone())
+        return QuantizedTensor(8, self.group_size, self.qweight.clone(), self.scales.clone(),
+                               None)
 
     @torch.no_grad()
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,13 +183,10 @@ class QuantLinear(nn.Module):
         n, k, gs = self.out_features, self.in_features, self.group_size
         out = torch.empty(n, k, device=self.qweight.device) if out is None else out
         w = out.view(n, k // gs, gs)
+        w.copy_((unpack_int4(self.qweight) if self.bits == 4 else self.qweight).view_as(w))
+        w.mul_(self.scales[..., None])
         if self.bits == 4:
-            w.copy_(unpack_int4(self.qweight, n, k).view(n, k // gs, gs))
-            sz = self.scales.float()
-            w.sub_(8).mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
-        else:
-            w.copy_(self.qweight.transpose(0, 1))
-            w.mul_(self.scales.t().float()[..., None])
+            w.add_(self.offsets[..., None])
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,31 +194,24 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.is_cuda:
             from llm.kernels.quant_matmul import quant_matmul_triton
-            out = quant_matmul_triton(x2, self.qweight, self.scales, self.bits, self.group_size)
-        elif x2.shape[0] >= DEQUANT_MIN_ROWS or torch.is_grad_enabled() and x2.requires_grad:
-            w = self.dequantize(_scratch_weight(self.out_features, self.in_features, x2.device))
-            out = F.linear(x2.to(torch.bfloat16).float(), w).to(torch.bfloat16)
+            out = quant_matmul_triton(x2, self.qweight, self.scales, self.offsets, self.bits,
+                                      self.group_size)
         else:
-            out = self._packed_mm(x2.to(torch.bfloat16))
-        out = out.to(x.dtype)
+            out = self._cpu(x2.float().contiguous()).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.view(*lead, self.out_features)
 
-    def _packed_mm(self, xb: torch.Tensor) -> torch.Tensor:
-        if self.bits == 4:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group_size,
-                                                              self.scales)
-        groups = self.qweight.shape[0]
-        if groups == 1:
-            return torch.ops.aten._weight_int8pack_mm(xb, self.qweight[0], self.scales[0])
-        # Group-wise int8 (GGUF Q8_0): one per-channel GEMV per group, summed in fp32.
-        xg = xb.view(xb.shape[0], groups, self.group_size)
-        out = torch.zeros(xb.shape[0], self.out_features)
-        for g in range(groups):
-            out += torch.ops.aten._weight_int8pack_mm(xg[:, g], self.qweight[g],
-                                                      self.scales[g]).float()
-        return out.to(torch.bfloat16)
+    def _cpu(self, x: torch.Tensor) -> torch.Tensor:
+        from llm.kernels.cpu_quant import kernel
+
+        mod = kernel() if x.shape[0] < DEQUANT_MIN_ROWS else None
+        if mod is not None:
+            if self.bits == 4:
+                return mod.q4_mm(x, self.qweight, self.scales, self.offsets, self.group_size)
+            return mod.q8_mm(x, self.qweight, self.scales, self.group_size)
+        w = self.dequantize(_scratch_weight(self.out_features, self.in_features, x.device))
+        return F.linear(round_activations(x), w)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -233,17 +231,10 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         head = self.head[0]
-        flat = ids.reshape(-1).long()
-        k, gs = head.in_features, head.group_size
+        flat = ids.reshape(-1)
+        codes = head.qweight[flat]
+        q = (unpack_int4(codes) if head.bits == 4 else codes).float()
+        w = q.view(flat.shape[0], -1, head.group_size) * head.scales[flat][..., None]
         if head.bits == 4:
-            blocks = head.qweight.view(-1, k, PACK_ROWS // 2)[flat // PACK_ROWS]  # [B, K, 16]
-            lane = flat % PACK_ROWS
-            byte = blocks.gather(2, (lane % 16)[:, None, None].expand(-1, k, 1))[..., 0]
-            q = torch.where((lane < 16)[:, None], byte & 0xF, byte >> 4).float()
-            sz = head.scales[:, flat].float()  # [G, B, 2]
-            w = (q.view(-1, k // gs, gs) - 8) * sz[..., 0].t()[..., None] \
-                + sz[..., 1].t()[..., None]
-        else:
-            q = head.qweight[:, flat].transpose(0, 1).float()  # [B, G, gs]
-            w = q * head.scales[:, flat].t().float()[..., None]
-        return w.reshape(*ids.shape, k).to(self.dtype_ref.dtype)
+            w = w + head.offsets[flat][..., None]
+        return w.reshape(*ids.shape, head.in_features).to(self.dtype_ref.dtype)

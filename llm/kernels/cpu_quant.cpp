@@ -1,0 +1,124 @@
+// CPU (AVX2) int4 / int8 weight-only GEMV-GEMM for QuantLinear (llm/layers/quant.py).
+// Activations are quantized to int8 per 32-block (scale = max|x| / 127, round half to even),
+// as llama.cpp does for its Q4/Q8 dot products, so a block's dot product is one
+// _mm256_maddubs_epi16 over 32 codes. Weights, per 32-block of row n:
+//   int4: 16 bytes, low nibble = element j, high nibble = element j + 16; w = d * q + c
+//   int8: 32 bytes;                                                     w = d * q
+// d (and c) are fp32 per group of `gs` (a multiple of 32) inputs. Output fp32 [M, N].
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t RB = 4;  // output rows per inner loop: independent accumulators
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* sx) {
+  const int64_t B = K / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < B; ++b) {
+      const float* p = x + m * K + b * 32;
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(p[i]));
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      int8_t* o = xq + (m * B + b) * 32;
+      int s = 0;
+      for (int i = 0; i < 32; ++i) {
+        const int v = static_cast<int>(std::nearbyint(p[i] * inv));
+        o[i] = static_cast<int8_t>(v);
+        s += v;
+      }
+      dx[m * B + b] = d;
+      sx[m * B + b] = d * static_cast<float>(s);
+    }
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+
+inline __m256 dot_q4(const uint8_t* w, const int8_t* x) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
+                                     _mm256_set1_epi8(0x0F));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm256_cvtepi32_ps(
+      _mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), _mm256_set1_epi16(1)));
+}
+
+inline __m256 dot_q8(const int8_t* w, const int8_t* x) {
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  // maddubs multiplies unsigned by signed: |w| times x carrying w's sign.
+  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+template <int BITS>
+torch::Tensor quant_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
+                       const torch::Tensor& c, int64_t gs) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous());
+  TORCH_CHECK(q.is_contiguous() && d.is_contiguous() && d.scalar_type() == torch::kFloat32);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), B = K / 32, G = K / gs;
+  const int64_t per = gs / 32, row_bytes = BITS == 4 ? K / 2 : K, block_bytes = BITS == 4 ? 16 : 32;
+  TORCH_CHECK(K % gs == 0 && gs % 32 == 0 && q.size(1) == row_bytes && d.size(1) == G);
+  auto out = torch::empty({M, N}, x.options());
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> dx(M * B), sx(M * B);
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
+  const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
+  const float* dp = d.data_ptr<float>();
+  const float* cp = BITS == 4 ? c.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  // Rows of W outer, rows of x inner: a block of RB weight rows is read from memory once
+  // and stays in L1 for every activation row.
+  for (int64_t n0 = 0; n0 < N; n0 += RB) {
+    const int64_t rows = std::min(RB, N - n0);
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xr = xq.data() + m * K;
+      const float* dxr = dx.data() + m * B;
+      const float* sxr = sx.data() + m * B;
+      __m256 acc[RB];
+      float accs[RB];
+      for (int r = 0; r < RB; ++r) { acc[r] = _mm256_setzero_ps(); accs[r] = 0.f; }
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t g = b / per;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t n = n0 + r;
+          const uint8_t* w = qp + n * row_bytes + b * block_bytes;
+          __m256 p;
+          if constexpr (BITS == 4) {
+            p = dot_q4(w, xr + b * 32);
+            accs[r] += cp[n * G + g] * sxr[b];
+          } else {
+            p = dot_q8(reinterpret_cast<const int8_t*>(w), xr + b * 32);
+          }
+          acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dp[n * G + g] * dxr[b]), p, acc[r]);
+        }
+      }
+      for (int r = 0; r < rows; ++r) op[m * N + n0 + r] = hsum(acc[r]) + accs[r];
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+torch::Tensor q4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor d, torch::Tensor c,
+                    int64_t gs) {
+  return quant_mm<4>(x, q, d, c, gs);
+}
+
+torch::Tensor q8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64_t gs) {
+  return quant_mm<8>(x, q, d, d, gs);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_mm", &q4_mm, "int4 weight-only matmul (int8 activations per 32-block)");
+  m.def("q8_mm", &q8_mm, "int8 weight-only matmul (int8 activations per 32-block)");
+}
