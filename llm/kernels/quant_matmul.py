@@ -5,7 +5,8 @@ the CPU ops and this kernel:
 - int4: uint8 [N, K/2], per 32 inputs 16 bytes: input j in the low nibble of byte j, input
   j + 16 in its high nibble (llama.cpp's block order); w = scale * q + offset;
 - int8: int8 [N, K] row-major; w = scale * q;
-scales / offsets fp32 [N, K / group].
+scales / offsets fp32 per group; rows interleaved in groups of 4 (codes
+[N/4, K/32, 4, block bytes], scales [N/4, K/group, 4]; llm/layers/quant.py).
 
 One program computes a [BLOCK_M, BLOCK_N] tile, walking K one group at a time (BLOCK_K = the
 group size, so each step needs one scale per column). Decode (M = 1-16) is a GEMV: the
@@ -33,16 +34,22 @@ def _quant_mm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, M, N, K,
         k = g * GROUP + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None],
                     other=0.0).to(tl.float32)  # [BM, GROUP]
-        scale = tl.load(s_ptr + rn * (K // GROUP) + g, mask=n_ok, other=0.0).to(tl.float32)
+        # Row n sits in row group n // 4 at lane n % 4.
+        rg, lane = rn // 4, rn % 4
+        sidx = rg * (K // GROUP) * 4 + g * 4 + lane
+        scale = tl.load(s_ptr + sidx, mask=n_ok, other=0.0).to(tl.float32)
+        kb = k % 32
         if BITS == 4:
-            kb = k % 32
-            byte = rn[None, :] * (K // 2) + (k[:, None] // 32) * 16 + kb[:, None] % 16
+            byte = (rg[None, :] * (K // 32) + k[:, None] // 32) * 64 + lane[None, :] * 16 \
+                + kb[:, None] % 16
             packed = tl.load(q_ptr + byte, mask=n_ok[None, :], other=0).to(tl.int32)
             q = (packed >> ((kb[:, None] // 16) * 4)) & 0xF  # [GROUP, BN]
-            off = tl.load(o_ptr + rn * (K // GROUP) + g, mask=n_ok, other=0.0).to(tl.float32)
+            off = tl.load(o_ptr + sidx, mask=n_ok, other=0.0).to(tl.float32)
             w = q.to(tl.float32) * scale[None, :] + off[None, :]
         else:
-            codes = tl.load(q_ptr + rn[None, :] * K + k[:, None], mask=n_ok[None, :], other=0)
+            idx = (rg[None, :] * (K // 32) + k[:, None] // 32) * 128 + lane[None, :] * 32 \
+                + kb[:, None]
+            codes = tl.load(q_ptr + idx, mask=n_ok[None, :], other=0)
             w = codes.to(tl.float32) * scale[None, :]
         acc += tl.dot(x, w)  # [BM, GROUP] @ [GROUP, BN]
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :],
@@ -55,7 +62,7 @@ def quant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     """x [M, K] -> [M, N] in x's dtype (offsets: int4 only)."""
     assert x.dim() == 2 and bits in (4, 8) and (offsets is None) == (bits == 8)
     m, k = x.shape
-    n = scales.shape[0]
+    n = scales.shape[0] * 4
     assert k % group_size == 0 and group_size % 32 == 0, (k, group_size)
     x = x.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
