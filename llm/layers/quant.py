@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 QUANT_BITS = {"int8": 8, "int4": 4}
-DEQUANT_MIN_ROWS = 32  # from here on de-quantize + fp32 GEMM was measured faster
+DEQUANT_MIN_ROWS = 64  # from here on de-quantize + fp32 GEMM was measured faster
 PACK_ROWS = 32  # out_features must be a multiple of this (the Triton kernel's N tiles)
 ACT_BLOCK = 32  # activations are rounded to int8 per this many inputs
 ROW_GROUP = 4  # rows interleaved per block in QuantLinear's buffers (cpu_quant.cpp's RB)
@@ -203,6 +203,13 @@ class QuantLinear(nn.Module):
         """W [N, K] in fp32 (into `out` when given)."""
         n, k, gs = self.out_features, self.in_features, self.group_size
         out = torch.empty(n, k, device=self.qweight.device) if out is None else out
+        if self.qweight.device.type == "cpu":
+            from llm.kernels.cpu_quant import kernel
+
+            mod = kernel()
+            if mod is not None:  # ~10x faster than the tensor ops below
+                mod.dequantize(out, self.qweight, self.scales, self.offsets, gs, self.bits)
+                return out
         w = out.view(n, k // gs, gs)
         w.copy_(self.codes().view_as(w))
         w.mul_(deinterleave(self.scales, 1)[..., None])
