@@ -184,7 +184,8 @@ torch::Tensor quant_mm(const torch::Tensor& x, const torch::Tensor& q, const tor
 
 }  // namespace
 
-// W [N, K] fp32 into `out` (a prefill chunk runs fp32 GEMM on it; see QuantLinear).
+// W [N, K] fp32 into `out` (a prefill chunk runs fp32 GEMM on it; see QuantLinear). Built
+// with -ffp-contract=off: scale * q + off rounds twice, exactly as the PyTorch reference.
 void dequantize(torch::Tensor out, torch::Tensor q, torch::Tensor d,
                 c10::optional<torch::Tensor> c, int64_t gs, int64_t bits) {
   const int64_t N = out.size(0), K = out.size(1), B = K / 32, G = K / gs, per = gs / 32;

@@ -41,7 +41,7 @@ def _build():
 
         src = Path(__file__).with_name("cpu_quant.cpp")
         return load(name="userllm_cpu_quant", sources=[str(src)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off"], verbose=False)
     except Exception as exc:  # no compiler / headers: the PyTorch path still works
         import warnings
         warnings.warn(f"CPU quant kernel unavailable ({type(exc).__name__}: {exc}); "
