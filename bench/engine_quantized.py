@@ -67,18 +67,34 @@ def build(name: str, ckpt, path: str):
     return model
 
 
+def _trimmed_rss() -> int:
+    """Resident bytes after returning freed heap to the OS (a load's transients do not count)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return resident_bytes()
+
+
 def memory_child(name: str, path: str) -> None:
-    """Run in a fresh process: resident-set growth of loading one configuration."""
+    """Run in a fresh process: resident-set growth of loading one configuration's weights
+    (config and tokenizer loaded first, so only the weights count)."""
     torch.set_num_threads(1)
-    from transformers import AutoTokenizer  # noqa: F401  (imports paid before the baseline)
-    before = resident_bytes()
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder, gguf = Path(path).parent, Path(path).name
+    AutoConfig.from_pretrained(folder, gguf_file=gguf)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    before = _trimmed_rss()
     if name == "q4_1-kept":
         model = load_model(path, quantize="gguf")[0]
     else:
         model, _, _ = load_model(path, quantize="none" if name == "fp32" else name)
     if name == "fp32":
         model.prepack_linears()
-    print(json.dumps({"rss_growth": resident_bytes() - before}))
+    print(json.dumps({"rss_growth": _trimmed_rss() - before, "peak_rss_kib": __import__(
+        "resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss}))
 
 
 def batch1_decode(engine: Engine, prompt, n_new: int) -> dict:
@@ -185,8 +201,6 @@ def main() -> None:
         for name, eng in engines.items():
             b1[name].append(batch1_decode(eng, prompt, args.decode_tokens))
         print({n: round(v[-1]["tok_s_wall"], 1) for n, v in b1.items()}, flush=True)
-    llama = llama_cpp(args.llama_bench, args.model, args.repeats)
-    print("llama.cpp", llama, flush=True)
 
     # Batched.
     g = torch.Generator().manual_seed(0)
@@ -226,7 +240,11 @@ def main() -> None:
                                   "--memory-child", name], capture_output=True, text=True,
                                  check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             rss[name].append(json.loads(out.stdout.strip().splitlines()[-1])["rss_growth"])
+            print(name, "rss growth MiB", rss[name][-1] / 2**20, flush=True)
 
+    # llama.cpp last: a build still compiling when the run starts is usually done by now.
+    llama = llama_cpp(args.llama_bench, args.model, args.repeats)
+    print("llama.cpp", llama, flush=True)
     base = greedy.get("fp32")
     results: dict = {"configs": {}, "llama_cpp": llama}
     rows = []
@@ -242,7 +260,8 @@ def main() -> None:
              "batched_runs": bat[name], "perplexity": ppl[name],
              "ppl_vs_fp32": ppl[name] / ppl["fp32"] - 1 if "fp32" in ppl else None,
              "greedy_identical_to_fp32": same, "greedy_mean_common_prefix": prefix,
-             "rss_growth_bytes": statistics.median(rss[name]), "rss_runs": rss[name]}
+             "rss_growth_bytes": statistics.median(rss[name]), "rss_runs": rss[name],
+             "fp32_mean_len": statistics.mean(map(len, base)) if base else None}
         results["configs"][name] = r
         rows.append([name, f"{r['batch1_tok_s_wall']:.1f}", f"{r['batch1_tok_s_cpu']:.1f}",
                      f"{r['batched_wall_s']:.1f}", f"{r['tensor_bytes'] / 2**20:.0f}",
@@ -257,11 +276,13 @@ def main() -> None:
     header = ["weights", "batch-1 decode tok/s (wall)", "tok/s (cpu)",
               f"{args.num_requests}x{args.prompt_len}/{args.output_len} batched s (wall)",
               "tensor MiB", "MKL pack MiB", "RSS growth MiB", "perplexity", "vs fp32",
-              "greedy = fp32", "mean common prefix (of 32)"]
+              "greedy = fp32", "mean common prefix with fp32 (tokens)"]
     md = ("SmolLM2-135M-Instruct, CPU, 1 thread. Batch-1: median of "
           f"{args.repeats} runs (configurations interleaved; the machine is shared). Batched: "
           f"median of {args.batched_repeats}. Perplexity: first {args.ppl_reviews} Amazon "
-          f"Musical Instruments reviews, {args.ppl_tokens} tokens each.\n\n"
+          f"Musical Instruments reviews, {args.ppl_tokens} tokens each. Greedy: 8 chat "
+          f"prompts, up to 32 tokens (fp32 answers average "
+          f"{results['configs'].get('fp32', {}).get('fp32_mean_len') or 0:.1f} tokens).\n\n"
           + markdown_table(header, rows))
     if llama:
         md += (f"\nllama.cpp: `{llama['command']}` (build {llama['build']}); prefill 256: "
