@@ -216,7 +216,8 @@ def test_smollm2_gguf_kept_quantized_small_and_personalizes():
     assert count_linears(eng.model) == {"int4": 210, "int8": 1, "float": 0}
     base_bytes = weight_bytes(eng.model) - sum(
         p.numel() * 4 for p in eng.model.model.cross_blocks.parameters())
-    assert base_bytes < 100 * 2**20  # 92 MiB: Q4_1 layers + Q8_0 tied head/embeddings
+    # 106 MiB: Q4_1 codes + fp32 d/m, Q8_0 tied head/embeddings + fp32 d, norms.
+    assert base_bytes < 115 * 2**20
     for block in eng.model.model.cross_blocks.values():
         block.gate_attn.data.fill_(1.0)
         block.gate_mlp.data.fill_(1.0)
