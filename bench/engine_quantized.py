@@ -137,10 +137,11 @@ def perplexity(model, texts: list[list[int]], batch: int = 8) -> float:
     return float(torch.exp(torch.tensor(nll / count)))
 
 
-def llama_cpp(binary: str, model: str, repeats: int) -> dict | None:
+def llama_cpp(binary: str, model: str, repeats: int, prompt: int = 256,
+              gen: int = 64) -> dict | None:
     if not binary or not Path(binary).is_file():
         return None
-    cmd = [binary, "-m", model, "-t", "1", "-p", "256", "-n", "64", "-r", str(repeats),
+    cmd = [binary, "-m", model, "-t", "1", "-p", str(prompt), "-n", str(gen), "-r", str(repeats),
            "-o", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
@@ -168,6 +169,8 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=64)
     ap.add_argument("--memory-runs", type=int, default=1)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--batch1-only", action="store_true",
+                    help="only the batch-1 decode rounds (engine_quantized_batch1.*)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -197,10 +200,17 @@ def main() -> None:
     for eng in engines.values():
         eng.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     b1: dict[str, list] = {n: [] for n in configs}
+    llama_b1: list[float] = []  # llama.cpp's batch-1 decode, in the same rounds as ours
     for _ in range(args.repeats):
         for name, eng in engines.items():
             b1[name].append(batch1_decode(eng, prompt, args.decode_tokens))
-        print({n: round(v[-1]["tok_s_wall"], 1) for n, v in b1.items()}, flush=True)
+        one = llama_cpp(args.llama_bench, args.model, 1, prompt=0, gen=args.decode_tokens)
+        if one:
+            llama_b1.append(one["decode_tok_s"])
+        print({n: round(v[-1]["tok_s_wall"], 1) for n, v in b1.items()}, llama_b1[-1:],
+              flush=True)
+    if args.batch1_only:
+        return write_batch1(args, configs, b1, llama_b1, info)
 
     # Batched.
     g = torch.Generator().manual_seed(0)
@@ -242,8 +252,11 @@ def main() -> None:
             rss[name].append(json.loads(out.stdout.strip().splitlines()[-1])["rss_growth"])
             print(name, "rss growth MiB", rss[name][-1] / 2**20, flush=True)
 
-    # llama.cpp last: a build still compiling when the run starts is usually done by now.
+    # llama.cpp's own prefill / decode figures (its decode also interleaved above).
     llama = llama_cpp(args.llama_bench, args.model, args.repeats)
+    if llama and llama_b1:
+        llama["decode_tok_s_interleaved_median"] = statistics.median(llama_b1)
+        llama["decode_tok_s_interleaved_runs"] = llama_b1
     print("llama.cpp", llama, flush=True)
     base = greedy.get("fp32")
     results: dict = {"configs": {}, "llama_cpp": llama}
@@ -271,11 +284,11 @@ def main() -> None:
                      f"{same}/8" if same is not None else "-",
                      f"{prefix:.1f}" if prefix is not None else "-"])
     if llama:
-        rows.append(["llama.cpp (Q4_1 GGUF)", f"{llama.get('decode_tok_s', 0):.1f}", "-", "-",
+        rows.append(["llama.cpp (Q4_1 GGUF)", f"{_llama_decode(llama):.1f}", "-", "-",
                      "-", "-", "-", "-", "-", "-", "-"])
     header = ["weights", "batch-1 decode tok/s (wall)", "tok/s (cpu)",
               f"{args.num_requests}x{args.prompt_len}/{args.output_len} batched s (wall)",
-              "tensor MiB", "MKL pack MiB", "RSS growth MiB", "perplexity", "vs fp32",
+              "tensor MiB", "MKL pack MiB (allocated)", "RSS growth MiB", "perplexity", "vs fp32",
               "greedy = fp32", "mean common prefix with fp32 (tokens)"]
     md = ("SmolLM2-135M-Instruct, CPU, 1 thread. Batch-1: median of "
           f"{args.repeats} runs (configurations interleaved; the machine is shared). Batched: "
@@ -290,6 +303,29 @@ def main() -> None:
     config = vars(args) | {"threads": 1}
     write_results("engine_quantized", config, results, md)
     plot(results, RESULTS / "engine_quantized.png")
+    print(md)
+
+
+def _llama_decode(llama: dict) -> float:
+    return llama.get("decode_tok_s_interleaved_median", llama.get("decode_tok_s", 0.0))
+
+
+def write_batch1(args, configs, b1, llama_b1, info) -> None:
+    """--batch1-only: the batch-1 decode rows alone (engine_quantized_batch1.*)."""
+    results = {n: {"tok_s_wall": statistics.median(r["tok_s_wall"] for r in b1[n]),
+                   "tok_s_cpu": statistics.median(r["tok_s_cpu"] for r in b1[n]),
+                   "runs": b1[n], **info[n]} for n in configs}
+    results["llama_cpp"] = {"decode_tok_s_median": statistics.median(llama_b1),
+                            "runs": llama_b1} if llama_b1 else None
+    rows = [[n, f"{results[n]['tok_s_wall']:.1f}", f"{results[n]['tok_s_cpu']:.1f}",
+             f"{results[n]['tensor_bytes'] / 2**20:.0f}"] for n in configs]
+    if llama_b1:
+        rows.append(["llama.cpp (Q4_1 GGUF)", f"{statistics.median(llama_b1):.1f}", "-", "-"])
+    md = (f"SmolLM2-135M-Instruct batch-1 decode ({args.decode_tokens} tokens), CPU, 1 thread; "
+          f"median of {args.repeats} rounds, each round runs every configuration and "
+          "llama.cpp (`llama-bench -t 1 -p 0 -n 64 -r 1`) in turn (the machine is shared).\n\n"
+          + markdown_table(["weights", "tok/s (wall)", "tok/s (cpu)", "tensor MiB"], rows))
+    write_results("engine_quantized_batch1", vars(args), results, md)
     print(md)
 
 
@@ -312,7 +348,7 @@ def plot(results: dict, path: Path) -> None:
     speed = [cfg[n]["batch1_tok_s_wall"] for n in names]
     if results.get("llama_cpp"):
         names_s = names + ["llama.cpp"]
-        speed.append(results["llama_cpp"].get("decode_tok_s", 0))
+        speed.append(_llama_decode(results["llama_cpp"]))
     else:
         names_s = names
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
