@@ -17,7 +17,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
+    add_quantize_args(p)
     p.set_defaults(func=cmd_generate)
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    """--quantize / --dequantize: how the base model's weights are held (llm/quantize.py)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quantize", choices=("int8", "int4", "gguf"), default=None,
+                   help="base weights: int8/int4 quantized at load, or a GGUF's own blocks "
+                        "(the default for a .gguf model); cross blocks stay full precision")
+    g.add_argument("--dequantize", dest="quantize", action="store_const", const="none",
+                   help="de-quantize a GGUF model to full precision")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -38,7 +49,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(threads)
-    p = Personalizer.load(adapter, args.model, args.encoder, kv_cache_bytes=128 << 20, max_num_seqs=4)
+    p = Personalizer.load(adapter, args.model, args.encoder, kv_cache_bytes=128 << 20, max_num_seqs=4,
+                          quantize=args.quantize)
     try:
         store = Store.open()
         try:  # the user's tokens, from the store's sealed cache while their history is unchanged

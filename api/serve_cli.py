@@ -5,6 +5,8 @@ import argparse
 import json
 import logging
 
+from api.generate_cli import add_quantize_args
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line. Messages are ours (route templates, counts, keyed ids) or
@@ -30,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="base model (default: the adapter's)")
     p.add_argument("--encoder", default=None,
                    help="encoder checkpoint for embeddings and recommendations (default: the adapter's)")
+    add_quantize_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -38,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from api.service import Settings, create_app
 
-    overrides = {k: v for k in ("host", "port", "adapter", "model", "encoder")
+    overrides = {k: v for k in ("host", "port", "adapter", "model", "encoder", "quantize")
                  if (v := getattr(args, k)) is not None}
     settings = Settings.load(args.config, **overrides)
     handler = logging.StreamHandler()

@@ -1,6 +1,7 @@
 """Load a checkpoint into our modules: a Hugging Face folder (config.json + safetensors) or a
-GGUF file (dequantised by transformers' GGUF support). Config and tokenizer always come through
-transformers' Auto classes.
+GGUF file (dequantised by transformers' GGUF support, or with quantize="gguf" its Q4/Q8 blocks
+kept as they are: llm/quantize.py). Config and tokenizer always come through transformers'
+Auto classes.
 
     model, tokenizer, hf_config = load_model(path, dtype=torch.float32, device="cpu",
                                              cross_every_n=0, user_dim=None)
@@ -167,7 +168,7 @@ def init_user_modules(model: LlamaForCausalLM, seed: int = 0) -> None:
     tiny gives its gate almost no gradient, and its weights get none until the gate opens;
     with 0.02 a stage-2 run on a CPU budget barely moved off the base model."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    emb_std = float(model.model.embed_tokens.weight.float().std())
+    emb_std = _embedding_std(model.model.embed_tokens)
     users = list(model.model.cross_blocks.values())
     if model.model.soft_prompt is not None:
         users.append(model.model.soft_prompt)
@@ -183,18 +184,59 @@ def init_user_modules(model: LlamaForCausalLM, seed: int = 0) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * scale / fan_in ** 0.5)
 
 
+def _embedding_std(emb: torch.nn.Module) -> float:
+    if isinstance(emb, torch.nn.Embedding):
+        return float(emb.weight.float().std())
+    # A quantized table: read in chunks of rows, never the whole table in fp32.
+    n, total, sq = emb.num_embeddings, 0.0, 0.0
+    for start in range(0, n, 4096):
+        rows = emb(torch.arange(start, min(n, start + 4096))).double()
+        total, sq = total + float(rows.sum()), sq + float((rows * rows).sum())
+    count = n * emb.embedding_dim
+    return ((sq - total * total / count) / (count - 1)) ** 0.5
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", cross_every_n: int = 0,
                user_dim: int | None = None, *, integration: str = "cross",
                cross_heads: int | None = None, cross_intermediate_size: int | None = None,
-               seed: int = 0) -> tuple[LlamaForCausalLM, Any, Any]:
+               seed: int = 0, quantize: str = "none",
+               group_size: int | None = None) -> tuple[LlamaForCausalLM, Any, Any]:
     """-> (model, tokenizer, hf_config). FileNotFoundError for a missing path, ValueError for
-    anything else we cannot load (wrong file kind, unsupported architecture, bad settings)."""
+    anything else we cannot load (wrong file kind, unsupported architecture, bad settings).
+
+    quantize (llm/quantize.py): "none" (default here: training wants the fp32 base),
+    "int8" / "int4" (base linears quantized at load), "gguf" (a GGUF's blocks kept as they
+    are, never de-quantized to fp32). User-token modules always stay full precision."""
+    from llm.quantize import build_gguf_quantized, quantize_model, resolve_mode
+
+    _, gguf = resolve(path)
+    mode = resolve_mode(quantize, bool(gguf))
+    if mode == "gguf":
+        return _load_gguf_kept(path, dtype, device, cross_every_n, user_dim, integration,
+                               cross_heads, cross_intermediate_size, seed, build_gguf_quantized)
     ckpt = read_checkpoint(path, dtype=torch.float32)
     model = build_model(ckpt.hf_config, ckpt.state_dict, dtype=dtype, device=device,
                         integration=integration, cross_every_n=cross_every_n,
                         user_dim=user_dim, cross_heads=cross_heads,
                         cross_intermediate_size=cross_intermediate_size, seed=seed)
+    if mode != "none":
+        ckpt.state_dict.clear()  # the float copy goes before the quantized one is made
+        quantize_model(model, mode, group_size)
     return model, ckpt.tokenizer, ckpt.hf_config
 
 
+def _load_gguf_kept(path, dtype, device, cross_every_n, user_dim, integration, cross_heads,
+                    cross_intermediate_size, seed, build):
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder, gguf = resolve(path)
+    with _gguf_parsed_once():
+        hf_config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    cfg = ModelConfig.from_hf(hf_config, integration=integration, cross_every_n=cross_every_n,
+                              user_dim=user_dim, cross_heads=cross_heads,
+                              cross_intermediate_size=cross_intermediate_size)
+    model = build(folder / gguf, cfg, LlamaForCausalLM)
+    init_user_modules(model, seed)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, hf_config

@@ -131,11 +131,11 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.norm.weight.dtype  # the LM head may hold quantized codes
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     def attention_modules(self) -> list[Attention]:
         return [layer.self_attn for layer in self.model.layers]

@@ -31,7 +31,7 @@ def load_models(settings: Settings):  # noqa: ANN201
     from userenc.checkpoint import load_checkpoint
 
     engine_kwargs = dict(kv_cache_bytes=settings.kv_cache_mb << 20,
-                         max_num_seqs=settings.max_num_seqs)
+                         max_num_seqs=settings.max_num_seqs, quantize=settings.quantize)
     personalizer, encoder_dir = None, settings.encoder
     if settings.adapter is not None:
         personalizer = Personalizer.load(settings.adapter, settings.model, settings.encoder,

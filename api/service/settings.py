@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import (
@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=32, ge=1)
     # threads for the read routes' store and encoder work (embedding, recommendations, similar)
     read_threads: int = Field(default=8, ge=1)
+    # Base weights (llm/quantize.py): None serves an adapter on the full-precision base it was
+    # trained and evaluated on, keeps a bare GGUF's Q4/Q8 blocks, and any other checkpoint in
+    # full precision; "none" de-quantizes; "gguf" keeps the blocks under an adapter too;
+    # "int8" / "int4" quantize at load. Cross blocks / the user-token path stay full precision.
+    quantize: Literal["none", "gguf", "int8", "int4"] | None = None
     # Limits.
     max_body_bytes: int = Field(default=1 << 20, ge=1)
     max_events_per_request: int = Field(default=1000, ge=1)

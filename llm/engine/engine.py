@@ -142,9 +142,18 @@ class Engine:
                         enable_prefix_caching: bool = True, use_cuda_graphs: bool | None = None,
                         cross_every_n: int = 0, user_dim: int | None = None,
                         adapter: str | os.PathLike | None = None,
+                        quantize: str | None = None, group_size: int | None = None,
                         **load_kwargs) -> "Engine":
         """Load a Hugging Face folder (safetensors) or a .gguf file and build the engine.
         dtype/device default to fp32 on CPU, bf16 on CUDA when available.
+
+        quantize (llm/quantize.py): None keeps a GGUF's Q4/Q8 blocks ("gguf") and loads any
+        other checkpoint in full precision, except under an adapter, which is served in full
+        precision (what it was trained and evaluated on) unless a mode is given; "none" de-quantizes a GGUF (the CLI's
+        --dequantize); "int8" / "int4" quantize the base linears at load (group_size 32-128).
+        The user-token modules (cross blocks, soft-prompt projection) stay full precision.
+        An adapter with LoRA or trained base weights is merged into the float base first,
+        then quantized only when "int8" / "int4" is asked for explicitly.
 
         adapter: a trained adapter folder (`userllm train-adapter`): the model is built with
         its integration and its weights loaded (LoRA merged into the base weights). It must
@@ -155,19 +164,38 @@ class Engine:
             raise FileNotFoundError(f"model path {os.fspath(path)!r} does not exist")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        adapter_cfg = None
+        from llm.loader import resolve
+        from llm.quantize import quantize_model, resolve_mode
+
+        if adapter is not None and quantize is None:
+            # An adapter is served on the base precision it was trained and evaluated on (fp32:
+            # the parity with its training forward holds there); quantizing is asked for.
+            quantize = "none"
+        mode = resolve_mode(quantize, resolve(path)[1] is not None)
+        adapter_cfg, quantize_after = None, None
         if adapter is not None:
             adapter_cfg = _checked_adapter(path, adapter, cross_every_n, user_dim, load_kwargs)
             load_kwargs = load_kwargs | adapter_cfg.load_kwargs()
             cross_every_n = load_kwargs.pop("cross_every_n")
             user_dim = load_kwargs.pop("user_dim")
+            if (adapter_cfg.lora is not None or adapter_cfg.trains_base) and mode != "none":
+                # Merging needs float base weights: load them, merge, then quantize if asked.
+                if quantize == "gguf":
+                    raise ValueError("this adapter changes the base weights (LoRA or full); "
+                                     "GGUF blocks cannot be kept: use 'int8', 'int4' or "
+                                     "'none'")
+                quantize_after = mode if mode in ("int8", "int4") else None
+                mode = "none"
         model, tokenizer, hf_config = load_model(path, dtype=dtype, device=device,
                                                  cross_every_n=cross_every_n, user_dim=user_dim,
+                                                 quantize=mode, group_size=group_size,
                                                  **load_kwargs)
         if adapter_cfg is not None:
             from llm.adapter import apply_adapter
 
             apply_adapter(model, adapter, adapter_cfg)
+        if quantize_after is not None:
+            quantize_model(model, quantize_after, group_size)
         config = EngineConfig(block_size=block_size, kv_cache_bytes=kv_cache_bytes,
                               max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
