@@ -4,6 +4,8 @@ the engine on quantized weights (batching invariance, cancellation, a personaliz
 with full-precision cross blocks)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,12 @@ from llm.layers.quant import (DEQUANT_MIN_ROWS, QuantEmbedding, QuantLinear, qua
                               quantize_int8, round_activations)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+# The same file tests/llm/conftest.py names (a plain `from conftest import` finds another test
+# folder's conftest under the full suite).
+SMOLLM2_GGUF = (Path(__file__).resolve().parents[2] / ".." / "shared" / "models"
+                / "smollm2-135m-instruct-q4_1-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf").resolve()
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,7 +92,6 @@ def test_gguf_blocks_relayout_matches_gguf_dequantize(qtype):
 
 @pytest.mark.xdist_group("smollm2")
 def test_smollm2_gguf_blocks_equal_transformers_dequantization(smollm2_checkpoint):
-    from conftest import SMOLLM2_GGUF
     from llm.gguf_blocks import gguf_state
     from llm.layers.quant import QuantizedTensor
 
@@ -206,7 +213,6 @@ def test_quantize_modes_are_checked(tiny_path):
 
 @pytest.mark.xdist_group("smollm2")
 def test_smollm2_gguf_kept_quantized_small_and_personalizes():
-    from conftest import SMOLLM2_GGUF
     from llm.quantize import weight_bytes
 
     if not SMOLLM2_GGUF.is_file():
