@@ -176,7 +176,7 @@ def _top_unseen(encoder: LoadedEncoder, state: torch.Tensor, seen: np.ndarray, k
     scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
     top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
     vocab = encoder.tokenizer.vocabs[encoder.tokenizer.spec.item.name]
-    return [(vocab.value(int(i)), float(v)) for v, i in zip(top.values, top.indices)]
+    return [(vocab.value(i), v) for v, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
 def cached_recommend(store, encoder: LoadedEncoder, version: str, external_id: str, k: int,
