@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+from pathlib import Path
 
 from api.generate_cli import add_quantize_args
 
@@ -32,23 +34,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="base model (default: the adapter's)")
     p.add_argument("--encoder", default=None,
                    help="encoder checkpoint for embeddings and recommendations (default: the adapter's)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="server processes (default 1); each loads its own models")
     add_quantize_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.service import Settings, create_app
+    from api.service.app import CONFIG_FILE_ENV
 
-    overrides = {k: v for k in ("host", "port", "adapter", "model", "encoder", "quantize")
+    overrides = {k: v for k in ("host", "port", "adapter", "model", "encoder", "quantize", "workers")
                  if (v := getattr(args, k)) is not None}
-    settings = Settings.load(args.config, **overrides)
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
-    print(json.dumps({"event": "serve", "host": settings.host, "port": settings.port}), flush=True)
+    settings = Settings.load(args.config, **overrides)  # checked here, before any worker starts
+    setup_logging(settings.log_level)
+    print(json.dumps({"event": "serve", "host": settings.host, "port": settings.port,
+                      "workers": settings.workers}), flush=True)
     # uvicorn's access log prints paths, and paths hold user ids: ours logs route templates.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                access_log=False, log_level=settings.log_level, timeout_graceful_shutdown=10)
+    common = dict(host=settings.host, port=settings.port, access_log=False,
+                  log_level=settings.log_level, timeout_graceful_shutdown=10)
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return 0
+    # Worker processes build their app from the environment: hand them this command's values.
+    os.environ.update({f"USERLLM_{k.upper()}": str(v) for k, v in overrides.items()})
+    if args.config:
+        os.environ[CONFIG_FILE_ENV] = str(Path(args.config).resolve())
+    uvicorn.run("api.service.app:app_from_environment", factory=True, workers=settings.workers,
+                **common)
     return 0

@@ -53,10 +53,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(env: dict, port: int, adapter: Path, threads: int) -> subprocess.Popen:
+def start_server(env: dict, port: int, adapter: Path, threads: int, workers: int = 1) -> subprocess.Popen:
     import httpx
 
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--adapter", str(adapter)]
+    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--adapter", str(adapter),
+           "--workers", str(workers)]
     proc = subprocess.Popen(cmd, env=env | {"USERLLM_THREADS": str(threads)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -258,7 +259,9 @@ def main() -> int:
     ap.add_argument("--read-clients", default="4,8,16", help="concurrent read clients per phase")
     ap.add_argument("--clients", default="1,8,32", help="concurrent chat clients per phase")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="server torch threads")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="server torch threads (per worker: threads / workers)")
+    ap.add_argument("--workers", type=int, default=1, help="server processes (userllm serve --workers)")
     ap.add_argument("--smoke", action="store_true", help="1 s phases, few users, nothing written")
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = ap.parse_args()
@@ -303,7 +306,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     clients = [int(c) for c in args.clients.split(",")]
     results: dict = {"reads": None, "reads_by_route": {}, "chat_http": [], "chat_direct": []}
-    proc = start_server(env, port, adapter, args.threads)
+    proc = start_server(env, port, adapter, max(1, args.threads // args.workers), args.workers)
     try:
         import httpx
 
@@ -354,7 +357,8 @@ def main() -> int:
     from common import markdown_table, write_results  # noqa: E402 - bench/common.py
 
     sm = results["server_metrics"]
-    md = (f"# API load ({model_kind}; {args.seconds:g} s per phase; server threads {args.threads})\n\n"
+    md = (f"# API load ({model_kind}; {args.seconds:g} s per phase; server threads {args.threads}, "
+          f"workers {args.workers})\n\n"
           "Reads, embedding and recommendations mixed 50/50 (target >= 1,000 req/s with p99 <= 20 ms "
           "on 2 cores; the load generator shares the 2 cores):\n\n"
           + markdown_table(["clients", "req/s", "p50 ms", "p99 ms", "errors"],
@@ -375,6 +379,7 @@ def main() -> int:
                             "TTFT overhead (HTTP/direct)", "throughput overhead (direct/HTTP)"], rows))
     config = {"model": model_kind, "users": len(users), "seconds": args.seconds, "read_clients": args.read_clients,
               "chat_clients": clients, "max_tokens": args.max_tokens, "server_threads": args.threads,
+              "server_workers": args.workers,
               "database": "postgresql" if data_url.startswith("postgres") else "sqlite", "smoke": args.smoke}
     shutil.rmtree(work, ignore_errors=True)
     if args.smoke:

@@ -4,6 +4,7 @@ loads the models and starts the async engine, and closes them all on shutdown.""
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -42,6 +43,21 @@ def load_models(settings: Settings):  # noqa: ANN201
         personalizer = Personalizer.base_only(settings.model, **engine_kwargs)
     encoder = load_checkpoint(encoder_dir) if encoder_dir is not None else None
     return personalizer, encoder
+
+
+# `userllm serve --workers N` names its settings file here for the worker processes.
+CONFIG_FILE_ENV = "USERLLM_SERVE_CONFIG_FILE"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of `userllm serve --workers N` (uvicorn's factory): the
+    settings from the environment, where the parent put its command-line values, over the
+    settings file it named; the same JSON logs as the parent."""
+    from api.serve_cli import setup_logging
+
+    settings = Settings.load(os.environ.get(CONFIG_FILE_ENV) or None)
+    setup_logging(settings.log_level)
+    return create_app(settings)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=32, ge=1)
     # threads for the read routes' store and encoder work (embedding, recommendations, similar)
     read_threads: int = Field(default=8, ge=1)
+    # Server processes (uvicorn workers). Each loads its own models and engine (memory x N) and
+    # keeps its own key cache and, without redis_url, its own rate-limit counters; the store is
+    # shared. Python runs one request's code at a time per process: more workers use more cores.
+    workers: int = Field(default=1, ge=1)
     # Base weights (llm/quantize.py): None serves an adapter on the full-precision base it was
     # trained and evaluated on, keeps a bare GGUF's Q4/Q8 blocks, and any other checkpoint in
     # full precision; "none" de-quantizes; "gguf" keeps the blocks under an adapter too;

@@ -1,5 +1,6 @@
 """`userllm admin create-key` (scopes checked, key shown once and working) and `userllm serve`
-as an operator runs it: a subprocess configured by a TOML file and the environment."""
+as an operator runs it: a subprocess configured by a TOML file and the environment, with two
+worker processes."""
 from __future__ import annotations
 
 import socket
@@ -33,7 +34,8 @@ def test_create_key_checks_scopes_and_serve_runs_from_toml(sqlite_backend, tmp_p
         port = s.getsockname()[1]
     config = tmp_path / "serve.toml"
     config.write_text(f'host = "127.0.0.1"\nport = {port}\nthreads = 1\nrate_limit = "1000/minute"\n')
-    proc = subprocess.Popen([*cli, "serve", "--config", str(config)], env=env,
+    # Two worker processes: the settings file and the command line reach both.
+    proc = subprocess.Popen([*cli, "serve", "--config", str(config), "--workers", "2"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
@@ -55,5 +57,6 @@ def test_create_key_checks_scopes_and_serve_runs_from_toml(sqlite_backend, tmp_p
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
     # uvicorn shuts down gracefully, then re-raises the signal it caught.
-    assert proc.returncode in (0, -15) and "Application shutdown complete" in out, out
+    assert proc.returncode in (0, -15) and out.count("Application shutdown complete") == 2, out
+    assert '"workers": 2' in out
     assert "ulk_" not in out
