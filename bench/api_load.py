@@ -316,7 +316,7 @@ def main() -> int:
         # Warm-up, not timed: every worker computes its catalogue embeddings and every user's
         # latest state once (a cold recommendation runs the encoder: the cache counters count
         # those misses), so the read phases measure the steady state.
-        run(read_load(url, token, users, args.read_clients, max(2.0, args.seconds / 4)))
+        run(read_load(url, token, users, 16, max(2.0, args.seconds / 4)))
         read_clients = [int(c) for c in args.read_clients.split(",")]
         results["reads"] = []
         for n in read_clients:
