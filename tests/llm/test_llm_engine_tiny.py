@@ -160,15 +160,20 @@ def _dense_greedy(model, prompt, n, user=None):
     return ids[len(prompt):]
 
 
-def test_cross_attention_users_differ_and_match_dense_path(tiny_path, hf_model):
-    eng = engine(tiny_path, cross_every_n=1, user_dim=8, block_size=8, max_num_batched_tokens=24,
-                 max_num_seqs=8)
+def open_cross_gates(eng: Engine) -> Engine:
+    """Gates at 0.8 and random cross-attention weights (seeded): users' tokens then matter."""
     torch.manual_seed(0)
     for block in eng.model.model.cross_blocks.values():
         block.gate_attn.data.fill_(0.8)
         block.gate_mlp.data.fill_(0.8)
         for p in block.cross_attn.parameters():
             p.data.normal_(0, 0.3)
+    return eng
+
+
+def test_cross_attention_users_differ_and_match_dense_path(tiny_path, hf_model):
+    eng = open_cross_gates(engine(tiny_path, cross_every_n=1, user_dim=8, block_size=8,
+                                  max_num_batched_tokens=24, max_num_seqs=8))
     u1, u2 = torch.randn(6, 8) * 3, torch.randn(3, 8) * 3
     prompt = random_prompts(1, [30], seed=7)[0]
     outs = eng.generate([prompt, prompt, prompt], GREEDY, user_tokens=[u1, u2, None])
@@ -309,15 +314,8 @@ def test_padded_decode_mixes_personalized_and_plain_sequences(tiny_path):
     and lengths, padded buckets), run eagerly on CPU: a batch mixing users with and without
     user tokens gives the same tokens as the unpadded eager path, and users still matter."""
     def personalized(**kw) -> Engine:
-        eng = engine(tiny_path, cross_every_n=1, user_dim=8, block_size=8, max_num_seqs=7,
-                     max_num_batched_tokens=64, **kw)
-        torch.manual_seed(0)
-        for block in eng.model.model.cross_blocks.values():
-            block.gate_attn.data.fill_(0.8)
-            block.gate_mlp.data.fill_(0.8)
-            for p in block.cross_attn.parameters():
-                p.data.normal_(0, 0.3)
-        return eng
+        return open_cross_gates(engine(tiny_path, cross_every_n=1, user_dim=8, block_size=8,
+                                       max_num_seqs=7, max_num_batched_tokens=64, **kw))
 
     g = torch.Generator().manual_seed(5)
     users = [torch.randn(6, 8, generator=g) * 3, None, torch.randn(3, 8, generator=g) * 3,
