@@ -81,8 +81,10 @@ class Personalizer:
         """(tokens, cache hit): the sealed copy in the store when it was computed from the user's
         current history (the store's digest of it: no payload opened) by this adapter's encoder,
         else read, encoded and sealed now. (None, False) for a user without events."""
+        if self.encoder is None:
+            return None, False
         digest = store.history_digest(external_id)
-        if digest is None or self.encoder is None:
+        if digest is None:
             return None, False
 
         def compute() -> list[np.ndarray]:
@@ -180,15 +182,17 @@ def _top_unseen(encoder: LoadedEncoder, state: torch.Tensor, seen: np.ndarray, k
 
 
 def cached_recommend(store, encoder: LoadedEncoder, version: str, external_id: str, k: int,
-                     history: Callable[[], list[Event]]) -> tuple[list[tuple[str, float]], bool]:  # noqa: ANN001
+                     history: Callable[[], list[Event]]
+                     ) -> tuple[list[tuple[str, float]] | None, bool]:  # noqa: ANN001
     """recommend() with the history's latest state and seen items sealed in the store per
     encoder `version`, keyed by the store's history digest (no payload is opened to check it):
     a repeated read ranks the catalogue with one small matrix product, and only a changed
-    history is read (`history()`) and encoded again. (items, cache hit); ([], False) for a
+    history is read (`history()`) and encoded again. (items, cache hit); (None, False) for a
     user without events."""
+    assert k >= 1, "k is at least 1"
     digest = store.history_digest(external_id)
-    if digest is None or k < 1:
-        return [], False
+    if digest is None:
+        return None, False
     (state, seen), hit = sealed_per_history(store, external_id, f"rank-state-{version}", digest,
                                             lambda: _rank_inputs(encoder, history()))
     return _top_unseen(encoder, torch.from_numpy(state[0]), seen[0], k), hit

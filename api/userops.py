@@ -113,7 +113,7 @@ class UserOps:
         t0 = time.perf_counter()
         items, hit = cached_recommend(self.store, encoder, self.rank_version, external_id, k,
                                       lambda: self.history(external_id))
-        if not items and self.store.history_digest(external_id) is None:
+        if items is None:  # no events: never stored, or erased
             raise UnknownUser()
         if self.on_cache is not None:
             self.on_cache("rank_state", hit, time.perf_counter() - t0)

@@ -54,4 +54,4 @@ def test_cached_ranking_matches_the_encoder_and_follows_the_history(tiny_models,
 
         delete_user(store, u)
         assert not folder.exists() or not any(folder.iterdir())
-        assert cached_recommend(store, encoder, "v1", u, 5, lambda: 1 / 0) == ([], False)
+        assert cached_recommend(store, encoder, "v1", u, 5, lambda: 1 / 0) == (None, False)
