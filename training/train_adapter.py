@@ -28,9 +28,14 @@ from training.adapter_data import Encoded, collate, encode_examples, length_batc
 from training.config import AdapterConfig, AdapterTrainConfig
 from training.split import data_fingerprint, encoder_holdout
 from training.tasks import Catalogue, check_tasks, task_split, train_examples, valid_examples
-from training.train_encoder import CosineSchedule, _restore_state, _training_state, seed_everything
+from training.train_encoder import (
+    CosineSchedule,
+    _restore_state,
+    _training_state,
+    recover_run,
+    seed_everything,
+)
 from training.userllm import UserLLM, parameter_counts
-from userenc.checkpoint import recover_folder
 from userenc.events import Event
 
 PROBE_STEPS = 8  # steps timed before a time budget fixes the schedule
@@ -179,10 +184,7 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
             find_unused_parameters=True)
 
     state_dir = out.with_name(out.name + ".last")
-    if dist.rank() == 0:  # a kill inside a checkpoint write leaves the old folder aside
-        recover_folder(out)
-        recover_folder(state_dir)
-    dist.barrier()
+    recover_run(out, state_dir)
     meta: dict[str, Any] = {"step": 0, "best_loss": math.inf, "history": [], "seconds": 0.0,
                             "planned_steps": total, "warmup": schedule.warmup}
     if resume and (state_dir / "state.json").is_file():

@@ -67,6 +67,15 @@ def lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:
     return CosineSchedule(total_steps, warmup)
 
 
+def recover_run(*folders: Path) -> None:
+    """Before a run reads what it resumes from: undo what a kill inside a checkpoint write left
+    of these folders (rank 0 does it; the other ranks wait)."""
+    if dist.rank() == 0:
+        for folder in folders:
+            recover_folder(folder)
+    dist.barrier()
+
+
 def _batches(items: list[dict[str, np.ndarray]], lengths: list[int], batch_size: int, rng: np.random.Generator) -> list[list[dict[str, np.ndarray]]]:
     """Shuffled batches of similar lengths (less padding): shuffle, sort within chunks of 50 batches."""
     order = rng.permutation(len(items))
@@ -135,10 +144,7 @@ def train_encoder(
     wrapped = dist.wrap(model)
 
     state_dir = out.with_name(out.name + ".last")
-    if dist.rank() == 0:  # a kill inside a checkpoint write leaves the old folder aside
-        recover_folder(out)
-        recover_folder(state_dir)
-    dist.barrier()
+    recover_run(out, state_dir)
     meta: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "seconds": 0.0, "planned_epochs": tcfg.epochs}
     if resume and (state_dir / "state.json").is_file():
         meta = json.loads((state_dir / "state.json").read_text())
