@@ -41,6 +41,12 @@ class InputBatch:
             return 0
         return max(self.top_ks.values())
 
+    @property
+    def top_k_is_width(self) -> bool:
+        """Every sampling row sets the same top_k (so the top-k selection is its mask)."""
+        return bool(self.top_ks) and len(self.top_ks) == self.num_random \
+            and min(self.top_ks.values()) == max(self.top_ks.values())
+
     def _count(self, seq: Sequence, sign: int) -> None:
         p = seq.sampling
         self.num_random += sign * (not p.greedy)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from llm.context import ForwardContext, use_context
-from llm.engine.batch_sampler import SamplingBatch, sample, step_keys
+from llm.engine.batch_sampler import SamplingBatch, sample, step_key
 from llm.engine.decode_graphs import DecodeGraphRunner
 from llm.engine.input_batch import InputBatch
 from llm.engine.sampler import apply_repetition_penalty
@@ -173,8 +173,10 @@ class ModelRunner:
             return logits.argmax(dim=-1).tolist()
         rows = torch.tensor([s.row for s in seqs], dtype=torch.long).to(self.device)
         t, k, p = ib.sampling.index_select(0, rows).unbind(1)
-        seeded = ([(i, step_keys(s.seed, s.num_output_tokens))
+        seeded = ([(i, step_key(s.seed, s.num_output_tokens))
                    for i, s in enumerate(seqs) if s.seed is not None] if ib.num_seeded else [])
+        candidates = ib.max_top_k
         batch = SamplingBatch(t, k, p, True, ib.num_top_k > 0, ib.num_top_p > 0, seeded,
-                              candidates=ib.max_top_k, all_random=ib.num_random == len(ib.rows))
+                              candidates=candidates, all_random=ib.num_random == len(ib.rows),
+                              top_k_is_width=candidates > 0 and ib.top_k_is_width)
         return sample(logits, batch, self.generator).tolist()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm.engine.batch_sampler import SamplingBatch, _mix32, sample, seeded_uniform, step_keys
+from llm.engine.batch_sampler import SamplingBatch, _mix32, sample, seeded_uniform, step_key
 from llm.engine.sampler import Sampler, top_k_mask, top_p_mask
 from llm.engine.sampling_params import SamplingParams
 
@@ -63,7 +63,7 @@ def test_same_distribution_as_the_reference(params, candidates):
     # Unseeded rows share one generator; seeded rows hash (seed, position, token).
     ours = sample(rows, batch_for([params] * n, candidates=candidates),
                   torch.Generator().manual_seed(2))
-    seeded = [(i, step_keys(10_000 + i, 0)) for i in range(n)]
+    seeded = [(i, step_key(10_000 + i, 0)) for i in range(n)]
     ours_seeded = sample(rows, batch_for([params] * n, seeded, candidates), None)
     ref = Sampler()(rows.clone(), [params] * n,
                     [torch.Generator().manual_seed(i) for i in range(n)])
@@ -87,7 +87,7 @@ def test_seeded_row_does_not_depend_on_its_batch():
     def draws(rows, params, at, candidates, steps=8):
         out = []
         for step in range(steps):
-            toks = sample(rows, batch_for(params, [(at, step_keys(7, step))], candidates),
+            toks = sample(rows, batch_for(params, [(at, step_key(7, step))], candidates),
                           torch.Generator().manual_seed(100 + step))
             out.append(int(toks[at]))
         return out
@@ -111,14 +111,14 @@ def test_tiny_temperatures_sample_the_greedy_token():
 def test_seeded_noise_is_the_python_hash_and_uniform():
     """The int64 tensor hash equals the same hash on Python ints (the 64-bit products wrap,
     the masks keep the low 32 bits), and its numbers look uniform."""
-    keys = [step_keys(s, t) for s, t in [(0, 0), (1, 0), (0, 1), (-5, 3), (2**63 - 1, 10**6)]]
+    keys = [step_key(s, t) for s, t in [(0, 0), (1, 0), (0, 1), (-5, 3), (2**63 - 1, 10**6)]]
     tokens = torch.arange(0, 49152, 97)
     u = seeded_uniform(torch.tensor(keys), tokens[None])
-    for row, (k1, k2) in enumerate(keys):
+    for row, key in enumerate(keys):
         for j in (0, 7, len(tokens) - 1):
-            x = _mix32(_mix32(((int(tokens[j]) * 0x9E3779B9) & 0xFFFFFFFF) ^ k1) ^ k2)
+            x = _mix32(((int(tokens[j]) * 0x9E3779B9) & 0xFFFFFFFF) ^ key)
             assert float(u[row, j]) == ((x >> 9) + 0.5) * 2.0 ** -23
-    flat = seeded_uniform(torch.tensor([step_keys(s, 0) for s in range(200)]),
+    flat = seeded_uniform(torch.tensor([step_key(s, 0) for s in range(200)]),
                           torch.arange(500)[None]).flatten()
     assert 0 < float(flat.min()) and float(flat.max()) < 1
     hist = torch.histc(flat, bins=10, min=0, max=1) / flat.numel()
