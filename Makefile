@@ -38,6 +38,7 @@ test: setup
 # Not part of `make test`: CI has no GPU.
 test-gpu: setup
 	TRITON_INTERPRET=0 $(BIN)/python -m pytest -q tests/llm/test_llm_kernels_decode.py \
+		tests/llm/test_llm_kernels_prefill.py \
 		tests/llm/test_llm_kernels_write.py tests/llm/test_llm_kernels_compile.py
 	TRITON_INTERPRET=0 USERLLM_TEST_DEVICE=cuda $(BIN)/python -m pytest -q \
 		tests/llm/test_llm_engine_tiny.py tests/llm/test_llm_batch_sampler.py

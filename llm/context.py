@@ -26,6 +26,9 @@ class ForwardContext:
     block_tables: torch.Tensor  # [S, max_blocks] int32
     # Prefill only: new-token offsets per sequence in the flat stream (cu_seqlens_q[-1] == N).
     cu_seqlens_q: torch.Tensor | None = None  # [S+1] int32
+    # Prefill only: the longest run of new tokens (host int, so a GPU kernel's grid needs no
+    # device read); 0 = unknown, read from cu_seqlens_q when needed.
+    max_seqlen_q: int = 0
     # Cross-attention to user tokens: per sequence, its cross blocks (-1 padded) and how many
     # user tokens it has (0: no user tokens, the cross-attention block is the identity for it).
     cross_block_tables: torch.Tensor | None = None  # [S, max_cross_blocks] int32

@@ -143,7 +143,8 @@ class BeamSearch:
             context_lens=torch.tensor([len(prompts[i]) for i in group], dtype=torch.int32,
                                       device=dev),
             block_tables=_padded(tables, dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev))
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
         if self.has_cross:
             self._cross_fields(ctx, [reqs[i] for i in group])
             if cross_in:

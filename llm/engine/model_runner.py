@@ -82,7 +82,7 @@ class ModelRunner:
         ctx = ForwardContext(
             is_prefill=not decode_only or bool(cross_inputs), slot_mapping=slots,
             context_lens=(starts + lens).to(torch.int32), block_tables=tables,
-            cu_seqlens_q=cu_q)
+            cu_seqlens_q=cu_q, max_seqlen_q=max(nums))
         if self.has_cross:
             ctx.cross_block_tables = self.inputs.cross_tables.index_select(0, rows)
             ctx.cross_lens = self.inputs.cross_lens.index_select(0, rows)

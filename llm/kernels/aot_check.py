@@ -16,11 +16,12 @@ import re
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from llm.kernels import kv_write, paged_decode
+from llm.kernels import kv_write, paged_decode, paged_prefill
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
@@ -30,6 +31,14 @@ DECODE_CASES = [
     ("fp16", True, 4, 128, 8),   # Llama-8B shape, split
     ("bf16", False, 3, 64, 4),   # broadcast path, split
     ("fp32", False, 8, 80, 2),   # fp32, head_dim not a power of 2
+]
+
+# (dtype, GQA group, head_dim, causal) for the varlen prefill kernel.
+PREFILL_CASES = [
+    ("bf16", 3, 64, True),    # SmolLM2-135M self-attention
+    ("bf16", 3, 64, False),   # its cross-attention to user tokens
+    ("fp16", 4, 128, True),   # Llama-8B shape
+    ("fp32", 3, 64, True),    # fp32 (tests, parity): ieee dot
 ]
 
 
@@ -93,6 +102,25 @@ def check_all(arch: int = 90) -> list[dict]:
                       "stride_v_tok": "i32"},
                      dict(ROW=192, BLOCK=256), arch)
     rows.append({"kernel": "write_kv", "dtype": "bf16", **_ptxas_usage(write, arch)})
+    for dtype, group, head_dim, causal in PREFILL_CASES:
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        block_m, tile, num_warps = paged_prefill.launch_shape(head_dim, torch_dtype[dtype])
+        sig = {name: f"*{dtype}" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+        sig.update(block_tables_ptr="*i32", context_lens_ptr="*i32", cu_seqlens_ptr="*i32",
+                   qk_scale="fp32", max_pages="i32")
+        for name in ("stride_q_tok", "stride_q_head", "stride_c_block", "stride_c_tok",
+                     "stride_c_head", "stride_bt_seq", "stride_o_tok", "stride_o_head"):
+            sig[name] = "i32"
+        constants = dict(GROUP=group, HEAD_DIM=head_dim,
+                         HEAD_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=16,
+                         BLOCK_M=block_m, TILE=tile, CAUSAL=causal,
+                         DOT_PRECISION="ieee" if dtype == "fp32" else None)
+        compiled = _compile(paged_prefill._paged_prefill_kernel, sig, constants, arch,
+                            num_warps=num_warps)
+        rows.append({"kernel": "paged_prefill", "dtype": dtype, "group": group,
+                     "head_dim": head_dim, "causal": causal, "block_m": block_m,
+                     "tile_tokens": tile, "num_warps": num_warps,
+                     **_ptxas_usage(compiled, arch)})
     return rows
 
 

@@ -29,7 +29,7 @@ from llm.kernels.reference import gather_kv, paged_decode_attention_torch, write
 __all__ = [
     "write_kv", "write_kv_torch", "write_kv_triton",
     "paged_decode_attention", "paged_decode_attention_torch", "paged_decode_attention_triton",
-    "cross_decode_attention", "gather_kv", "backend_for",
+    "cross_decode_attention", "gather_kv", "backend_for", "paged_prefill_attention_triton",
 ]
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -59,6 +59,16 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_len
     from llm.kernels.paged_decode import paged_decode_attention_triton as impl
     return impl(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
                 tile_tokens=tile_tokens, use_dot=use_dot)
+
+
+def paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens,
+                                   cu_seqlens_q, scale, causal: bool = True,
+                                   max_seqlen_q: int | None = None) -> torch.Tensor:
+    """Varlen paged prefill in one launch (llm.layers.paged.paged_prefill_attention's
+    contract, every key already in the pool)."""
+    from llm.kernels.paged_prefill import paged_prefill_attention_triton as impl
+    return impl(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
+                causal=causal, max_seqlen_q=max_seqlen_q)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

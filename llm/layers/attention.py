@@ -83,7 +83,7 @@ class Attention(nn.Module):
             # before there is a pool); the others read their prefix from the pool.
             return paged_prefill_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                            ctx.context_lens, ctx.cu_seqlens_q, self.scale,
-                                           k_new=k, v_new=v)
+                                           k_new=k, v_new=v, max_seqlen_q=ctx.max_seqlen_q)
         assert has_pool, "decode needs the engine to have assigned k_cache/v_cache"
         assert q.shape[0] == ctx.context_lens.shape[0], "decode: one new token per sequence"
         return paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,

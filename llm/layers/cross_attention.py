@@ -90,7 +90,8 @@ class CrossAttention(nn.Module):
         if ctx.is_prefill:
             out = paged_prefill_attention(q, self.cross_k_cache, self.cross_v_cache,
                                           ctx.cross_block_tables, ctx.cross_lens,
-                                          ctx.cu_seqlens_q, self.scale, causal=False)
+                                          ctx.cu_seqlens_q, self.scale, causal=False,
+                                          max_seqlen_q=ctx.max_seqlen_q)
         else:
             out = paged_decode_attention(q, self.cross_k_cache, self.cross_v_cache,
                                          ctx.cross_block_tables, ctx.cross_lens, self.scale,

@@ -29,8 +29,8 @@ def token_sequence_index(cu_seqlens_q: torch.Tensor) -> tuple[torch.Tensor, torc
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, scale: float, causal: bool = True,
-                            k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None
-                            ) -> torch.Tensor:
+                            k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                            max_seqlen_q: int = 0) -> torch.Tensor:
     """q [N, Hq, D] (the step's new tokens, grouped by sequence as cu_seqlens_q says) attending
     to each sequence's first context_lens[s] pooled tokens. Returns [N, Hq, D]; a sequence with
     context_len 0 gets zeros (as the decode kernel does).
@@ -41,8 +41,15 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     masked call. That also serves the engine's warm-up run before it has a pool.
 
     One SDPA per sequence: no padding to the longest chunk, so a short chunk (or a decode riding
-    along) costs what it needs."""
-    from llm.kernels.ops import gather_kv
+    along) costs what it needs. On the Triton backend (CUDA by default) with a pool, which then
+    already holds this step's K/V, one varlen kernel launch replaces the loop
+    (llm/kernels/paged_prefill.py); max_seqlen_q (0 = unknown) sizes its grid."""
+    from llm.kernels.ops import backend_for, gather_kv, paged_prefill_attention_triton
+
+    if k_cache.numel() > 0 and backend_for(q) == "triton":
+        return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens,
+                                              cu_seqlens_q, scale, causal=causal,
+                                              max_seqlen_q=max_seqlen_q or None)
 
     n, hq, d = q.shape
     assert cu_seqlens_q is not None and int(cu_seqlens_q[-1]) == n, "cu_seqlens_q[-1] != N"

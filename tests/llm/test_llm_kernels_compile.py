@@ -26,8 +26,9 @@ def test_kernels_compile_for_sm90_without_spills():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"paged_decode", "combine_splits", "write_kv"}
+    assert kernels == {"paged_decode", "combine_splits", "write_kv", "paged_prefill"}
     assert sum(r["kernel"] == "paged_decode" for r in rows) == 4
+    assert sum(r["kernel"] == "paged_prefill" for r in rows) == 4
     for r in rows:
         assert 0 < r["registers"] <= 255, r
         assert r["spill_bytes"] == 0, r
