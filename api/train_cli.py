@@ -141,7 +141,7 @@ def _format_row(name: str, m: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate, model_scorer, popularity_scorer
+    from training.evaluate import cold_start_report, evaluate, model_scorer, popularity_scorer
     from training.split import encoder_holdout, leave_one_out
     from userenc.checkpoint import load_checkpoint
 
@@ -162,6 +162,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             res["seconds"] = time.perf_counter() - t0
             report[f"{part}/{name}"] = res
             print(_format_row(f"{part} {name}{' (excl. seen)' if args.exclude_seen else ''}", res[key]))
+        if part == "test":
+            # Cold start: the same test events asked with only the last 1-5 / 6-20 input events.
+            cold = cold_start_report(scorers, loaded.tokenizer, split.test)
+            report["test/cold_start"] = cold
+            for bucket, rows in cold.items():
+                print(f"test cold start, last {bucket} events: " + "  ".join(
+                    f"{name} HR@10={r['hr@10']:.4f}" for name, r in rows.items()) + f" users={next(iter(rows.values()))['users']}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
     return 0
