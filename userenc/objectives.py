@@ -13,6 +13,9 @@
 Why: next-event training under-represents long-term interests (PinnerFormer); these train the
 states (the `embed` output's and the Perceiver's input) toward the next W events instead.
 
+The Perceiver resampler's own auxiliary loss belongs to the next-event part: with
+next_event_weight 0 the resampler is left to stage 2 (the adapter) to train.
+
 Labels never reach into the input: `future_window` gives state t only events t+1.., and a
 training window's labels come from inside that window (training histories only).
 """

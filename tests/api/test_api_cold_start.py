@@ -12,6 +12,7 @@ pytestmark = pytest.mark.xdist_group("api")
 
 
 def test_unknown_user_gets_popularity_and_is_told(tiny_models, sqlite_backend, serve):
+    from api.personalize import ranked_for, recommend
     from api.userops import UnknownUser, UserOps
     from store import Store, delete_user
     from userenc.checkpoint import load_checkpoint
@@ -23,6 +24,10 @@ def test_unknown_user_gets_popularity_and_is_told(tiny_models, sqlite_backend, s
     encoder = load_checkpoint(tiny_models["encoder"])
     assert encoder.tokenizer.item_counts is not None, "new checkpoints keep training counts"
     expected = [i for i, _ in popular_items(encoder.tokenizer, 5).items]
+    # The CLI/demo path: the same fallback, and the source named.
+    assert ranked_for(encoder, [], 5).source == "popularity" and [i for i, _ in ranked_for(encoder, [], 5).items] == expected
+    warm_direct = ranked_for(encoder, histories[u], 5)
+    assert warm_direct.source == "encoder" and warm_direct.items == recommend(encoder, histories[u], 5)
     with Store.open(home, data_url, keys_url) as store:
         store.ingest(histories[u])
         ops = UserOps(store, encoder=encoder)
