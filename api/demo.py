@@ -77,7 +77,7 @@ def main() -> int:
     run_cli("embed", "--from-store", "--checkpoint", run_dir, "--to-store", "--threads", threads)
 
     from api.demo_serve import ask_through_server
-    from api.personalize import recommend
+    from api.personalize import ranked_for
     from store import Store
     from training.tasks import Catalogue, most_frequent_genre
     from userenc.checkpoint import load_checkpoint
@@ -102,9 +102,14 @@ def main() -> int:
     history = histories[first]
     step(f"user {first}: {len(history)} events; most similar users: " + ", ".join(f"{u} ({s:.2f})" for u, s in similar))
 
-    picks = [i for i, _ in recommend(load_checkpoint(run_dir), history, 5)]
+    encoder = load_checkpoint(run_dir)
+    ranked = ranked_for(encoder, history, 5)
+    picks = [i for i, _ in ranked.items]
     print("recent:", "; ".join(titles.get(e.item_id, f"item {e.item_id}") for e in history[-5:]))
-    print("encoder's top next items (not yet seen):", "; ".join(titles.get(i, f"item {i}") for i in picks))
+    print(f"top next items (not yet seen; source: {ranked.source}):", "; ".join(titles.get(i, f"item {i}") for i in picks))
+    # Cold start: a user with no events gets the stated fallback, and the line says which.
+    cold = ranked_for(encoder, [], 5)
+    print(f"a new user with no events (source: {cold.source}):", "; ".join(titles.get(i, f"item {i}") for i, _ in cold.items))
 
     model = ensure_model(Path(args.model), work)
     if model is None:

@@ -49,7 +49,8 @@ def ask_through_server(adapter: str | Path, users: Sequence[str], question: str,
                 r.raise_for_status()
                 recs = [item["item_id"] for item in r.json()["items"]]
                 names = [(titles or {}).get(i, f"item {i}") for i in recs]
-                print("   recommendations (not yet seen): " + "; ".join(names), file=out, flush=True)
+                print(f"   recommendations (not yet seen) [source: {r.json()['source']}]: " + "; ".join(names),
+                      file=out, flush=True)
                 results[user] = {"answer": "".join(parts), "recommendations": recs}
     finally:
         with Store.open(home, url, keys_url) as store:

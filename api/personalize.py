@@ -15,7 +15,9 @@ user's keyed event row ids: checking it opens no payload). New events change the
 tokens are recomputed: the encoder is not incremental), another adapter or encoder checkpoint
 changes the artefact's name, and erasure deletes the user's artefacts.
 
-`recommend` ranks the catalogue with an encoder's next-item head, items already seen left out;
+`recommend` ranks the catalogue with an encoder's next-item head, items already seen left out
+(`ranked_for` says which source ranked: a history with no events gets the stated cold-start
+fallback, the training-count popularity of userenc/cold_start.py);
 `cached_recommend` keeps the history's latest state and seen items sealed beside the user tokens,
 keyed by the store's history digest (the keyed ids of the stored events: no payload is opened to
 check it), so a repeated read neither decrypts the history nor runs the encoder.
@@ -37,6 +39,7 @@ from llm.engine.sequence import RequestOutput
 from training.adapter_checkpoint import ENCODER_WEIGHTS, adapter_meta, load_adapter_encoder
 from training.prompts import SYSTEM
 from userenc.checkpoint import LoadedEncoder
+from userenc.cold_start import SOURCE_ENCODER, Ranked, popular_items
 from userenc.events import Event
 
 
@@ -163,6 +166,14 @@ def recommend(encoder: LoadedEncoder, history: list[Event], k: int) -> list[tupl
         return []
     state, seen = _rank_inputs(encoder, history)
     return _top_unseen(encoder, torch.from_numpy(state[0]), seen[0], k)
+
+
+def ranked_for(encoder: LoadedEncoder, history: list[Event], k: int) -> Ranked:
+    """recommend(), or for a history without events the popularity fallback; `.source` says
+    which ranked the items."""
+    if not history:
+        return popular_items(encoder.tokenizer, k)
+    return Ranked(recommend(encoder, history, k), SOURCE_ENCODER)
 
 
 def _rank_inputs(encoder: LoadedEncoder, history: list[Event]) -> list[np.ndarray]:

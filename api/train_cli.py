@@ -75,6 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-negatives", dest="num_negatives", type=_positive(int), default=d_enc.num_negatives)
     p.add_argument("--out-dim", dest="out_dim", type=_positive(int), default=d_enc.out_dim, help="user-token width (the LLM's cross-attention input)")
     p.add_argument("--user-tokens", dest="num_user_tokens", type=int, default=d_enc.num_user_tokens, help="K: Perceiver resampler output tokens (0 = off)")
+    p.add_argument("--next-event-weight", dest="next_event_weight", type=float, default=d_enc.next_event_weight, help="weight of the next-event objective (the default)")
+    p.add_argument("--all-action-weight", dest="all_action_weight", type=float, default=d_enc.all_action_weight, help="weight of the dense all-action objective (every item of the next --future-window events)")
+    p.add_argument("--future-genre-weight", dest="future_genre_weight", type=float, default=d_enc.future_genre_weight, help="weight of the future genre-distribution objective")
+    p.add_argument("--future-window", dest="future_window", type=_positive(int), default=d_enc.future_window, help="W: events ahead the future objectives predict")
     p.add_argument("--holdout", type=_positive(int), default=d_train.holdout, help="events of each user's tail never trained on (1 = leave-one-out; USER-LLM's future-genre task needs 10)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -141,7 +145,7 @@ def _format_row(name: str, m: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate, model_scorer, popularity_scorer
+    from training.evaluate import cold_start_report, evaluate, model_scorer, popularity_scorer
     from training.split import encoder_holdout, leave_one_out
     from userenc.checkpoint import load_checkpoint
 
@@ -162,6 +166,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             res["seconds"] = time.perf_counter() - t0
             report[f"{part}/{name}"] = res
             print(_format_row(f"{part} {name}{' (excl. seen)' if args.exclude_seen else ''}", res[key]))
+        if part == "test":
+            # Cold start: the same test events asked with only the last 1-5 / 6-20 input events.
+            cold = cold_start_report(scorers, loaded.tokenizer, split.test)
+            report["test/cold_start"] = cold
+            for bucket, rows in cold.items():
+                print(f"test cold start, last {bucket} events: " + "  ".join(
+                    f"{name} HR@10={r['hr@10']:.4f}" for name, r in rows.items()) + f" users={next(iter(rows.values()))['users']}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
     return 0

@@ -33,6 +33,7 @@ from store.erasure import erasure_status, request_erasure
 from training.embedding import embed_users, store_embeddings
 from training.prompts import SYSTEM
 from userenc.checkpoint import LoadedEncoder
+from userenc.cold_start import SOURCE_ENCODER, Ranked, popular_items
 from userenc.events import Event
 
 log = logging.getLogger("userllm.api")
@@ -108,16 +109,21 @@ class UserOps:
         store_embeddings(self.store, encoder, users, vectors)
         return vectors[0]
 
-    def recommendations(self, external_id: str, k: int) -> list[tuple[str, float]]:
+    def recommendations(self, external_id: str, k: int) -> Ranked:
+        """The encoder's top k for the user's history; a user without events (cold start: not
+        stored yet) gets the popularity fallback, `.source` saying so. An erased user stays
+        unknown (404), as everywhere else."""
         encoder = self._need_encoder()
         t0 = time.perf_counter()
         items, hit = cached_recommend(self.store, encoder, self.rank_version, external_id, k,
                                       lambda: self.history(external_id))
         if items is None:  # no events: never stored, or erased
-            raise UnknownUser()
+            if self.store.keys.tombstone(self.store.hasher.user(external_id)) is not None:
+                raise UnknownUser()
+            return popular_items(encoder.tokenizer, k)
         if self.on_cache is not None:
             self.on_cache("rank_state", hit, time.perf_counter() - t0)
-        return items
+        return Ranked(items, SOURCE_ENCODER)
 
     def similar(self, external_id: str, k: int) -> list[tuple[str, float]]:
         self._need_encoder()

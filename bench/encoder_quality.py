@@ -1,13 +1,24 @@
-"""Encoder quality on MovieLens-1M, three models side by side on one split, seed and budget:
+"""Encoder quality on MovieLens-1M, every model on one split, the same seeds and budget:
 
 - popularity: every user gets the catalogue ranked by training counts;
-- id_only: the causal transformer with only the item feature (SASRec-equivalent);
-- multi_feature: the same encoder with item + genres + rating + time features.
+- id_only: the causal transformer with only the item feature (SASRec-equivalent), next-event;
+- multi_feature: item + genres + rating + time features, next-event (today's default);
+- all_action: the multi-feature encoder trained only by the dense all-action objective
+  (PinnerFormer: every item of the next W events);
+- mixed: next-event + all-action + the future genre-distribution head (weights 1 / 1 / 0.5).
 
-Full-corpus ranking on the leave-one-out test events (no sampled negatives). Writes
-bench/results/encoder_ml1m.json / .md / .png (HR@10 by history length).
+Full-corpus ranking on the leave-one-out test events (no sampled negatives), HR@10 by history
+length and on truncated histories (cold start: only the last 1-5 / 6-20 input events, every
+model and popularity on the same users and events, see training/evaluate.py), and the long-term
+taste probe (bench/taste_probe.py: each user's most frequent genre in their next 20 held-out
+events, from the stored user vector or from the 18-number genre profile of the history).
 
-    python bench/encoder_quality.py [--data ../shared/data/ml-1m] [--minutes 14] [--users N]
+Holdout: the models train with each user's last `--holdout` events (default 20) never seen, so
+the probe's 20 label events are truly held out (the spine bench used 1; pass --holdout 1 to
+compare with bench/results/encoder_ml1m.*: the probe then flags its labels as trained on).
+With several --seeds every number is mean ± std over seeds. Writes bench/results/NAME.json / .md / .png.
+
+    python bench/encoder_quality.py [--data ../shared/data/ml-1m] [--minutes 14] [--users N] [--seeds 0,1,2]
 """
 from __future__ import annotations
 
@@ -16,13 +27,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, SHARED, markdown_table, write_results  # noqa: E402
+from bench.taste_probe import FUTURE, genre_order, genre_profile, probe_accuracy, probe_cases  # noqa: E402
 from training.data import load_dataset  # noqa: E402
-from training.evaluate import evaluate, model_scorer, popularity_scorer  # noqa: E402
+from training.evaluate import cold_start_report, evaluate, model_scorer, popularity_scorer  # noqa: E402
 from training.split import leave_one_out  # noqa: E402
 from training.train_encoder import TrainConfig, train_encoder  # noqa: E402
 from userenc.checkpoint import load_checkpoint  # noqa: E402
@@ -30,6 +43,79 @@ from userenc.config import EncoderConfig  # noqa: E402
 from userenc.spec import load_spec  # noqa: E402
 
 METRICS = ("hr@1", "hr@5", "hr@10", "hr@50", "ndcg@10", "mrr")
+# name -> (spec, objective settings over EncoderConfig's defaults)
+MODELS = {
+    "id_only": ("movielens_id_only", {}),
+    "multi_feature": ("movielens", {}),
+    "all_action": ("movielens", {"next_event_weight": 0.0, "all_action_weight": 1.0}),
+    "mixed": ("movielens", {"all_action_weight": 1.0, "future_genre_weight": 0.5}),
+}
+PROFILE = "genre_profile"
+
+
+def run_seed(args: argparse.Namespace, histories: dict, seed: int, names: list[str]) -> dict:
+    """Every model's numbers for one seed: {model: {metric: value, ...}}."""
+    split = leave_one_out(histories, args.holdout)
+    tcfg = TrainConfig(epochs=args.epochs, seed=seed, max_minutes=args.minutes, fit_schedule_to_budget=True, holdout=args.holdout)
+    genres = genre_order(histories)
+    users, inputs, labels = probe_cases({u: histories[u] for u in split.test}, genres)
+    out: dict[str, dict] = {}
+    tokenizer = None
+    for name in names:
+        spec_name, objectives = MODELS[name]
+        t0 = time.perf_counter()
+        run = train_encoder(histories, load_spec(spec_name), EncoderConfig(**objectives), tcfg,
+                            Path(args.runs) / f"{name}-s{seed}", progress=sys.stderr.isatty())
+        seconds = time.perf_counter() - t0
+        loaded = load_checkpoint(run.checkpoint)
+        tokenizer = tokenizer or loaded.tokenizer
+        scorer = model_scorer(loaded.model, loaded.tokenizer)
+        report = evaluate(scorer, loaded.tokenizer, split.test)
+        cold = cold_start_report({name: scorer}, loaded.tokenizer, split.test)
+        probe = probe_accuracy(loaded.embed(inputs), labels, len(genres), seed)
+        out[name] = _row(report, cold, name) | {
+            "probe": probe["accuracy"], "train_seconds": seconds, "epochs": len(run.history), "best_epoch": run.best_epoch}
+        print(f"seed {seed} {name}: test HR@10 {report['all']['hr@10']:.4f} (excl. seen {report['exclude_seen']['hr@10']:.4f}), "
+              f"cold 1-5 {out[name]['cold 1-5']:.4f}, probe {probe['accuracy']:.3f} ({seconds:.0f}s, {len(run.history)} epochs)", flush=True)
+    assert tokenizer is not None
+    pop = popularity_scorer(tokenizer, split.train)  # training events only
+    out["popularity"] = _row(evaluate(pop, tokenizer, split.test), cold_start_report({"popularity": pop}, tokenizer, split.test), "popularity")
+    profile = probe_accuracy(genre_profile(inputs, genres), labels, len(genres), seed)
+    out[PROFILE] = {"probe": profile["accuracy"]}
+    out["_probe"] = {"users": profile["users"], "majority": profile["majority"], "genres": len(genres),
+                     "labels_trained_on": args.holdout < FUTURE}
+    print(f"seed {seed} popularity: HR@10 {out['popularity']['hr@10']:.4f}, cold 1-5 {out['popularity']['cold 1-5']:.4f}; "
+          f"genre-profile probe {profile['accuracy']:.3f} (majority {profile['majority']:.3f})", flush=True)
+    return out
+
+
+def _row(report: dict, cold: dict, name: str) -> dict:
+    row = {m: report["all"][m] for m in METRICS} | {f"excl {m}": report["exclude_seen"][m] for m in METRICS}
+    row |= {f"cold {bucket}": rows[name]["hr@10"] for bucket, rows in cold.items()}
+    row |= {f"cold {bucket} users": rows[name]["users"] for bucket, rows in cold.items()}
+    row |= {f"len {bucket}": v["hr@10"] for bucket, v in report["by_length"].items()}
+    return row
+
+
+def aggregate(per_seed: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
+    """{model: {metric: (mean, std over seeds)}} for every numeric metric."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for model in per_seed[0]:
+        if model.startswith("_"):
+            continue
+        out[model] = {}
+        for key, value in per_seed[0][model].items():
+            if isinstance(value, (int, float)):
+                vals = np.array([s[model][key] for s in per_seed], dtype=float)
+                out[model][key] = (float(vals.mean()), float(vals.std()))
+    return out
+
+
+def _pm(stats: dict, key: str) -> str:
+    if key not in stats:
+        return ""
+    mean, std = stats[key]
+    return f"{mean:.4f} ± {std:.4f}"
 
 
 def main() -> None:
@@ -38,78 +124,82 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=14.0, help="training budget per model")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--users", type=int, default=0, help="use only the first N users (quick runs)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (>= 3 for mean ± std)")
+    ap.add_argument("--holdout", type=int, default=FUTURE, help="events of each user's tail never trained on")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated rows to train")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--name", default="encoder_ml1m")
     ap.add_argument("--runs", default="runs/bench")
     args = ap.parse_args()
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        names = [n for n in args.models.split(",") if n]
+        assert seeds and names and set(names) <= set(MODELS) and args.holdout >= 1
+    except (ValueError, AssertionError):
+        print(f"bad --seeds/--models/--holdout (models: {', '.join(MODELS)})", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(args.threads or torch.get_num_threads())
 
-    ds = load_dataset(args.data, "movielens", "movielens")
-    histories = ds.histories
+    histories = load_dataset(args.data, "movielens", "movielens").histories
     if args.users:
         histories = dict(list(histories.items())[: args.users])
-    split = leave_one_out(histories)
-    tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, max_minutes=args.minutes, fit_schedule_to_budget=True)
-    models = {
-        "id_only": load_spec("movielens_id_only"),
-        "multi_feature": load_spec("movielens"),
-    }
-    results: dict[str, dict] = {}
-    by_length: dict[str, dict] = {}
-    tokenizer = None
-    for name, spec in models.items():
-        cfg = EncoderConfig()
-        t0 = time.perf_counter()
-        run = train_encoder(histories, spec, cfg, tcfg, Path(args.runs) / name, progress=sys.stderr.isatty())
-        seconds = time.perf_counter() - t0
-        loaded = load_checkpoint(run.checkpoint)
-        tokenizer = loaded.tokenizer if name == "id_only" else tokenizer
-        report = evaluate(model_scorer(loaded.model, loaded.tokenizer), loaded.tokenizer, split.test)
-        results[name] = {m: report["all"][m] for m in METRICS} | {
-            "train_seconds": seconds,
-            "epochs": len(run.history),
-            "best_epoch": run.best_epoch,
-            "exclude_seen": {m: report["exclude_seen"][m] for m in METRICS},
-            "valid": run.best_valid,
-        }
-        by_length[name] = report["by_length"]
-        print(f"{name}: test HR@10 {report['all']['hr@10']:.4f} NDCG@10 {report['all']['ndcg@10']:.4f} ({seconds:.0f}s, {len(run.history)} epochs)", flush=True)
-    assert tokenizer is not None
-    pop = evaluate(popularity_scorer(tokenizer, split.train), tokenizer, split.test)
-    results = {"popularity": {m: pop["all"][m] for m in METRICS} | {"train_seconds": 0.0, "exclude_seen": {m: pop["exclude_seen"][m] for m in METRICS}}} | results
-    by_length = {"popularity": pop["by_length"]} | by_length
-    ratio = {m: results["multi_feature"][m] / max(results["id_only"][m], 1e-12) for m in ("hr@10", "ndcg@10")}
-    config = {"data": args.data, "users": len(histories), "test_users": len(split.test), "seed": args.seed, "budget_minutes_per_model": args.minutes, "max_epochs": args.epochs, "encoder": EncoderConfig().to_dict(), "train": tcfg.__repr__()}
-    rows = [[name] + [r[m] for m in METRICS] + [f"{r['train_seconds']:.0f}"] for name, r in results.items()]
-    table = markdown_table(["model"] + list(METRICS) + ["train s"], rows)
-    excl_rows = [[name] + [r["exclude_seen"][m] for m in METRICS] for name, r in results.items()]
+    t0 = time.perf_counter()
+    per_seed = [run_seed(args, histories, seed, names) for seed in seeds]
+    stats = aggregate(per_seed)
+    split = leave_one_out(histories, args.holdout)
+    config = {"data": args.data, "users": len(histories), "test_users": len(split.test), "seeds": seeds,
+              "holdout": args.holdout, "budget_minutes_per_model": args.minutes, "max_epochs": args.epochs,
+              "threads": torch.get_num_threads(), "models": {n: MODELS[n] for n in names},
+              "encoder": EncoderConfig().to_dict(), "probe": per_seed[0]["_probe"], "wall_seconds": time.perf_counter() - t0}
+    rows_order = ["popularity", *names]
+    header = ["model", "HR@10", "NDCG@10", "HR@10 excl. seen", "HR@10 last 1-5", "HR@10 last 6-20", "taste probe", "train s", "epochs"]
+    rows = [[n, _pm(stats[n], "hr@10"), _pm(stats[n], "ndcg@10"), _pm(stats[n], "excl hr@10"), _pm(stats[n], "cold 1-5"),
+             _pm(stats[n], "cold 6-20"), _pm(stats[n], "probe"), _pm(stats[n], "train_seconds"), _pm(stats[n], "epochs")] for n in rows_order]
+    rows.append([PROFILE + " (probe only)", "", "", "", "", "", _pm(stats[PROFILE], "probe"), "", ""])
+    probe = per_seed[0]["_probe"]
+    ratio = ""
+    if {"id_only", "multi_feature"} <= set(names):
+        best = max((n for n in names if n != "id_only"), key=lambda n: stats[n]["hr@10"][0])
+
+        def times(key: str) -> str:
+            base = stats["id_only"][key][0]
+            return f"{stats[best][key][0] / base:.3f}x" if base > 0 else "n/a (id_only scored 0)"
+
+        ratio = f"best multi-feature ({best}) / id_only: HR@10 {times('hr@10')}, excl. seen {times('excl hr@10')}\n\n"
     md = (
-        f"# Encoder quality, MovieLens-1M users 1-{len(histories)} (full ranking, leave-one-out test)\n\n{table}\n"
-        f"Excluding items the user already rated:\n\n{markdown_table(['model'] + list(METRICS), excl_rows)}\n"
-        f"multi_feature / id_only: HR@10 {ratio['hr@10']:.3f}x, NDCG@10 {ratio['ndcg@10']:.3f}x\n\n![HR@10 by history length]({args.name}.png)\n"
+        f"# Encoder quality, MovieLens-1M users 1-{len(histories)} (full ranking, leave-one-out test)\n\n"
+        f"Seeds {seeds} (mean ± std), {args.minutes:g} min per model, {torch.get_num_threads()} thread(s), "
+        f"holdout {args.holdout}, {len(split.test)} test users.\n\n{markdown_table(header, rows)}\n"
+        f"- HR@10 last 1-5 / 6-20: the same test event with only the last 1-5 / 6-20 input events (cold start; "
+        f"{int(stats['popularity']['cold 1-5 users'][0])} / {int(stats['popularity']['cold 6-20 users'][0])} users).\n"
+        f"- taste probe: 5-fold L2 logistic regression predicting the most frequent genre of each user's next {FUTURE} "
+        f"events ({probe['users']} users, {probe['genres']} genres, majority class {probe['majority']:.3f}) from the "
+        f"stored user vector, or from the genre-share profile of the history; labels "
+        f"{'WERE' if probe['labels_trained_on'] else 'were never'} trained on.\n\n{ratio}"
+        f"![HR@10 by history length]({args.name}.png)\n"
     )
-    write_results(args.name, config, {"models": results, "by_length": by_length, "multi_over_id_only": ratio}, md)
-    plot(by_length, RESULTS / f"{args.name}.png")
+    write_results(args.name, config, {"mean_std": stats, "per_seed": per_seed}, md)
+    plot(stats, rows_order, RESULTS / f"{args.name}.png")
     print(md)
 
 
-def plot(by_length: dict[str, dict], path: Path) -> None:
+def plot(stats: dict, models: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    buckets = list(next(iter(by_length.values())).keys())
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(by_length)
-    for i, (name, rows) in enumerate(by_length.items()):
-        ax.bar([j + i * width for j in range(len(buckets))], [rows[b]["hr@10"] for b in buckets], width, label=name)
-    ax.set_xticks([j + width * (len(by_length) - 1) / 2 for j in range(len(buckets))])
-    ax.set_xticklabels([f"{b}\n(n={by_length['popularity'][b]['users']})" for b in buckets])
-    ax.set_xlabel("history length (events before the test event)")
+    buckets = [k for k in stats["popularity"] if (k.startswith("cold ") and not k.endswith("users")) or k.startswith("len ")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(models)
+    for i, name in enumerate(models):
+        ax.bar([j + i * width for j in range(len(buckets))], [stats[name].get(b, (0.0, 0.0))[0] for b in buckets], width,
+               yerr=[stats[name].get(b, (0.0, 0.0))[1] for b in buckets], label=name)
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(buckets))])
+    ax.set_xticklabels([b.replace("cold ", "last ").replace("len ", "all ") for b in buckets], fontsize=8)
+    ax.set_xlabel("events the encoder reads (last n of the history, or the whole history by length)")
     ax.set_ylabel("HR@10 (full ranking)")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -47,14 +47,14 @@ def shard(items: list[T]) -> list[T]:
 
 
 class _LossModule(nn.Module):
-    """DDP wraps forward(): route it to the next-event loss."""
+    """DDP wraps forward(): route it to the configured training loss."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, ids, valid):  # type: ignore[no-untyped-def]
-        return self.model.next_event_loss(ids, valid)
+        return self.model.training_loss(ids, valid)
 
 
 def wrap(model: nn.Module) -> nn.Module:

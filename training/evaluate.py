@@ -2,6 +2,12 @@
 
 Metrics: HR@1/5/10/50, NDCG@10, MRR, reported with and without excluding the items a user has
 already interacted with. A target unseen in training (OOV) counts as a miss.
+
+Cold start (`cold_start_report`): ML-1M users all have >= 20 ratings, so short histories are
+made by truncation: each test user's leave-one-out test event is asked with only the LAST n
+events of its input (n in 1-5 or 6-20). The last events, not the first, so the gap between input
+and target stays the one of the full evaluation: the buckets then differ by history length only,
+not also by how far in the future the target lies.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ from userenc.tokenize import EventTokenizer, left_pad_tensors
 
 CUTOFFS = (1, 5, 10, 50)
 # Histories longer than these event counts fall in the next bucket (for HR@10 by length).
-LENGTH_BUCKETS = (20, 50, 100, 200, 500)
+LENGTH_BUCKETS = (5, 20, 50, 100, 200, 500)
+# Truncated-history buckets for the cold-start report: (fewest, most) input events.
+COLD_START_BUCKETS = ((1, 5), (6, 20))
 
 ScoreFn = Callable[[list[list[Event]], list[dict[str, np.ndarray]]], torch.Tensor]
 
@@ -111,3 +119,35 @@ def popularity_scorer(tokenizer: EventTokenizer, train: dict[str, list[Event]]) 
         return counts.expand(len(histories), -1)
 
     return score
+
+
+def truncated_cases(cases: dict[str, tuple[list[Event], Event]], fewest: int, most: int
+                    ) -> dict[str, tuple[list[Event], Event]]:
+    """The same test events asked with only the last n events of each input, n cycling through
+    fewest..most over the sorted users (deterministic, every length equally often). A user whose
+    input is shorter than its n is left out (no padding a history to a length it never had)."""
+    assert 1 <= fewest <= most, "a truncated history holds at least one event"
+    out = {}
+    for i, user in enumerate(sorted(cases)):
+        history, target = cases[user]
+        n = fewest + i % (most - fewest + 1)
+        if len(history) >= n:
+            out[user] = (history[-n:], target)
+    return out
+
+
+def cold_start_report(scorers: dict[str, ScoreFn], tokenizer: EventTokenizer,
+                      cases: dict[str, tuple[list[Event], Event]],
+                      buckets: tuple[tuple[int, int], ...] = COLD_START_BUCKETS) -> dict[str, dict[str, dict]]:
+    """{"1-5": {scorer name: {"users", "hr@10", "hr@10_exclude_seen", "ndcg@10"}}, ...}: every
+    scorer on the very same truncated users and events."""
+    report: dict[str, dict[str, dict]] = {}
+    for fewest, most in buckets:
+        short = truncated_cases(cases, fewest, most)
+        report[f"{fewest}-{most}"] = {}
+        for name, score in scorers.items():
+            res = evaluate(score, tokenizer, short)
+            report[f"{fewest}-{most}"][name] = {"users": res["all"]["users"], "hr@10": res["all"]["hr@10"],
+                                                "hr@10_exclude_seen": res["exclude_seen"]["hr@10"],
+                                                "ndcg@10": res["all"]["ndcg@10"]}
+    return report

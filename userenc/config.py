@@ -29,6 +29,13 @@ class EncoderConfig:
     out_dim: int = 64
     num_user_tokens: int = 0
     perceiver_layers: int = 1
+    # Training objectives, a weighted mix (userenc/objectives.py). The defaults are today's
+    # next-event training, so configs saved before these fields behave identically.
+    next_event_weight: float = 1.0
+    all_action_weight: float = 0.0  # PinnerFormer dense all-action over the next future_window events
+    future_genre_weight: float = 0.0  # the genre distribution of the next future_window events
+    future_window: int = 10
+    future_genre_feature: str = "genres"  # a multi_categorical feature: the future-genre head's target
     # Filled from the tokenizer when the model is built: vocabulary size per feature.
     vocab_sizes: dict[str, int] = field(default_factory=dict)
 
@@ -41,6 +48,11 @@ class EncoderConfig:
             raise ValueError("d_model must split into n_heads heads of even width")
         if min(self.n_layers, self.max_len, self.out_dim) <= 0 or self.num_user_tokens < 0:
             raise ValueError("n_layers, max_len, out_dim must be positive and num_user_tokens >= 0")
+        weights = (self.next_event_weight, self.all_action_weight, self.future_genre_weight)
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError("objective weights must be >= 0 and not all 0")
+        if self.future_window < 1:
+            raise ValueError("future_window must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

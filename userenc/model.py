@@ -15,6 +15,7 @@ from userenc.config import EncoderConfig
 from userenc.fusion import EarlyFusion, LateFusion
 from userenc.heads import NextEventHeads
 from userenc.layers import CausalTransformer
+from userenc.objectives import FutureGenreHead, all_action_loss
 from userenc.perceiver import PerceiverResampler
 from userenc.spec import FeatureSpec
 
@@ -57,6 +58,14 @@ class UserEncoder(nn.Module):
             else None
         )
         self.proj = nn.Linear(cfg.d_model, cfg.out_dim)
+        # Built only when trained: a next-event model's weights stay exactly today's.
+        self.future_genres = None
+        if cfg.future_genre_weight > 0:
+            genre = next((f for f in spec.features if f.name == cfg.future_genre_feature), None)
+            if genre is None or genre.kind != "multi_categorical":
+                raise ValueError(f"the future-genre objective needs a multi_categorical feature "
+                                 f"{cfg.future_genre_feature!r} in spec {spec.name!r}")
+            self.future_genres = FutureGenreHead(cfg.d_model, cfg.vocab_sizes[genre.name])
         self.apply(self._init)
 
     @staticmethod
@@ -109,9 +118,29 @@ class UserEncoder(nn.Module):
         # Left padding: the last position is each user's latest event.
         return self.proj(self.states(ids, valid, last_only=True)[:, -1])
 
-    def next_event_loss(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Teacher-forced next-event loss: state t predicts event t+1, for every real pair."""
+    def training_loss(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The configured mix of objectives (userenc/objectives.py) on one batch; with the
+        default weights exactly next_event_loss."""
+        cfg = self.cfg
         states = self.states(ids, valid)
+        total, parts = states.new_zeros(()), {}
+        if cfg.next_event_weight > 0:
+            loss, parts = self.next_event_loss(ids, valid, states)
+            total = total + cfg.next_event_weight * loss if cfg.next_event_weight != 1.0 else loss
+        if cfg.all_action_weight > 0:
+            loss = all_action_loss(self.heads, states, ids[self.spec.item.name], valid, cfg.future_window, cfg.num_negatives)
+            parts["all_action"] = float(loss.detach())
+            total = total + cfg.all_action_weight * loss
+        if self.future_genres is not None:
+            loss = self.future_genres.loss(states, ids[cfg.future_genre_feature], valid, cfg.future_window)
+            parts["future_genres"] = float(loss.detach())
+            total = total + cfg.future_genre_weight * loss
+        return total, parts
+
+    def next_event_loss(self, ids: dict[str, torch.Tensor], valid: torch.Tensor,
+                        states: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Teacher-forced next-event loss: state t predicts event t+1, for every real pair."""
+        states = self.states(ids, valid) if states is None else states
         inputs = states[:, :-1]
         targets = {name: x[:, 1:] for name, x in ids.items()}
         pair_valid = valid[:, :-1] & valid[:, 1:]

@@ -1,7 +1,9 @@
 """Events -> integer ids per feature, with vocabularies built on the training split only.
 
 Saved beside the model as `vocab/`: one JSON file per categorical feature (its values in id
-order) and, for item attributes (a movie's genres), the attribute ids of every item.
+order), for item attributes (a movie's genres) the attribute ids of every item, and the training
+count of every item (`item_counts.json`: the popularity fallback for a user with no events;
+vocabularies written before it lack it, see userenc/cold_start.py).
 """
 from __future__ import annotations
 
@@ -66,11 +68,15 @@ class Vocabulary:
 
 
 class EventTokenizer:
-    def __init__(self, spec: FeatureSpec, vocabs: dict[str, Vocabulary], item_attributes: dict[str, np.ndarray]) -> None:
+    def __init__(self, spec: FeatureSpec, vocabs: dict[str, Vocabulary], item_attributes: dict[str, np.ndarray],
+                 item_counts: np.ndarray | None = None) -> None:
         self.spec = spec
         self.vocabs = vocabs
         # feature name -> [item vocab size, max_values] attribute ids per item id
         self.item_attributes = item_attributes
+        # Training events per item id [item vocab size] (0 for padding/OOV); None when loaded
+        # from a vocabulary saved before counts were kept.
+        self.item_counts = item_counts
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
@@ -101,7 +107,11 @@ class EventTokenizer:
                     ids = [vocabs[f.name].id(v) for v in vals[:width]]
                     table[idx, : len(ids)] = ids
             attrs[f.name] = table
-        return cls(spec, vocabs, attrs)
+        counts = np.zeros(len(item_vocab), dtype=np.int64)
+        for item, c in counters[spec.item.name].items():
+            if (idx := item_vocab.id(item)) != OOV_ID:
+                counts[idx] = c
+        return cls(spec, vocabs, attrs, counts)
 
     def vocab_size(self, feature: Feature) -> int:
         return len(self.vocabs[feature.name]) if feature.name in self.vocabs else feature.fixed_size
@@ -151,6 +161,8 @@ class EventTokenizer:
             (folder / f"{name}.json").write_text(json.dumps({"values": vocab.values}))
         for name, table in self.item_attributes.items():
             (folder / f"item_{name}.json").write_text(json.dumps(table.tolist()))
+        if self.item_counts is not None:
+            (folder / "item_counts.json").write_text(json.dumps(self.item_counts.tolist()))
 
     @classmethod
     def load(cls, folder: str | Path) -> "EventTokenizer":
@@ -165,7 +177,11 @@ class EventTokenizer:
                 vocabs[f.name] = Vocabulary(json.loads((folder / f"{f.name}.json").read_text())["values"])
             if f.item_attribute:
                 attrs[f.name] = np.asarray(json.loads((folder / f"item_{f.name}.json").read_text()), dtype=np.int64)
-        return cls(spec, vocabs, attrs)
+        counts_file = folder / "item_counts.json"
+        counts = np.asarray(json.loads(counts_file.read_text()), dtype=np.int64) if counts_file.is_file() else None
+        if counts is not None and len(counts) != len(vocabs[spec.item.name]):
+            raise ValueError(f"{counts_file}: {len(counts)} counts for {len(vocabs[spec.item.name])} item ids")
+        return cls(spec, vocabs, attrs, counts)
 
 
 def left_pad_tensors(batch: list[dict[str, np.ndarray]], spec: FeatureSpec, max_len: int, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:

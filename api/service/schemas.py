@@ -42,6 +42,8 @@ class Recommendation(BaseModel):
 
 class RecommendationsOut(BaseModel):
     items: list[Recommendation]
+    # "encoder", or "popularity": the cold-start fallback for a user with no events
+    source: Literal["encoder", "popularity"] = "encoder"
 
 
 class SimilarUser(BaseModel):

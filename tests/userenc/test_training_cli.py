@@ -49,9 +49,11 @@ def test_train_resume_eval_embed(tmp_path, data):
     r = run_cli(tmp_path, "eval-encoder", "--data", str(data), "--format", "jsonl", "--checkpoint", str(out), "--baseline", "--exclude-seen", "--json", str(report), "--threads", "1")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 4 and all("(excl. seen)" in line and "hr@10=" in line for line in lines)
+    assert len(lines) == 6 and all("(excl. seen)" in line and "hr@10=" in line for line in lines[:4])
+    assert lines[4].startswith("test cold start, last 1-5 events: encoder HR@10=") and "popularity HR@10=" in lines[4]
     results = json.loads(report.read_text())
-    assert sorted(results) == ["test/encoder", "test/popularity", "valid/encoder", "valid/popularity"]
+    assert sorted(results) == ["test/cold_start", "test/encoder", "test/popularity", "valid/encoder", "valid/popularity"]
+    assert set(results.pop("test/cold_start")) == {"1-5", "6-20"}
     for res in results.values():
         assert res["all"]["users"] == 60 and set(res["all"]) >= {"hr@1", "hr@5", "hr@10", "hr@50", "ndcg@10", "mrr"}
         assert res["exclude_seen"]["hr@10"] >= 0.0

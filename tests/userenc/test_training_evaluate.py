@@ -67,11 +67,11 @@ def test_evaluate_counts_oov_targets_as_misses_and_reports_both_views():
     assert result["all"]["hr@1"] == pytest.approx(1 / 3) and result["all"]["hr@5"] == pytest.approx(2 / 3)
     assert result["all"]["mrr"] == pytest.approx((1 / 3 + 0 + 1) / 3)
     assert result["exclude_seen"]["hr@1"] == pytest.approx(2 / 3) and result["exclude_seen"]["mrr"] == pytest.approx(2 / 3)
-    assert result["by_length"] == {"1-20": {"users": 3, "hr@10": pytest.approx(2 / 3)}}
+    assert result["by_length"] == {"1-5": {"users": 3, "hr@10": pytest.approx(2 / 3)}}
     valid = evaluate(popularity_scorer(tok, split.train), tok, split.valid)
     # valid targets: u1 b (2nd), u2 a (1st), u4 c (3rd)
     assert valid["oov_targets"] == 0 and valid["all"]["mrr"] == pytest.approx((1 / 2 + 1 + 1 / 3) / 3)
 
 
 def test_length_buckets():
-    assert [length_bucket(n) for n in (1, 20, 21, 200, 501)] == ["1-20", "1-20", "21-50", "101-200", ">500"]
+    assert [length_bucket(n) for n in (1, 5, 6, 20, 21, 200, 501)] == ["1-5", "1-5", "6-20", "6-20", "21-50", "101-200", ">500"]

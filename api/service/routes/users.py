@@ -80,12 +80,14 @@ def _k(request: Request, k: int) -> int:
 
 @router.get("/users/{user_id}/recommendations", response_model=RecommendationsOut,
             responses=ERRORS, dependencies=[Depends(require("generate"))],
-            summary="The encoder's most likely next items, items already seen left out")
+            summary="The encoder's most likely next items, items already seen left out",
+            description="A user with no events gets the most popular items of the encoder's "
+            "training data instead: `source` says which (`encoder` or `popularity`).")
 async def recommendations(user_id: UserId, request: Request,
                           k: Annotated[int, Query(ge=1)] = 10) -> Response:
-    items = await offload(request, ops(request).recommendations, user_id, _k(request, k))
-    return model_response(
-        RecommendationsOut(items=[Recommendation(item_id=i, score=s) for i, s in items]))
+    ranked = await offload(request, ops(request).recommendations, user_id, _k(request, k))
+    return model_response(RecommendationsOut(
+        items=[Recommendation(item_id=i, score=s) for i, s in ranked.items], source=ranked.source))
 
 
 @router.get("/users/{user_id}/similar", response_model=SimilarOut, responses=ERRORS,
