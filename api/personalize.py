@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from api.recent_answers import RecentAnswers
 from llm.engine.engine import Engine
 from llm.engine.sampling_params import SamplingParams
 from llm.engine.sequence import RequestOutput
@@ -193,17 +194,23 @@ def _top_unseen(encoder: LoadedEncoder, state: torch.Tensor, seen: np.ndarray, k
 
 
 def cached_recommend(store, encoder: LoadedEncoder, version: str, external_id: str, k: int,
-                     history: Callable[[], list[Event]]
+                     history: Callable[[], list[Event]], answers: RecentAnswers | None = None
                      ) -> tuple[list[tuple[str, float]] | None, bool]:  # noqa: ANN001
     """recommend() with the history's latest state and seen items sealed in the store per
     encoder `version`, keyed by the store's history digest (no payload is opened to check it):
     a repeated read ranks the catalogue with one small matrix product, and only a changed
     history is read (`history()`) and encoded again. (items, cache hit); (None, False) for a
-    user without events."""
+    user without events. `answers`: this process's recent answers, consulted after the digest
+    (so a changed or erased history never meets an old answer)."""
     assert k >= 1, "k is at least 1"
     digest = store.history_digest(external_id)
     if digest is None:
         return None, False
+    if answers is not None and (items := answers.get(external_id, digest, k)) is not None:
+        return items, True
     (state, seen), hit = sealed_per_history(store, external_id, f"rank-state-{version}", digest,
                                             lambda: _rank_inputs(encoder, history()))
-    return _top_unseen(encoder, torch.from_numpy(state[0]), seen[0], k), hit
+    items = _top_unseen(encoder, torch.from_numpy(state[0]), seen[0], k)
+    if answers is not None:
+        answers.put(external_id, digest, k, items)
+    return items, hit

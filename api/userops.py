@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from api.personalize import Personalizer, cached_recommend
+from api.recent_answers import RecentAnswers
 from llm.engine.sampling_params import SamplingParams
 from llm.engine.sequence import RequestOutput
 from store import IngestCounts, Store, delete_user
@@ -71,6 +72,7 @@ class UserOps:
         self.on_cache = on_cache
         self.rank_version = (hashlib.sha256(self.encoder_version.encode()).hexdigest()[:24]
                              if encoder is not None else "")
+        self.answers = RecentAnswers()  # this process's recommendation answers
         self._erasures = ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-erasure")
         self.pending: dict[int, Future] = {}
 
@@ -116,7 +118,7 @@ class UserOps:
         encoder = self._need_encoder()
         t0 = time.perf_counter()
         items, hit = cached_recommend(self.store, encoder, self.rank_version, external_id, k,
-                                      lambda: self.history(external_id))
+                                      lambda: self.history(external_id), self.answers)
         if items is None:  # no events: never stored, or erased
             if self.store.keys.tombstone(self.store.hasher.user(external_id)) is not None:
                 raise UnknownUser()
@@ -162,6 +164,7 @@ class UserOps:
         return request_id, already
 
     def _erase(self, external_id: str) -> None:
+        self.answers.forget(external_id)
         try:
             delete_user(self.store, external_id)
         except Exception as err:  # noqa: BLE001 - reported by status (stays "running"), logged

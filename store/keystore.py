@@ -138,6 +138,8 @@ class KeyStore:
         """Authenticated keys of the users that have one (erased and unknown users are absent)."""
         out = {h: self._keys[h] for h in uid_hashes if h in self._keys}
         missing = [h for h in uid_hashes if h not in out]
+        if not missing:  # the read path's common case: no connection checked out for nothing
+            return out
         with self.engine.connect() as conn:
             for i in range(0, len(missing), SQL_IN_CHUNK):
                 q = select(DataKey.user_id, DataKey.uid_hash, DataKey.kek_version, DataKey.wrapped)

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from privacy import DecryptionError, KekProvider, aad_builder, owner_aad
@@ -45,6 +45,15 @@ def _not_theirs(where: str) -> StoreIntegrityError:
     return StoreIntegrityError(
         f"{where} does not authenticate as the user it was read for (moved between users, or altered); nothing was returned"
     )
+
+
+
+# The read path's statements, built once: constructing a select costs more than SQLite's
+# execution of it, and these run on every embedding and recommendation request.
+_EVENT_IDS = (select(EventRow.id).where(EventRow.user_id == bindparam("uid"))
+              .order_by(EventRow.id))
+_EMBEDDING = select(EmbeddingRow.vector).where(
+    EmbeddingRow.user_id == bindparam("uid"), EmbeddingRow.encoder_version == bindparam("version"))
 
 
 class Store(Ingest):
@@ -233,8 +242,7 @@ class Store(Ingest):
         if key is None:
             return None
         with self.data.connect() as conn:
-            ids = conn.execute(select(EventRow.id).where(EventRow.user_id == key.user_id)
-                               .order_by(EventRow.id)).scalars().all()
+            ids = conn.execute(_EVENT_IDS, {"uid": key.user_id}).scalars().all()
         if not ids:
             return None
         digest = hashlib.sha256(len(ids).to_bytes(8, "little"))
@@ -345,10 +353,7 @@ class Store(Ingest):
             return None
         uid = key.user_id
         with self.data.connect() as conn:
-            q = select(EmbeddingRow.vector).where(
-                EmbeddingRow.user_id == uid, EmbeddingRow.encoder_version == encoder_version
-            )
-            row = conn.execute(q).scalar()
+            row = conn.execute(_EMBEDDING, {"uid": uid, "version": encoder_version}).scalar()
         if row is None:
             return None
         try:

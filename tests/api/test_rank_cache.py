@@ -55,3 +55,40 @@ def test_cached_ranking_matches_the_encoder_and_follows_the_history(tiny_models,
         delete_user(store, u)
         assert not folder.exists() or not any(folder.iterdir())
         assert cached_recommend(store, encoder, "v1", u, 5, lambda: 1 / 0) == (None, False)
+
+
+def test_recent_answers_are_reused_only_for_the_same_history(tiny_models, sqlite_backend):
+    """The process's answer cache: the same answer object for an unchanged history and k, a
+    fresh ranking for another k or after a new event, and nothing for an erased user, even
+    when the entry is still in memory (the digest is checked first)."""
+    from api.personalize import cached_recommend, recommend
+    from api.recent_answers import RecentAnswers
+    from store import Store, delete_user
+    from userenc.checkpoint import load_checkpoint
+    from userenc.events import Event
+
+    _, home, data_url, keys_url = sqlite_backend
+    histories = tiny_models["histories"]
+    u = sorted(histories)[0]
+    encoder = load_checkpoint(tiny_models["encoder"])
+    answers = RecentAnswers(capacity=2)
+    with Store.open(home, data_url, keys_url) as store:
+        store.ingest(histories[u])
+        first, _ = cached_recommend(store, encoder, "v1", u, 5, lambda: store.history(u), answers)
+        again, hit = cached_recommend(store, encoder, "v1", u, 5, lambda: 1 / 0, answers)
+        assert hit and again is first and len(answers) == 1
+        three, _ = cached_recommend(store, encoder, "v1", u, 3, lambda: 1 / 0, answers)
+        assert [i for i, _ in three] == [i for i, _ in first[:3]] and len(answers) == 2
+
+        top, last = first[0][0], store.history(u)[-1]
+        store.ingest([Event("new-1", u, top, last.timestamp + 60, dict(last.fields))])
+        after, _ = cached_recommend(store, encoder, "v1", u, 5, lambda: store.history(u), answers)
+        assert top not in {i for i, _ in after}
+        assert [i for i, _ in after] == [i for i, _ in recommend(encoder, store.history(u), 5)]
+        assert len(answers) == 2  # bounded: the oldest entry went
+
+        delete_user(store, u)
+        assert len(answers) == 2  # still in memory, never reached: no digest, no answer
+        assert cached_recommend(store, encoder, "v1", u, 5, lambda: 1 / 0, answers) == (None, False)
+        answers.forget(u)
+        assert len(answers) == 0
