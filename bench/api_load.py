@@ -262,6 +262,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="server torch threads (per worker: threads / workers)")
     ap.add_argument("--workers", type=int, default=1, help="server processes (userllm serve --workers)")
+    ap.add_argument("--read-threads", type=int, default=None, help="server read pool threads per worker")
     ap.add_argument("--smoke", action="store_true", help="1 s phases, few users, nothing written")
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = ap.parse_args()
@@ -302,6 +303,8 @@ def main() -> int:
     env.update(USERLLM_HOME=str(home), USERLLM_DATABASE_URL=data_url, USERLLM_KEYS_DATABASE_URL=keys_url,
                USERLLM_RATE_LIMIT="", USERLLM_RATE_LIMIT_PER_ADDRESS="", USERLLM_LOG_LEVEL="warning",
                PYTHONPATH=str(ROOT))
+    if args.read_threads:
+        env["USERLLM_READ_THREADS"] = str(args.read_threads)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     clients = [int(c) for c in args.clients.split(",")]
@@ -383,7 +386,7 @@ def main() -> int:
                             "TTFT overhead (HTTP/direct)", "throughput overhead (direct/HTTP)"], rows))
     config = {"model": model_kind, "users": len(users), "seconds": args.seconds, "read_clients": args.read_clients,
               "chat_clients": clients, "max_tokens": args.max_tokens, "server_threads": args.threads,
-              "server_workers": args.workers,
+              "server_workers": args.workers, "read_threads": args.read_threads or "default",
               "database": "postgresql" if data_url.startswith("postgres") else "sqlite", "smoke": args.smoke}
     shutil.rmtree(work, ignore_errors=True)
     if args.smoke:

@@ -36,8 +36,11 @@ class Settings(BaseSettings):
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     kv_cache_mb: int = Field(default=128, ge=1)
     max_num_seqs: int = Field(default=32, ge=1)
-    # threads for the read routes' store and encoder work (embedding, recommendations, similar)
-    read_threads: int = Field(default=8, ge=1)
+    # Threads for the user routes' store and encoder work (embedding, recommendations, similar,
+    # events): one per core, at most 8. The work holds the GIL most of the time, so more threads
+    # only queue behind each other: on 2 cores, 8 threads gave a p99 of 25-38 ms where 2 gave
+    # 18 ms at the same load (bench/api_load.py --read-threads).
+    read_threads: int = Field(default_factory=lambda: min(8, os.cpu_count() or 1), ge=1)
     # Server processes (uvicorn workers). Each loads its own models and engine (memory x N) and
     # keeps its own key cache and, without redis_url, its own rate-limit counters; the store is
     # shared. Python runs one request's code at a time per process: more workers use more cores.
