@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", dest="n_heads", type=_positive(int), default=d_enc.n_heads)
     p.add_argument("--max-len", dest="max_len", type=_positive(int), default=d_enc.max_len)
     p.add_argument("--dropout", type=float, default=d_enc.dropout)
+    p.add_argument("--feature-dropout", dest="feature_dropout", type=float, default=d_enc.feature_dropout, help="early fusion: drop each feature of an event whole with this probability in training")
     p.add_argument("--fusion", choices=FUSIONS, default=d_enc.fusion)
     p.add_argument("--positions", choices=POSITIONS, default=d_enc.positions)
     p.add_argument("--item-loss", dest="item_loss", choices=ITEM_LOSSES, default=d_enc.item_loss)

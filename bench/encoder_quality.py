@@ -5,7 +5,9 @@
 - multi_feature: item + genres + rating + time features, next-event (today's default);
 - all_action: the multi-feature encoder trained only by the dense all-action objective
   (PinnerFormer: every item of the next W events);
-- mixed: next-event + all-action + the future genre-distribution head (weights 1 / 1 / 0.5).
+- mixed: next-event + all-action + the future genre-distribution head (weights 1 / 1 / 0.5);
+- feature_dropout: multi_feature with each feature of an event dropped whole with p = 0.2 in
+  training (a fusion variant: item ids cannot carry every token alone).
 
 Full-corpus ranking on the leave-one-out test events (no sampled negatives), HR@10 by history
 length and on truncated histories (cold start: only the last 1-5 / 6-20 input events, every
@@ -49,6 +51,8 @@ MODELS = {
     "multi_feature": ("movielens", {}),
     "all_action": ("movielens", {"next_event_weight": 0.0, "all_action_weight": 1.0}),
     "mixed": ("movielens", {"all_action_weight": 1.0, "future_genre_weight": 0.5}),
+    # fusion: whole features dropped per event in training (item ids cannot carry every token)
+    "feature_dropout": ("movielens", {"feature_dropout": 0.2}),
 }
 PROFILE = "genre_profile"
 

@@ -18,6 +18,9 @@ class EncoderConfig:
     ffn_mult: int = 2
     max_len: int = 200  # events seen; longer histories are left-truncated (>= 512 supported)
     dropout: float = 0.2
+    # Early fusion: in training, each feature's embedding of an event is dropped whole with this
+    # probability (the rest rescaled), so no single feature (item ids) can carry every token.
+    feature_dropout: float = 0.0
     fusion: str = "early"  # early: concatenate feature embeddings then MLP; late: one encoder per feature
     positions: str = "rope"
     # Next-item loss: full softmax over the catalogue, or sampled softmax for large catalogues.
@@ -51,6 +54,8 @@ class EncoderConfig:
         weights = (self.next_event_weight, self.all_action_weight, self.future_genre_weight)
         if min(weights) < 0 or sum(weights) <= 0:
             raise ValueError("objective weights must be >= 0 and not all 0")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError("feature_dropout must be in [0, 1)")
         if self.future_window < 1:
             raise ValueError("future_window must be >= 1")
 

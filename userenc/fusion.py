@@ -27,9 +27,11 @@ class FeatureEmbedding(nn.Module):
 class EarlyFusion(nn.Module):
     """Concatenate every feature's embedding, then an MLP to d_model: one input token per event."""
 
-    def __init__(self, spec: FeatureSpec, vocab_sizes: dict[str, int], d_model: int, dropout: float) -> None:
+    def __init__(self, spec: FeatureSpec, vocab_sizes: dict[str, int], d_model: int, dropout: float,
+                 feature_dropout: float = 0.0) -> None:
         super().__init__()
         self.names = [f.name for f in spec.features]
+        self.feature_dropout = feature_dropout
         self.embed = nn.ModuleDict({f.name: FeatureEmbedding(f, vocab_sizes[f.name]) for f in spec.features})
         width = sum(f.dim for f in spec.features)
         self.mlp = nn.Sequential(nn.Linear(width, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
@@ -37,8 +39,13 @@ class EarlyFusion(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = torch.cat([self.embed[n](ids[n]) for n in self.names], dim=-1)
-        return self.drop(self.norm(self.mlp(x)))
+        parts = [self.embed[n](ids[n]) for n in self.names]
+        if self.training and self.feature_dropout > 0 and len(parts) > 1:
+            # One keep/drop draw per (event, feature), spread over that feature's columns.
+            keep = torch.rand(*parts[0].shape[:-1], len(parts), device=parts[0].device)
+            keep = (keep >= self.feature_dropout).to(parts[0].dtype) / (1 - self.feature_dropout)
+            parts = [p * keep[..., i:i + 1] for i, p in enumerate(parts)]
+        return self.drop(self.norm(self.mlp(torch.cat(parts, dim=-1))))
 
 
 class LateFusion(nn.Module):

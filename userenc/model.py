@@ -38,7 +38,8 @@ class UserEncoder(nn.Module):
             return CausalTransformer(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.ffn_mult, cfg.dropout, rope)
 
         if cfg.fusion == "early":
-            self.fusion = EarlyFusion(spec, cfg.vocab_sizes, cfg.d_model, cfg.dropout)
+            self.fusion = EarlyFusion(spec, cfg.vocab_sizes, cfg.d_model, cfg.dropout,
+                                      cfg.feature_dropout)
             self.encoder = transformer()
         else:
             per_feature = nn.ModuleDict({f.name: transformer() for f in spec.features})

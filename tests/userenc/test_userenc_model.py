@@ -294,3 +294,38 @@ def test_encoder_config_validation():
         EncoderConfig.from_dict({"depth": 3})
     cfg = EncoderConfig(d_model=32, num_user_tokens=16, vocab_sizes={"item": 5})
     assert EncoderConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_feature_dropout_drops_whole_features_in_training_only(spec):
+    """Early fusion with feature_dropout: in training, some (event, feature) embeddings are
+    zeroed whole and the rest rescaled; in eval the model is the same function as without it."""
+    plain = make_model(spec, TINY_VOCAB, item_attributes=_attrs())
+    dropped = make_model(spec, TINY_VOCAB, item_attributes=_attrs(), feature_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(3)
+    ids = random_ids(spec, TINY_VOCAB, 2, 10, g)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    plain.eval()
+    dropped.eval()
+    torch.testing.assert_close(dropped.states(ids, valid), plain.states(ids, valid))
+    fusion = dropped.fusion
+    fusion.train()
+    fusion.drop.p = 0.0  # isolate the feature dropout from the ordinary dropout
+    seen = [fusion.embed[n](ids[n]) for n in fusion.names]
+    captured = {}
+    hook = fusion.mlp.register_forward_hook(lambda m, inp, out: captured.update(x=inp[0]))
+    torch.manual_seed(0)
+    fusion(ids)
+    hook.remove()
+    x, start = captured["x"], 0
+    zeroed = kept = 0
+    for part in seen:
+        block = x[..., start:start + part.shape[-1]]
+        start += part.shape[-1]
+        is_zero = (block == 0).all(-1)
+        assert torch.allclose(block[~is_zero], part[~is_zero] * 2.0)  # kept: scaled by 1 / (1 - p)
+        zeroed += int(is_zero.sum())
+        kept += int((~is_zero).sum())
+    assert zeroed > 0 and kept > 0
+    with pytest.raises(ValueError, match="feature_dropout"):
+        EncoderConfig(feature_dropout=1.0)
