@@ -45,6 +45,21 @@ MAX_TILE_TOKENS = 128
 MIN_TILE_TOKENS = 4
 
 
+@triton.jit
+def load_keys(k_cache_ptr, table_ptr, pos, pos_ok, d, d_ok, kv_head, stride_c_block,
+              stride_c_tok, stride_c_head, BLOCK_SIZE: tl.constexpr):
+    """A tile of one sequence's token positions -> (their keys [TILE, HEAD_PAD] for `kv_head`,
+    their offsets in the pool (the values sit at the same ones), the load mask, whether each
+    position exists). Each position looks up its block in the sequence's table row; -1 entries
+    and positions outside `pos_ok` load zeros. Shared by the decode and prefill kernels."""
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=pos_ok, other=-1).to(tl.int64)
+    row = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
+    valid = pos_ok & (block >= 0)
+    kv_mask = valid[:, None] & d_ok[None, :]
+    k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    return k, row, kv_mask, valid
+
+
 def _floor_pow2(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
@@ -89,12 +104,9 @@ def _paged_decode_kernel(
         # A tile is TILE consecutive token positions: any block size, pages may straddle tiles.
         pos = tile_start + t
         pos_ok = pos < tok_end
-        block = tl.load(block_tables_ptr + seq * stride_bt_seq + pos // BLOCK_SIZE, mask=pos_ok,
-                        other=-1).to(tl.int64)
-        valid = pos_ok & (block >= 0)
-        row = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
-        kv_mask = valid[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k, row, kv_mask, valid = load_keys(k_cache_ptr, block_tables_ptr + seq * stride_bt_seq,
+                                           pos, pos_ok, d, d_ok, kv_head, stride_c_block,
+                                           stride_c_tok, stride_c_head, BLOCK_SIZE)
         if USE_DOT:  # tensor cores; GROUP_PAD >= 16 (padded q heads are zero rows)
             s = tl.dot(q_raw, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         else:  # broadcast-and-reduce: any tile shape, exact fp32 (the interpreter's path)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from llm.kernels.paged_decode import LOG2E, load_keys
 
 
 @triton.jit
@@ -68,12 +68,9 @@ def _paged_prefill_kernel(
     for tile_start in range(0, kv_end, TILE):
         pos = tile_start + t
         pos_ok = pos < kv_end
-        block = tl.load(block_tables_ptr + seq * stride_bt_seq + pos // BLOCK_SIZE, mask=pos_ok,
-                        other=-1).to(tl.int64)
-        valid = pos_ok & (block >= 0)
-        row = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
-        kv_mask = valid[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k, row, kv_mask, valid = load_keys(k_cache_ptr, block_tables_ptr + seq * stride_bt_seq,
+                                           pos, pos_ok, d, d_ok, kv_head, stride_c_block,
+                                           stride_c_tok, stride_c_head, BLOCK_SIZE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE]
         visible = valid[None, :]
         if CAUSAL:
