@@ -35,17 +35,11 @@ class InputBatch:
         self.version = 0  # bumped on every table write: lets readers reuse what they gathered
 
     @property
-    def max_top_k(self) -> int:
-        """The widest top_k when every sampling row sets one, else 0."""
+    def top_k_range(self) -> tuple[int, int]:
+        """(narrowest, widest) top_k when every sampling row sets one, else (0, 0)."""
         if not self.num_random or len(self.top_ks) < self.num_random:
-            return 0
-        return max(self.top_ks.values())
-
-    @property
-    def top_k_is_width(self) -> bool:
-        """Every sampling row sets the same top_k (so the top-k selection is its mask)."""
-        return bool(self.top_ks) and len(self.top_ks) == self.num_random \
-            and min(self.top_ks.values()) == max(self.top_ks.values())
+            return 0, 0
+        return min(self.top_ks.values()), max(self.top_ks.values())
 
     def _count(self, seq: Sequence, sign: int) -> None:
         p = seq.sampling

@@ -175,8 +175,8 @@ class ModelRunner:
         t, k, p = ib.sampling.index_select(0, rows).unbind(1)
         seeded = ([(i, step_key(s.seed, s.num_output_tokens))
                    for i, s in enumerate(seqs) if s.seed is not None] if ib.num_seeded else [])
-        candidates = ib.max_top_k
+        narrowest, candidates = ib.top_k_range
         batch = SamplingBatch(t, k, p, True, ib.num_top_k > 0, ib.num_top_p > 0, seeded,
                               candidates=candidates, all_random=ib.num_random == len(ib.rows),
-                              top_k_is_width=candidates > 0 and ib.top_k_is_width)
+                              top_k_is_width=candidates > 0 and narrowest == candidates)
         return sample(logits, batch, self.generator).tolist()

@@ -63,7 +63,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_len
 
 def paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens,
                                    cu_seqlens_q, scale, causal: bool = True,
-                                   max_seqlen_q: int | None = None) -> torch.Tensor:
+                                   max_seqlen_q: int = 0) -> torch.Tensor:
     """Varlen paged prefill in one launch (llm.layers.paged.paged_prefill_attention's
     contract, every key already in the pool)."""
     from llm.kernels.paged_prefill import paged_prefill_attention_triton as impl

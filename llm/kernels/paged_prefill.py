@@ -102,9 +102,9 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor,
                                    v_cache: torch.Tensor, block_tables: torch.Tensor,
                                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                    scale: float, causal: bool = True,
-                                   max_seqlen_q: int | None = None) -> torch.Tensor:
+                                   max_seqlen_q: int = 0) -> torch.Tensor:
     """Same contract as llm.layers.paged.paged_prefill_attention with every key in the pool.
-    max_seqlen_q: the longest run of new tokens (read from cu_seqlens_q when not given)."""
+    max_seqlen_q: the longest run of new tokens (0: read from cu_seqlens_q, a device read)."""
     n, hq, d = q.shape
     num_seqs = context_lens.shape[0]
     _, block_size, hkv, _ = k_cache.shape
@@ -119,7 +119,7 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor,
         return out
     if max_pages == 0:
         return out.zero_()
-    if max_seqlen_q is None:
+    if not max_seqlen_q:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     block_m, tile, num_warps = launch_shape(d, q.dtype)
     head_pad = max(16, triton.next_power_of_2(d))

@@ -49,7 +49,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if k_cache.numel() > 0 and backend_for(q) == "triton":
         return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens,
                                               cu_seqlens_q, scale, causal=causal,
-                                              max_seqlen_q=max_seqlen_q or None)
+                                              max_seqlen_q=max_seqlen_q)
 
     n, hq, d = q.shape
     assert cu_seqlens_q is not None and int(cu_seqlens_q[-1]) == n, "cu_seqlens_q[-1] != N"
