@@ -153,14 +153,17 @@ SNAPSHOT_WAIT_S = 15.0
 
 def _wait_for_older_snapshots(conn) -> list[int]:  # noqa: ANN001
     """PostgreSQL: wait until no other session of this database holds a snapshot from before
-    now; returns the pids still holding one after SNAPSHOT_WAIT_S (other databases never hold
-    back this one's vacuum)."""
+    now, or an open write transaction from before now (idle in a READ COMMITTED transaction it
+    has no snapshot, but its running xid holds VACUUM's horizon back just the same); returns the
+    pids still holding one after SNAPSHOT_WAIT_S (other databases never hold back this one's
+    vacuum)."""
     started = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
     deadline = time.monotonic() + SNAPSHOT_WAIT_S
     while True:
         holders = conn.execute(text(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL AND xact_start < :t "
+            "AND pid <> pg_backend_pid() AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL) "
+            "AND xact_start < :t "
             "ORDER BY pid"), {"t": started}).scalars().all()
         if not holders or time.monotonic() >= deadline:
             return list(holders)
