@@ -134,3 +134,26 @@ def test_a_snapshot_older_than_the_erasure_is_reported_not_hidden(store, backend
         assert _count(pages, needles)["event payloads"] >= 1  # what the note warned about
     assert store.compact_after_erasure(full=True) == []
     assert _count(_pg_pages(store.data, data_url, ("events",)), needles)["event payloads"] == 0
+
+
+def test_an_idle_write_transaction_older_than_the_erasure_is_reported(store, backend, monkeypatch):
+    """A session idle in a READ COMMITTED write transaction holds no snapshot between
+    statements, but its transaction id holds VACUUM's horizon back all the same: the erasure
+    must count it (and say so) instead of reporting a clean compaction with the bytes kept."""
+    name, data_url, _, _ = backend
+    if name == "sqlite":
+        pytest.skip("SQLite has no concurrent transactions that outlive a writer's commit")
+    import store.db as store_db
+
+    monkeypatch.setattr(store_db, "SNAPSHOT_WAIT_S", 0.5)
+    store.ingest(make_events(5, 4))
+    needles = _victim_bytes(store, "u3")
+    with store.data.connect() as writer:  # READ COMMITTED, the default
+        writer.execute(text("CREATE TEMP TABLE scratch (x int)"))  # takes a transaction id
+        writer.execute(text("INSERT INTO scratch VALUES (1)"))
+        report = delete_user(store, "u3", compact=True)
+        assert report.notes and all("compact again" in n for n in report.notes), report.notes
+        assert any("open since before the erasure" in n for n in report.notes), report.notes
+        writer.rollback()
+    assert store.compact_after_erasure(full=True) == []
+    assert _count(_pg_pages(store.data, data_url, ("events",)), needles)["event payloads"] == 0
