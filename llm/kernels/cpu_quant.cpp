@@ -10,6 +10,8 @@
 // four int4 rows). Rows of 288 bytes read side by side ran at under half the bandwidth.
 #include <torch/extension.h>
 #include <immintrin.h>
+#include "cpu_attention.h"
+#include "cpu_quant_avx512.h"
 #include <cmath>
 #include <vector>
 
@@ -86,11 +88,16 @@ torch::Tensor quant_mm(const torch::Tensor& x, const torch::Tensor& q, const tor
   auto out = torch::empty({M, N}, x.options());
   std::vector<int8_t> xq(M * K);
   std::vector<float> dx(M * B), sx(M * B);
-  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
   const float* dp = d.data_ptr<float>();
   const float* cp = BITS == 4 ? c.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
+#ifdef USERLLM_AVX512_VNNI
+  userllm::quantize_rows_avx512(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
+  userllm::quant_mm_avx512({xq.data(), dx.data(), sx.data(), qp, dp, cp, op, M, N, K, gs}, BITS);
+  return out;
+#endif
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
   // Row groups outer, rows of x inner: a group's weights are read from memory once and stay
   // in L1 for every activation row.
   for (int64_t rg = 0; rg < N / RB; ++rg) {
@@ -109,8 +116,8 @@ torch::Tensor quant_mm(const torch::Tensor& x, const torch::Tensor& q, const tor
       __m256 acc0[RB], acc1[RB];
       __m128 accs0 = _mm_setzero_ps(), accs1 = _mm_setzero_ps();
       for (int r = 0; r < RB; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t g = b / per;
+      // g = b / per kept by counting: a 64-bit division per block cost more than the block.
+      for (int64_t b = 0, g = 0, j = 0; b < B; ++b, j = j + 1 == per ? 0 : j + 1, g += j == 0) {
         const uint8_t* w = wg + b * RB * block_bytes;
         const __m128 d4 = _mm_loadu_ps(dg + g * RB);
         alignas(16) float ds0[RB], ds1[RB];
@@ -155,8 +162,8 @@ torch::Tensor quant_mm(const torch::Tensor& x, const torch::Tensor& q, const tor
       __m256 acc[RB];
       __m128 accs = _mm_setzero_ps();
       for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t g = b / per;
+      // g = b / per kept by counting: a 64-bit division per block cost more than the block.
+      for (int64_t b = 0, g = 0, j = 0; b < B; ++b, j = j + 1 == per ? 0 : j + 1, g += j == 0) {
         const uint8_t* w = wg + b * RB * block_bytes;
         const __m128 d4 = _mm_mul_ps(_mm_loadu_ps(dg + g * RB), _mm_set1_ps(dxr[b]));
         alignas(16) float ds[RB];
@@ -227,7 +234,44 @@ torch::Tensor q8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64_t g
   return quant_mm<8>(x, q, d, d, gs);
 }
 
+// Paged decode attention from an fp32 pool (cpu_attention.cpp); every block a sequence's length
+// reaches is checked against the pool before any is read.
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes());
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32 &&
+              v_cache.scalar_type() == torch::kFloat32);
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && block_tables.is_contiguous() &&
+              context_lens.scalar_type() == torch::kInt32 && context_lens.is_contiguous());
+  const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hq % Hkv == 0 && block_tables.size(0) == S &&
+              context_lens.numel() == S);
+  const int64_t max_blocks = block_tables.size(1);
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t need = (lens[s] + block_size - 1) / block_size;
+    TORCH_CHECK(need <= max_blocks, "block table narrower than context length");
+    for (int64_t b = 0; b < need; ++b)
+      TORCH_CHECK(bt[s * max_blocks + b] >= 0 && bt[s * max_blocks + b] < num_blocks,
+                  "block table entry outside the pool");
+  }
+  auto out = torch::empty_like(q);
+  userllm::paged_decode_cpu({q.data_ptr<float>(), k_cache.data_ptr<float>(),
+                             v_cache.data_ptr<float>(), bt, lens, out.data_ptr<float>(), S, Hq,
+                             Hkv, D, block_size, max_blocks, static_cast<float>(scale)});
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention from an fp32 pool");
+#ifdef USERLLM_AVX512_VNNI
+  m.attr("isa") = "avx512_vnni";
+#else
+  m.attr("isa") = "avx2";
+#endif
   m.def("q4_mm", &q4_mm, "int4 weight-only matmul (int8 activations per 32-block)");
   m.def("q8_mm", &q8_mm, "int8 weight-only matmul (int8 activations per 32-block)");
   m.def("dequantize", &dequantize, "codes -> fp32 weights");

@@ -4,7 +4,9 @@ Dispatch (per call, from the tensors and the environment):
 - USERLLM_KERNELS=torch   -> the PyTorch reference (llm.kernels.reference), anywhere;
 - USERLLM_KERNELS=triton  -> the Triton kernels, also on CPU tensors (tests run them under
                              TRITON_INTERPRET=1);
-- unset / "auto"          -> Triton when the tensors are on CUDA, the reference otherwise.
+- unset / "auto"          -> Triton when the tensors are on CUDA, the reference otherwise,
+                             except fp32 decode attention on CPU: the C++ kernel
+                             (cpu_attention.cpp, built with llm.kernels.cpu_quant) when it built.
 
 Both backends are also exported by name (`*_triton`, `*_torch`) so tests and benchmarks can
 compare them. Cache layout everywhere: [num_blocks, block_size, num_kv_heads, head_dim].
@@ -93,8 +95,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if backend_for(q) == "triton":
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens,
                                              scale)
+    cpu = _cpu_decode_kernel(q, k_cache, block_tables, context_lens)
+    if cpu is not None:
+        return cpu.paged_decode(q.contiguous(), k_cache, v_cache, block_tables.contiguous(),
+                                context_lens.contiguous(),
+                                scale)
     return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale,
                                         plans)
+
+
+def _cpu_decode_kernel(q, k_cache, block_tables, context_lens):
+    """The compiled CPU module when it applies: auto dispatch (USERLLM_KERNELS=torch means the
+    reference), CPU, fp32 query and pool, int32 tables; else None."""
+    if os.environ.get("USERLLM_KERNELS", "auto").strip().lower() not in ("auto", ""):
+        return None
+    if q.is_cuda or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return None
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        return None
+    from llm.kernels.cpu_quant import kernel
+
+    return kernel()
 
 
 def cross_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

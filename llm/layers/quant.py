@@ -130,6 +130,12 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
 _scratch: dict[torch.device, torch.Tensor] = {}
 
 
+def _cpu_kernel():
+    from llm.kernels.cpu_quant import kernel
+
+    return kernel()
+
+
 def _scratch_weight(n: int, k: int, device: torch.device) -> torch.Tensor:
     """One fp32 buffer shared by all layers (one layer is de-quantized at a time)."""
     buf = _scratch.get(device)
@@ -218,6 +224,15 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] < DEQUANT_MIN_ROWS
+                and self.bias is None and not x.is_cuda and x.is_contiguous()):
+            # A decode step's shape (fp32 rows on CPU): straight to the kernel. At batch 1
+            # the general path's reshapes and casts cost ~a third of the GEMV itself.
+            mod = _cpu_kernel()
+            if mod is not None:
+                if self.bits == 4:
+                    return mod.q4_mm(x, self.qweight, self.scales, self.offsets, self.group_size)
+                return mod.q8_mm(x, self.qweight, self.scales, self.group_size)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.is_cuda:
@@ -231,9 +246,7 @@ class QuantLinear(nn.Module):
         return out.view(*lead, self.out_features)
 
     def _cpu(self, x: torch.Tensor) -> torch.Tensor:
-        from llm.kernels.cpu_quant import kernel
-
-        mod = kernel() if x.shape[0] < DEQUANT_MIN_ROWS else None
+        mod = _cpu_kernel() if x.shape[0] < DEQUANT_MIN_ROWS else None
         if mod is not None:
             if self.bits == 4:
                 return mod.q4_mm(x, self.qweight, self.scales, self.offsets, self.group_size)

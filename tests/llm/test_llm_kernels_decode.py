@@ -269,3 +269,48 @@ def test_reference_scratch_reuse_across_shapes(device):
     for out, q, dense in outs:  # checked after all calls: earlier outputs are not aliased
         torch.testing.assert_close(out.float(), dense_attention(q, dense, 0.25),
                                    **tolerance(out.dtype))
+
+
+def _cpu_module():
+    from llm.kernels.cpu_quant import kernel
+
+    mod = kernel()
+    if mod is None:
+        pytest.skip("the CPU extension did not build here (no AVX2 or no compiler)")
+    return mod
+
+
+@pytest.mark.parametrize("hq,hkv,d,block_size", [(9, 3, 64, 16), (4, 2, 24, 4), (2, 2, 8, 8)])
+def test_cpu_kernel_decode_matches_dense_attention(hq, hkv, d, block_size, monkeypatch):
+    """The C++ decode attention (auto dispatch on CPU, fp32) reads the NaN pool through the
+    block tables: SmolLM2's GQA 3:1 at head_dim 64, a head_dim that is no multiple of 8 (the
+    scalar tail), empty sequences, and one long context across many blocks."""
+    _cpu_module()
+    monkeypatch.delenv("USERLLM_KERNELS", raising=False)
+    lens = [1, 0, 37, block_size, 300]
+    k_cache, v_cache, bt, cl, dense = paged_case(lens, block_size, hkv, d, torch.float32, "cpu")
+    q = torch.randn(len(lens), hq, d)
+    out = paged_decode_attention(q, k_cache, v_cache, bt, cl, d ** -0.5)
+    assert not out.isnan().any() and out[1].abs().max() == 0
+    torch.testing.assert_close(out, dense_attention(q, dense, d ** -0.5), atol=1e-5, rtol=1e-5)
+    ref = paged_decode_attention_torch(q, k_cache, v_cache, bt, cl, d ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # One sequence's result does not depend on the others in the step.
+    alone = paged_decode_attention(q[2:3], k_cache, v_cache, bt[2:3], cl[2:3], d ** -0.5)
+    assert torch.equal(alone, out[2:3])
+
+
+def test_cpu_kernel_decode_refuses_a_block_outside_the_pool():
+    """A corrupt block table is an error, never a read of someone else's memory."""
+    mod = _cpu_module()
+    k_cache, v_cache, bt, cl, _ = paged_case([5, 9], 4, 1, 8, torch.float32, "cpu")
+    q = torch.randn(2, 1, 8)
+    for bad in (-1, k_cache.shape[0]):
+        broken = bt.clone()
+        broken[1, 1] = bad
+        with pytest.raises(RuntimeError, match="block table entry outside the pool"):
+            mod.paged_decode(q, k_cache, v_cache, broken, cl, 0.3)
+    short = cl.clone()
+    short[0] = 4 * bt.shape[1] + 1
+    with pytest.raises(RuntimeError, match="narrower than context length"):
+        mod.paged_decode(q, k_cache, v_cache, bt, short, 0.3)
