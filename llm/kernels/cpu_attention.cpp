@@ -49,6 +49,19 @@ inline void axpy(float p, const float* v, float* o, int64_t d) {  // o += p * v
 
 }  // namespace
 
+// HF's rotate-half RoPE, term for term as RotaryEmbedding.apply computes it (x * cos +
+// rotate_half(x) * sin, no fused multiply-add: the extension builds with -ffp-contract=off),
+// so the result is bit-identical to the PyTorch layer.
+void rope(const float* x, const float* cos, const float* sin, float* out, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* xi = x + h * D;
+    float* o = out + h * D;
+    for (int64_t i = 0; i < half; ++i) o[i] = xi[i] * cos[i] + (-xi[i + half]) * sin[i];
+    for (int64_t i = half; i < D; ++i) o[i] = xi[i] * cos[i] + xi[i - half] * sin[i];
+  }
+}
+
 void paged_decode_cpu(const DecodeArgs& a) {
   const int64_t group = a.Hq / a.Hkv, D = a.D;
   std::vector<float> scores;

@@ -16,5 +16,6 @@ struct DecodeArgs {
 };
 
 void paged_decode_cpu(const DecodeArgs& a);
+void rope(const float* x, const float* cos, const float* sin, float* out, int64_t heads, int64_t D);
 
 }  // namespace userllm

@@ -104,6 +104,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                         plans)
 
 
+def fused_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """A self-attention decode step after the projections in one C++ call on CPU (RoPE, K/V
+    write, paged attention: cpu_attention.cpp), bit-identical RoPE and writes to the PyTorch
+    path. None when it does not apply (see _cpu_decode_kernel; also under autograd): the
+    caller then runs the ops one by one."""
+    if q.requires_grad or k.requires_grad or slot_mapping.dtype != torch.int64:
+        return None
+    if k.dtype != torch.float32 or cos.dtype != torch.float32:
+        return None
+    mod = _cpu_decode_kernel(q, k_cache, block_tables, context_lens)
+    if mod is None:
+        return None
+    return mod.decode_step(q.contiguous(), k.contiguous(), v.contiguous(), cos.contiguous(),
+                           sin.contiguous(), k_cache, v_cache, slot_mapping.contiguous(),
+                           block_tables.contiguous(), context_lens.contiguous(), scale)
+
+
 def _cpu_decode_kernel(q, k_cache, block_tables, context_lens):
     """The compiled CPU module when it applies: auto dispatch (USERLLM_KERNELS=torch means the
     reference), CPU, fp32 query and pool, int32 tables; else None."""

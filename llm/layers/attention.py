@@ -18,6 +18,7 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.context import ForwardContext, get_context
+from llm.kernels.ops import fused_decode_step
 from llm.layers.linear import Linear
 from llm.layers.paged import paged_prefill_attention
 from llm.layers.rotary import RotaryEmbedding
@@ -46,9 +47,15 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        ctx = get_context()
+        if ctx is not None and not ctx.is_prefill and self.k_cache.numel() > 0:
+            out = fused_decode_step(q, k, v, cos, sin, self.k_cache, self.v_cache,
+                                    ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
+                                    self.scale)
+            if out is not None:  # CPU fp32: RoPE + K/V write + attention in one call
+                return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
         q = RotaryEmbedding.apply(q, cos, sin)
         k = RotaryEmbedding.apply(k, cos, sin)
-        ctx = get_context()
         if ctx is None:
             out = self._dense(q, k, v, key_mask)
         else:

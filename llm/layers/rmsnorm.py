@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def _cpu_kernel():
+    from llm.kernels.cpu_quant import kernel
+
+    return kernel()
 
 
 class RMSNorm(nn.Module):
@@ -12,6 +19,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+            if not (x.is_cuda or needs_grad):
+                mod = _cpu_kernel()
+                if mod is not None and x.is_contiguous():
+                    # One C++ loop: torch's rms_norm costs ~25-60 us on a decode step's row.
+                    return mod.rms_norm(x, self.weight, self.eps)
+            # One ATen call instead of seven, the same fp32 math (no cast to round).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
