@@ -76,28 +76,48 @@ inline __m256 dot_q8(const int8_t* w, const int8_t* x) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
+// Activations rounded to int8 blocks once, for every weight that reads them.
+struct Activations {
+  std::vector<int8_t> xq;
+  std::vector<float> dx, sx;
+  int64_t M, K;
+};
+
+Activations quantize_activations(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() &&
+              x.size(1) % 32 == 0);
+  const int64_t M = x.size(0), K = x.size(1), B = K / 32;
+  Activations a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * B), M, K};
+#ifdef USERLLM_AVX512_VNNI
+  userllm::quantize_rows_avx512(x.data_ptr<float>(), M, K, a.xq.data(), a.dx.data(), a.sx.data());
+#else
+  quantize_rows(x.data_ptr<float>(), M, K, a.xq.data(), a.dx.data(), a.sx.data());
+#endif
+  return a;
+}
+
 template <int BITS>
-torch::Tensor quant_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
+torch::Tensor quant_mm(const Activations& act, const torch::Tensor& q, const torch::Tensor& d,
                        const torch::Tensor& c, int64_t gs) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous());
   TORCH_CHECK(q.is_contiguous() && d.is_contiguous() && d.scalar_type() == torch::kFloat32);
-  const int64_t M = x.size(0), K = x.size(1), N = d.size(0) * RB, B = K / 32, G = K / gs;
+  TORCH_CHECK(gs > 0 && (BITS == 8 || (c.is_contiguous() && c.sizes() == d.sizes() &&
+                                       c.scalar_type() == torch::kFloat32)));
+  const int64_t M = act.M, K = act.K, N = d.size(0) * RB, B = K / 32, G = K / gs;
   const int64_t per = gs / 32, row_bytes = BITS == 4 ? K / 2 : K, block_bytes = BITS == 4 ? 16 : 32;
   TORCH_CHECK(K % gs == 0 && gs % 32 == 0 && N % RB == 0 && q.numel() == N * row_bytes &&
               d.numel() == N * G);
-  auto out = torch::empty({M, N}, x.options());
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> dx(M * B), sx(M * B);
+  auto out = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  const int8_t* xqp = act.xq.data();
+  const float* dxp = act.dx.data();
+  const float* sxp = act.sx.data();
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
   const float* dp = d.data_ptr<float>();
   const float* cp = BITS == 4 ? c.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
 #ifdef USERLLM_AVX512_VNNI
-  userllm::quantize_rows_avx512(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
-  userllm::quant_mm_avx512({xq.data(), dx.data(), sx.data(), qp, dp, cp, op, M, N, K, gs}, BITS);
+  userllm::quant_mm_avx512({xqp, dxp, sxp, qp, dp, cp, op, M, N, K, gs}, BITS);
   return out;
 #endif
-  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
   // Row groups outer, rows of x inner: a group's weights are read from memory once and stay
   // in L1 for every activation row.
   for (int64_t rg = 0; rg < N / RB; ++rg) {
@@ -107,11 +127,11 @@ torch::Tensor quant_mm(const torch::Tensor& x, const torch::Tensor& q, const tor
     int64_t m = 0;
     // Two activation rows at a time: each weight block is unpacked once for both.
     for (; m + 2 <= M; m += 2) {
-      const int8_t* xr0 = xq.data() + m * K;
+      const int8_t* xr0 = xqp + m * K;
       const int8_t* xr1 = xr0 + K;
-      const float* dx0 = dx.data() + m * B;
+      const float* dx0 = dxp + m * B;
       const float* dx1 = dx0 + B;
-      const float* sx0 = sx.data() + m * B;
+      const float* sx0 = sxp + m * B;
       const float* sx1 = sx0 + B;
       __m256 acc0[RB], acc1[RB];
       __m128 accs0 = _mm_setzero_ps(), accs1 = _mm_setzero_ps();
@@ -156,9 +176,9 @@ torch::Tensor quant_mm(const torch::Tensor& x, const torch::Tensor& q, const tor
       }
     }
     for (; m < M; ++m) {
-      const int8_t* xr = xq.data() + m * K;
-      const float* dxr = dx.data() + m * B;
-      const float* sxr = sx.data() + m * B;
+      const int8_t* xr = xqp + m * K;
+      const float* dxr = dxp + m * B;
+      const float* sxr = sxp + m * B;
       __m256 acc[RB];
       __m128 accs = _mm_setzero_ps();
       for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
@@ -227,11 +247,26 @@ void dequantize(torch::Tensor out, torch::Tensor q, torch::Tensor d,
 
 torch::Tensor q4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor d, torch::Tensor c,
                     int64_t gs) {
-  return quant_mm<4>(x, q, d, c, gs);
+  return quant_mm<4>(quantize_activations(x), q, d, c, gs);
 }
 
 torch::Tensor q8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64_t gs) {
-  return quant_mm<8>(x, q, d, d, gs);
+  return quant_mm<8>(quantize_activations(x), q, d, d, gs);
+}
+
+// Several weights reading the same x (q/k/v, gate/up): x is rounded once and one call from
+// Python replaces several. c[i] given: int4 with offsets; absent: int8.
+std::vector<torch::Tensor> quant_mm_many(torch::Tensor x, std::vector<torch::Tensor> q,
+                                         std::vector<torch::Tensor> d,
+                                         std::vector<c10::optional<torch::Tensor>> c,
+                                         std::vector<int64_t> gs) {
+  TORCH_CHECK(q.size() == d.size() && q.size() == c.size() && q.size() == gs.size());
+  const Activations act = quantize_activations(x);
+  std::vector<torch::Tensor> out;
+  for (size_t i = 0; i < q.size(); ++i)
+    out.push_back(c[i].has_value() ? quant_mm<4>(act, q[i], d[i], *c[i], gs[i])
+                                   : quant_mm<8>(act, q[i], d[i], d[i], gs[i]));
+  return out;
 }
 
 // Paged decode attention from an fp32 pool (cpu_attention.cpp); every block a sequence's length
@@ -361,5 +396,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("q4_mm", &q4_mm, "int4 weight-only matmul (int8 activations per 32-block)");
   m.def("q8_mm", &q8_mm, "int8 weight-only matmul (int8 activations per 32-block)");
+  m.def("quant_mm_many", &quant_mm_many, "several int4/int8 matmuls of one activation");
   m.def("dequantize", &dequantize, "codes -> fp32 weights");
 }

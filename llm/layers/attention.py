@@ -20,6 +20,7 @@ from llm.config import ModelConfig
 from llm.context import ForwardContext, get_context
 from llm.kernels.ops import fused_decode_step
 from llm.layers.linear import Linear
+from llm.layers.quant import QuantLinear
 from llm.layers.paged import paged_prefill_attention
 from llm.layers.rotary import RotaryEmbedding
 
@@ -44,9 +45,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]  # [B, T] dense or [N] paged
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        q, k, v = QuantLinear.many(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
         ctx = get_context()
         if ctx is not None and not ctx.is_prefill and self.k_cache.numel() > 0:
             out = fused_decode_step(q, k, v, cos, sin, self.k_cache, self.v_cache,

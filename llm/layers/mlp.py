@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.layers.linear import Linear
+from llm.layers.quant import QuantLinear
 
 
 class SwiGLU(nn.Module):
@@ -16,4 +17,5 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = QuantLinear.many(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)

@@ -223,12 +223,32 @@ class QuantLinear(nn.Module):
             w.add_(deinterleave(self.offsets, 1)[..., None])
         return out
 
+    @staticmethod
+    def fast_rows(x: torch.Tensor, *linears: nn.Module):
+        """The CPU module when x is a decode step's rows (fp32, contiguous, few) and every
+        linear is a bias-free QuantLinear, else None."""
+        if (x.dim() != 2 or x.dtype != torch.float32 or x.shape[0] >= DEQUANT_MIN_ROWS
+                or x.is_cuda or not x.is_contiguous()):
+            return None
+        if not all(isinstance(m, QuantLinear) and m.bias is None for m in linears):
+            return None
+        return _cpu_kernel()
+
+    @staticmethod
+    def many(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
+        """[m(x) for m in linears]; for decode rows on CPU one kernel call that rounds x once
+        (q/k/v, gate/up)."""
+        mod = QuantLinear.fast_rows(x, *linears)
+        if mod is None:
+            return [m(x) for m in linears]
+        return mod.quant_mm_many(x, [m.qweight for m in linears], [m.scales for m in linears],
+                                 [m.offsets for m in linears], [m.group_size for m in linears])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] < DEQUANT_MIN_ROWS
-                and self.bias is None and not x.is_cuda and x.is_contiguous()):
+        if self.bias is None:
             # A decode step's shape (fp32 rows on CPU): straight to the kernel. At batch 1
             # the general path's reshapes and casts cost ~a third of the GEMV itself.
-            mod = _cpu_kernel()
+            mod = QuantLinear.fast_rows(x, self)
             if mod is not None:
                 if self.bits == 4:
                     return mod.q4_mm(x, self.qweight, self.scales, self.offsets, self.group_size)
