@@ -224,25 +224,55 @@ void dequantize(torch::Tensor out, torch::Tensor q, torch::Tensor d,
   const float* cp = c.has_value() ? c->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   for (int64_t rg = 0; rg < N / RB; ++rg) {
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t g = b / per;
+    for (int64_t b = 0, g = 0, j = 0; b < B; ++b, j = j + 1 == per ? 0 : j + 1, g += j == 0) {
       for (int r = 0; r < RB; ++r) {
         const uint8_t* w = qp + ((rg * B + b) * RB + r) * block_bytes;
-        const float scale = dp[(rg * G + g) * RB + r];
-        const float off = cp ? cp[(rg * G + g) * RB + r] : 0.f;
+        const __m256 scale = _mm256_set1_ps(dp[(rg * G + g) * RB + r]);
+        const __m256 off = _mm256_set1_ps(cp ? cp[(rg * G + g) * RB + r] : 0.f);
         float* o = op + (rg * RB + r) * K + b * 32;
+        // Eight codes at a time to fp32: scale * q (+ off), two roundings as in PyTorch.
+        auto put = [&](float* dst, __m128i eight_codes, bool is_signed) {
+          const __m256i q32 = is_signed ? _mm256_cvtepi8_epi32(eight_codes)
+                                        : _mm256_cvtepu8_epi32(eight_codes);
+          __m256 v = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(q32));
+          _mm256_storeu_ps(dst, bits == 4 ? _mm256_add_ps(v, off) : v);
+        };
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
         if (bits == 4) {
-          for (int j = 0; j < 16; ++j) {
-            o[j] = scale * static_cast<float>(w[j] & 0x0F) + off;
-            o[j + 16] = scale * static_cast<float>(w[j] >> 4) + off;
-          }
+          const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+          const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+          put(o, lo, false);
+          put(o + 8, _mm_srli_si128(lo, 8), false);
+          put(o + 16, hi, false);
+          put(o + 24, _mm_srli_si128(hi, 8), false);
         } else {
-          const int8_t* ws = reinterpret_cast<const int8_t*>(w);
-          for (int j = 0; j < 32; ++j) o[j] = scale * static_cast<float>(ws[j]);
+          const __m128i raw_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16));
+          put(o, raw, true);
+          put(o + 8, _mm_srli_si128(raw, 8), true);
+          put(o + 16, raw_hi, true);
+          put(o + 24, _mm_srli_si128(raw_hi, 8), true);
         }
       }
     }
   }
+}
+
+// x [M, K] fp32 -> the values the kernel multiplies: int8 codes per 32-block times their
+// scale, in fp32 (QuantLinear's de-quantized-GEMM path for prefill chunks). Bit-identical to
+// llm.layers.quant.round_activations, in one pass instead of six ATen calls.
+torch::Tensor round_activations(torch::Tensor x) {
+  const Activations act = quantize_activations(x);
+  auto out = torch::empty_like(x);
+  float* o = out.data_ptr<float>();
+  const int64_t n = act.M * act.K;
+  for (int64_t i = 0; i < n; i += 32) {
+    const __m256 d = _mm256_set1_ps(act.dx[i / 32]);
+    for (int64_t k = 0; k < 32; k += 8) {
+      const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(act.xq.data() + i + k));
+      _mm256_storeu_ps(o + i + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), d));
+    }
+  }
+  return out;
 }
 
 torch::Tensor q4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor d, torch::Tensor c,
@@ -396,6 +426,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("q4_mm", &q4_mm, "int4 weight-only matmul (int8 activations per 32-block)");
   m.def("q8_mm", &q8_mm, "int8 weight-only matmul (int8 activations per 32-block)");
+  m.def("round_activations", &round_activations, "fp32 rows rounded to int8 blocks, as fp32");
   m.def("quant_mm_many", &quant_mm_many, "several int4/int8 matmuls of one activation");
   m.def("dequantize", &dequantize, "codes -> fp32 weights");
 }

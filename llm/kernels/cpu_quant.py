@@ -1,5 +1,12 @@
-"""The CPU int4/int8 kernel (cpu_quant.cpp), compiled on first use with torch's extension
-builder and cached (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+"""The CPU extension, compiled on first use with torch's extension builder and cached
+(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). It holds what a CPU decode step runs
+outside MKL:
+- the int4/int8 weight-only GEMV-GEMM (cpu_quant.cpp, cpu_quant_avx512.cpp);
+- paged decode attention from the fp32 pool, alone or with RoPE and the K/V write of the step
+  (cpu_attention.cpp; llm/kernels/ops.py dispatches to it);
+- RMSNorm of fp32 rows (llm/layers/rmsnorm.py).
+At batch 1 a SmolLM2 decode step ran ~20 ATen calls per layer outside the GEMVs, and they cost
+more than the arithmetic: each of these replaces several.
 
 Why our own: torch 2.13's packed CPU ops (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`)
 were measured 1.6-3x slower than this at decode sizes on the AVX2 box (SmolLM2's 1536x576

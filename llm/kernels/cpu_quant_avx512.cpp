@@ -49,110 +49,155 @@ inline void half_sums(__m512 v, float* out) {  // the two 256-bit halves' sums
   }
 }
 
-// MB activation rows against one group of four int4 rows: every weight block unpacked once.
-template <int MB>
+// MB activation rows against NG consecutive groups of four int4 rows: every weight block is
+// unpacked once for all MB rows, and NG > 1 gives a single row independent chains to overlap
+// (at batch 1 one group's loop ran latency-bound).
+template <int MB, int NG>
 void q4_group(const QuantArgs& a, int64_t m0, int64_t rg) {
   const int64_t B = a.K / 32, G = a.K / a.gs, per = a.gs / 32;
   const uint8_t* wg = a.q + rg * B * RB * 16;
   const float* dg = a.d + rg * G * RB;
   const float* cg = a.c + rg * G * RB;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512 acc[MB];
-  __m128 accs[MB];
-  for (int i = 0; i < MB; ++i) {
-    acc[i] = _mm512_setzero_ps();
-    accs[i] = _mm_setzero_ps();
-  }
-  // Blocks walked group by group: a 64-bit division per block (b / per) cost more than the rest.
-  for (int64_t g = 0, b = 0; g < G; ++g) {
-   _mm_prefetch(reinterpret_cast<const char*>(dg + (g + PREFETCH) * RB), _MM_HINT_T0);
-   _mm_prefetch(reinterpret_cast<const char*>(cg + (g + PREFETCH) * RB), _MM_HINT_T0);
-   const __m512 dw = spread4(dg + g * RB);
-   const __m128 cw = _mm_loadu_ps(cg + g * RB);
-   for (int64_t j = 0; j < per; ++j, ++b) {
-    // Single-core DRAM streams stall on the hardware prefetcher's ramp: ask ahead.
-    _mm_prefetch(reinterpret_cast<const char*>(wg + (b + PREFETCH) * RB * 16), _MM_HINT_T0);
-    const __m512i raw = _mm512_loadu_si512(wg + b * RB * 16);
-    const __m512i lo = _mm512_and_si512(raw, low4);                       // inputs 0..15
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);  // inputs 16..31
+  __m512 acc[NG][MB];
+  __m128 accs[NG][MB];
+  for (int n = 0; n < NG; ++n)
+    for (int i = 0; i < MB; ++i) {
+      acc[n][i] = _mm512_setzero_ps();
+      accs[n][i] = _mm_setzero_ps();
+    }
+  // One loop over blocks; a group's scales are loaded at its first block (g = b / per kept by
+  // counting: a 64-bit division per block cost more than the block, and a nested group loop
+  // spilled the row pointers when a group is one block).
+  __m512 dw[NG];
+  __m128 cw[NG];
+  for (int64_t b = 0, g = 0, j = 0; b < B; ++b) {
+    if (j == 0) {
+      for (int n = 0; n < NG; ++n) {
+        const int64_t at = (n * G + g) * RB;
+        _mm_prefetch(reinterpret_cast<const char*>(dg + at + PREFETCH * RB), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(cg + at + PREFETCH * RB), _MM_HINT_T0);
+        dw[n] = spread4(dg + at);
+        cw[n] = _mm_loadu_ps(cg + at);
+      }
+    }
+    if (++j == per) {
+      j = 0;
+      ++g;
+    }
+    __m512i lo[NG], hi[NG];
+    for (int n = 0; n < NG; ++n) {
+      const uint8_t* w = wg + (n * B + b) * RB * 16;
+      // Single-core DRAM streams stall on the hardware prefetcher's ramp: ask ahead.
+      _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH * RB * 16), _MM_HINT_T0);
+      const __m512i raw = _mm512_loadu_si512(w);
+      lo[n] = _mm512_and_si512(raw, low4);                       // inputs 0..15
+      hi[n] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);  // inputs 16..31
+    }
     for (int i = 0; i < MB; ++i) {
       const int8_t* x = a.xq + (m0 + i) * a.K + b * 32;
       const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
       const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16)));
-      __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo);
-      s = _mm512_dpbusd_epi32(s, hi, xhi);
-      const float dx = a.dx[(m0 + i) * B + b];
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[i]);
-      accs[i] = _mm_fmadd_ps(cw, _mm_set1_ps(a.sx[(m0 + i) * B + b]), accs[i]);
+      const __m512 dx = _mm512_set1_ps(a.dx[(m0 + i) * B + b]);
+      const __m128 sx = _mm_set1_ps(a.sx[(m0 + i) * B + b]);
+      for (int n = 0; n < NG; ++n) {
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[n], xlo);
+        s = _mm512_dpbusd_epi32(s, hi[n], xhi);
+        acc[n][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[n], dx), acc[n][i]);
+        accs[n][i] = _mm_fmadd_ps(cw[n], sx, accs[n][i]);
+      }
     }
-   }
   }
-  for (int i = 0; i < MB; ++i) {
-    alignas(16) float sums[4], offs[4];
-    lane_sums4(acc[i], sums);
-    _mm_store_ps(offs, accs[i]);
-    float* o = a.out + (m0 + i) * a.N + rg * RB;
-    for (int r = 0; r < RB; ++r) o[r] = sums[r] + offs[r];
-  }
+  for (int n = 0; n < NG; ++n)
+    for (int i = 0; i < MB; ++i) {
+      alignas(16) float sums[4], offs[4];
+      lane_sums4(acc[n][i], sums);
+      _mm_store_ps(offs, accs[n][i]);
+      float* o = a.out + (m0 + i) * a.N + (rg + n) * RB;
+      for (int r = 0; r < RB; ++r) o[r] = sums[r] + offs[r];
+    }
 }
 
-template <int MB>
-void q8_group(const QuantArgs& a, int64_t m0, int64_t rg) {
+template <int MB, int NG>
+void q8_group(const QuantArgs& a, int64_t m0, int64_t rg) {  // as q4_group, for int8 codes
   const int64_t B = a.K / 32, G = a.K / a.gs, per = a.gs / 32;
   const uint8_t* wg = a.q + rg * B * RB * 32;
   const float* dg = a.d + rg * G * RB;
   const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));  // 128 as unsigned bytes
-  __m512 acc01[MB], acc23[MB];
-  for (int i = 0; i < MB; ++i) acc01[i] = acc23[i] = _mm512_setzero_ps();
-  for (int64_t g = 0, b = 0; g < G; ++g) {
-   _mm_prefetch(reinterpret_cast<const char*>(dg + (g + PREFETCH) * RB), _MM_HINT_T0);
-   const __m512 d01 = spread2(dg + g * RB), d23 = spread2(dg + g * RB + 2);
-   for (int64_t j = 0; j < per; ++j, ++b) {
-    const uint8_t* ahead = wg + (b + PREFETCH / 2) * RB * 32;  // the same 2 KiB ahead
-    _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(ahead + 64), _MM_HINT_T0);
-    const __m512i w01 = _mm512_loadu_si512(wg + b * RB * 32);       // rows 0, 1
-    const __m512i w23 = _mm512_loadu_si512(wg + b * RB * 32 + 64);  // rows 2, 3
-    // 128 * sum(w) per 4 inputs, subtracted from every activation row's sums below.
-    const __m512i c01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, w01);
-    const __m512i c23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, w23);
+  __m512 acc01[NG][MB], acc23[NG][MB];
+  for (int n = 0; n < NG; ++n)
+    for (int i = 0; i < MB; ++i) acc01[n][i] = acc23[n][i] = _mm512_setzero_ps();
+  __m512 d01[NG], d23[NG];
+  for (int64_t b = 0, g = 0, j = 0; b < B; ++b) {
+    if (j == 0) {
+      for (int n = 0; n < NG; ++n) {
+        const int64_t at = (n * G + g) * RB;
+        _mm_prefetch(reinterpret_cast<const char*>(dg + at + PREFETCH * RB), _MM_HINT_T0);
+        d01[n] = spread2(dg + at);
+        d23[n] = spread2(dg + at + 2);
+      }
+    }
+    if (++j == per) {
+      j = 0;
+      ++g;
+    }
+    __m512i w01[NG], w23[NG], c01[NG], c23[NG];
+    for (int n = 0; n < NG; ++n) {
+      const uint8_t* w = wg + (n * B + b) * RB * 32;
+      const uint8_t* ahead = w + (PREFETCH / 2) * RB * 32;  // the same 2 KiB ahead
+      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + 64), _MM_HINT_T0);
+      w01[n] = _mm512_loadu_si512(w);       // rows 0, 1
+      w23[n] = _mm512_loadu_si512(w + 64);  // rows 2, 3
+      // 128 * sum(w) per 4 inputs, subtracted from every activation row's sums below.
+      c01[n] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, w01[n]);
+      c23[n] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, w23[n]);
+    }
     for (int i = 0; i < MB; ++i) {
       const int8_t* x = a.xq + (m0 + i) * a.K + b * 32;
       const __m512i xu = _mm512_xor_si512(  // x + 128 as unsigned bytes
           _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), offset);
       const __m512 dx = _mm512_set1_ps(a.dx[(m0 + i) * B + b]);
-      const __m512i s01 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w01), c01);
-      const __m512i s23 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w23), c23);
-      acc01[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), _mm512_mul_ps(d01, dx), acc01[i]);
-      acc23[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), _mm512_mul_ps(d23, dx), acc23[i]);
+      for (int n = 0; n < NG; ++n) {
+        const __m512i s01 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w01[n]), c01[n]);
+        const __m512i s23 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w23[n]), c23[n]);
+        acc01[n][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), _mm512_mul_ps(d01[n], dx), acc01[n][i]);
+        acc23[n][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), _mm512_mul_ps(d23[n], dx), acc23[n][i]);
+      }
     }
-   }
   }
-  for (int i = 0; i < MB; ++i) {
-    float* o = a.out + (m0 + i) * a.N + rg * RB;
-    half_sums(acc01[i], o);
-    half_sums(acc23[i], o + 2);
-  }
+  for (int n = 0; n < NG; ++n)
+    for (int i = 0; i < MB; ++i) {
+      float* o = a.out + (m0 + i) * a.N + (rg + n) * RB;
+      half_sums(acc01[n][i], o);
+      half_sums(acc23[n][i], o + 2);
+    }
 }
 
-template <int BITS, int MB>
-void rows_of_group(const QuantArgs& a, int64_t m0, int64_t rg) {
-  if constexpr (BITS == 4) q4_group<MB>(a, m0, rg); else q8_group<MB>(a, m0, rg);
+template <int BITS, int MB, int NG>
+void rows_of_groups(const QuantArgs& a, int64_t m0, int64_t rg) {
+  if constexpr (BITS == 4) q4_group<MB, NG>(a, m0, rg); else q8_group<MB, NG>(a, m0, rg);
+}
+
+template <int BITS, int NG>
+void groups(const QuantArgs& a, int64_t rg) {  // every activation row: 4 at a time, then the tail
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) rows_of_groups<BITS, 4, NG>(a, m, rg);
+  switch (a.M - m) {
+    case 3: rows_of_groups<BITS, 3, NG>(a, m, rg); break;
+    case 2: rows_of_groups<BITS, 2, NG>(a, m, rg); break;
+    case 1: rows_of_groups<BITS, 1, NG>(a, m, rg); break;
+    default: break;
+  }
 }
 
 template <int BITS>
 void quant_mm(const QuantArgs& a) {
-  // Row groups outer: a group's weights stay in L1 while every activation row passes over them.
-  for (int64_t rg = 0; rg < a.N / RB; ++rg) {
-    int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) rows_of_group<BITS, 4>(a, m, rg);
-    switch (a.M - m) {
-      case 3: rows_of_group<BITS, 3>(a, m, rg); break;
-      case 2: rows_of_group<BITS, 2>(a, m, rg); break;
-      case 1: rows_of_group<BITS, 1>(a, m, rg); break;
-      default: break;
-    }
-  }
+  // Row groups outer: their weights stay in L1 while every activation row passes over them.
+  // Two groups at a time: independent chains (one group's loop ran latency-bound, ~2x slower).
+  int64_t rg = 0;
+  for (; rg + 2 <= a.N / RB; rg += 2) groups<BITS, 2>(a, rg);
+  for (; rg < a.N / RB; ++rg) groups<BITS, 1>(a, rg);
 }
 
 }  // namespace

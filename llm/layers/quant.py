@@ -13,9 +13,11 @@ Two forms of one weight W [N, K]:
   kernel streams them sequentially (measured 2x faster than side-by-side rows).
 
 Forward on CPU, by row count (a decode step has one row per sequence, a prefill chunk many):
-- < DEQUANT_MIN_ROWS: our AVX2 kernel (llm/kernels/cpu_quant.cpp): activations rounded to
-  int8 per 32 inputs (as llama.cpp does), int8 dot products; it reads 4.5-5 bits per weight,
-  and a decode step is memory-bound;
+- < DEQUANT_MIN_ROWS: our kernel (llm/kernels/cpu_quant.cpp, and its AVX-512 VNNI form
+  cpu_quant_avx512.cpp where the CPU has it): activations rounded to int8 per 32 inputs (as
+  llama.cpp does), int8 dot products; it reads 4.5-5 bits per weight, and a decode step is
+  memory-bound. `QuantLinear.many` runs several weights of one input (q/k/v, gate/up) in one
+  call that rounds the input once;
 - otherwise: the same activation rounding in PyTorch, the layer de-quantized into a shared
   fp32 scratch buffer, MKL GEMM (prefill is compute-bound: fp32 GEMM is faster there).
 Both compute the same sums up to fp32 rounding order, so a sequence's result does not depend
@@ -272,7 +274,9 @@ class QuantLinear(nn.Module):
                 return mod.q4_mm(x, self.qweight, self.scales, self.offsets, self.group_size)
             return mod.q8_mm(x, self.qweight, self.scales, self.group_size)
         w = self.dequantize(_scratch_weight(self.out_features, self.in_features, x.device))
-        return F.linear(round_activations(x), w)
+        mod = _cpu_kernel()
+        xr = mod.round_activations(x) if mod is not None else round_activations(x)
+        return F.linear(xr, w)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
