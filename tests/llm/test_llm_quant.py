@@ -82,6 +82,14 @@ def test_cpu_kernel_builds_agree_with_the_reference():
                     y = (mod.q4_mm(x, ql.qweight, ql.scales, ql.offsets, group_size) if bits == 4
                          else mod.q8_mm(x, ql.qweight, ql.scales, group_size))
                     assert _relative(y, exact) < 1e-6, (mod.isa, bits, group_size, rows)
+            # The prefill path's two passes: bit-identical to the PyTorch forms.
+            for mod in mods:
+                out = torch.empty(96, 256)
+                mod.dequantize(out, ql.qweight, ql.scales, ql.offsets, group_size, bits)
+                assert torch.equal(out, ql.quantized().dequantize()), (mod.isa, bits, group_size)
+                x = torch.randn(7, 256) * 5
+                x[2] = 0  # an all-zero block: scale 0, codes 0
+                assert torch.equal(mod.round_activations(x), round_activations(x)), mod.isa
 
 
 @pytest.mark.parametrize("bits", [4, 8])
