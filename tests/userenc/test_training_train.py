@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from training.data import load_dataset, write_sample_data
 from training.evaluate import evaluate, model_scorer, popularity_scorer
 from training.split import leave_one_out, windows
+from training.train_encoder import planned_epochs
 from training.train_encoder import TrainConfig, lr_lambda, train_encoder
 from userenc.checkpoint import load_checkpoint
 from userenc.config import EncoderConfig
@@ -123,3 +124,13 @@ def test_training_runs_with_a_resampler_and_late_fusion(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
     loaded = load_checkpoint(tmp_path / "run")
     assert loaded.model.cfg.num_user_tokens == 4 and loaded.embed(list(ds.histories.values())[:3]).shape == (3, 8)
+
+
+def test_time_budget_plan_is_refit_at_the_steady_pace():
+    """A 14-minute budget: epoch 1 (26 s with start-up costs) plans 32 epochs; after epoch 2
+    (18 s) the plan grows to what the remaining time fits at that pace. Never fewer epochs than
+    done, never more than the configured maximum."""
+    assert planned_epochs(1, 26.0, 26.0, 14, 200) == 32
+    assert planned_epochs(2, 44.0, 18.0, 14, 200) == 2 + int((840 - 44) / 18)
+    assert planned_epochs(2, 44.0, 18.0, 14, 20) == 20
+    assert planned_epochs(2, 900.0, 18.0, 14, 200) == 2  # already over the budget
