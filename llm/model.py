@@ -53,6 +53,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llm import cpu_decode
 from llm.config import ModelConfig
 from llm.context import get_context
 from llm.layers.attention import Attention
@@ -91,6 +92,11 @@ class LlamaModel(nn.Module):
 
     def run_layers(self, h, positions, user_tokens=None, user_mask=None, key_mask=None):
         cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        if not self.cross_blocks:
+            ctx = get_context()
+            fast = cpu_decode.plan_for(self.layers, h, ctx)
+            if fast is not None:  # the same kernel calls without module dispatch
+                return self.norm(cpu_decode.run_decode_layers(*fast, h, cos, sin, ctx))
         for i, layer in enumerate(self.layers):
             block = self.cross_blocks[str(i)] if str(i) in self.cross_blocks else None
             if block is not None:

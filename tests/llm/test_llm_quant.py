@@ -198,6 +198,40 @@ def test_quantized_engine_batching_invariance(tiny_path, mode):
     assert done[target_id] == alone and len(done) == 17
 
 
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_flat_cpu_decode_loop_is_bit_identical_to_the_modules(tiny_path, mode, monkeypatch):
+    """llm/cpu_decode.py runs a decode step's layers without module dispatch: every logit of
+    every step equals the module path's, for 1 and 5 sequences at once; it did run; and a
+    step with 64+ rows (QuantLinear's de-quantized path) is left to the modules."""
+    from llm import cpu_decode
+
+    if __import__("llm.kernels.cpu_quant", fromlist=["kernel"]).kernel() is None:
+        pytest.skip("the CPU extension did not build here")
+    monkeypatch.delenv("USERLLM_KERNELS", raising=False)
+    prompts = random_prompts(5, [9, 30, 4, 17, 50], seed=4)
+    flat_runs = []
+    real = cpu_decode.run_decode_layers
+    monkeypatch.setattr(cpu_decode, "run_decode_layers",
+                        lambda *a: flat_runs.append(a[2].shape[0]) or real(*a))
+    results = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(cpu_decode, "ENABLED", enabled)
+        eng = _engine(tiny_path, quantize=mode)
+        logits: list[torch.Tensor] = []
+        head = eng.model.compute_logits
+        eng.model.compute_logits = lambda h: logits.append(head(h).clone()) or logits[-1]
+        tokens = [eng.generate([prompts[0]], GREEDY)[0].token_ids,
+                  [o.token_ids for o in eng.generate(prompts, GREEDY)]]
+        results[enabled] = (tokens, logits)
+    assert results[True][0] == results[False][0]
+    assert len(results[True][1]) == len(results[False][1])
+    assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1]))
+    assert 1 in flat_runs and 5 in flat_runs
+    h = torch.zeros(64, 8)
+    ctx = type("Ctx", (), {"is_prefill": False})()
+    assert cpu_decode.plan_for(torch.nn.ModuleList(), h, ctx) is None
+
+
 def test_quantized_engine_cancel_returns_all_blocks(tiny_path):
     eng = _engine(tiny_path, quantize="int4", cross_every_n=1, user_dim=8, block_size=8)
     free0 = (eng.block_manager.num_free_blocks, eng.cross_manager.num_free_blocks)
