@@ -1,8 +1,9 @@
 """A CPU decode step's decoder layers as one flat loop of kernel calls.
 
 Why: with quantized weights on CPU, a SmolLM2 decode step at batch 1 spent ~14 ms in its
-kernels and ~9 ms around them: nn.Module dispatch (about 200 module calls a token), the
-per-call checks that pick a kernel, views. The layers' own forwards stay the reference; this
+kernels and ~9 ms around them: nn.Module dispatch (about 200 module calls and 1,500 attribute
+lookups a token), the per-call checks that pick a kernel, views. With this loop a token took
+16 ms instead of 23 (same machine, kernels unchanged). The layers' own forwards stay the reference; this
 loop makes exactly their calls, in their order, on the same tensors (the C++ extension in
 llm/kernels/cpu_quant.py: RMSNorm, the int4/int8 GEMVs, RoPE + K/V write + paged attention),
 so its hidden states are bit-identical to theirs (tests/llm/test_llm_quant.py checks it).

@@ -3,8 +3,8 @@
 outside MKL:
 - the int4/int8 weight-only GEMV-GEMM (cpu_quant.cpp, cpu_quant_avx512.cpp);
 - paged decode attention from the fp32 pool, alone or with RoPE and the K/V write of the step
-  (cpu_attention.cpp; llm/kernels/ops.py dispatches to it);
-- RMSNorm of fp32 rows (llm/layers/rmsnorm.py).
+  (cpu_attention.cpp, bound in cpu_ops.cpp; llm/kernels/ops.py dispatches to it);
+- RMSNorm of fp32 rows (cpu_ops.cpp; llm/layers/rmsnorm.py).
 At batch 1 a SmolLM2 decode step ran ~20 ATen calls per layer outside the GEMVs, and they cost
 more than the arithmetic: each of these replaces several.
 
@@ -88,7 +88,7 @@ def build(isa: str):
         flags = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off"]
         return load(name=f"userllm_cpu_quant_{isa}",
                     sources=[str(here / f) for f in ("cpu_quant.cpp", "cpu_quant_avx512.cpp",
-                                                          "cpu_attention.cpp")],
+                                                          "cpu_attention.cpp", "cpu_ops.cpp")],
                     extra_cflags=flags + (_AVX512_FLAGS if isa == "avx512_vnni" else []),
                     extra_include_paths=[str(here)], verbose=False)
     except Exception as exc:  # no compiler / headers: the PyTorch path still works
