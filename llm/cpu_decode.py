@@ -16,13 +16,12 @@ else (a LoRA-wrapped projection, an adapter's cross blocks, fp32 weights) runs t
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llm.context import ForwardContext
+from llm.kernels.ops import cpu_decode_kernel
 from llm.layers.quant import DEQUANT_MIN_ROWS, QuantLinear
 
 ENABLED = True
@@ -36,15 +35,15 @@ def plan_for(layers: nn.ModuleList, h: torch.Tensor, ctx: ForwardContext | None)
     dicts directly (nn.Module.__getattr__ was ~1,500 Python calls a token)."""
     if not ENABLED or ctx is None or ctx.is_prefill:
         return None
-    if h.is_cuda or h.dtype != torch.float32 or h.dim() != 2 or torch.is_grad_enabled() \
-            and h.requires_grad:
+    if h.dim() != 2 or torch.is_grad_enabled() and h.requires_grad:
         return None
     if h.shape[0] >= DEQUANT_MIN_ROWS:  # QuantLinear takes its de-quantized GEMM path there
         return None
-    if os.environ.get("USERLLM_KERNELS", "auto").strip().lower() not in ("auto", ""):
+    if ctx.slot_mapping.dtype != torch.int64 or not layers:
         return None
-    if ctx.slot_mapping.dtype != torch.int64 or ctx.block_tables.dtype != torch.int32 \
-            or ctx.context_lens.dtype != torch.int32:
+    # The same rule the layers' own decode attention follows (USERLLM_KERNELS, dtypes).
+    mod = cpu_decode_kernel(h, layers[0].self_attn.k_cache, ctx.block_tables, ctx.context_lens)
+    if mod is None:
         return None
     plan = []
     for layer in layers:
@@ -65,10 +64,7 @@ def plan_for(layers: nn.ModuleList, h: torch.Tensor, ctx: ForwardContext | None)
         weights = [(m._buffers["qweight"], m._buffers["scales"], m._buffers["offsets"],
                     m.group_size) for m in lins]
         plan.append((norms, weights, attn))
-    from llm.kernels.cpu_quant import kernel
-
-    mod = kernel()
-    return None if mod is None else (mod, plan)
+    return mod, plan
 
 
 def _mm(mod, x: torch.Tensor, w: tuple) -> torch.Tensor:

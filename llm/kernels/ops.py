@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from llm.kernels.cpu_quant import kernel
 from llm.kernels.reference import gather_kv, paged_decode_attention_torch, write_kv_torch
 
 __all__ = [
@@ -95,7 +96,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if backend_for(q) == "triton":
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens,
                                              scale)
-    cpu = _cpu_decode_kernel(q, k_cache, block_tables, context_lens)
+    cpu = cpu_decode_kernel(q, k_cache, block_tables, context_lens)
     if cpu is not None:
         return cpu.paged_decode(q.contiguous(), k_cache, v_cache, block_tables.contiguous(),
                                 context_lens.contiguous(),
@@ -110,13 +111,13 @@ def fused_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
                       context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
     """A self-attention decode step after the projections in one C++ call on CPU (RoPE, K/V
     write, paged attention: cpu_attention.cpp), bit-identical RoPE and writes to the PyTorch
-    path. None when it does not apply (see _cpu_decode_kernel; also under autograd): the
+    path. None when it does not apply (see cpu_decode_kernel; also under autograd): the
     caller then runs the ops one by one."""
     if q.requires_grad or k.requires_grad or slot_mapping.dtype != torch.int64:
         return None
     if k.dtype != torch.float32 or cos.dtype != torch.float32:
         return None
-    mod = _cpu_decode_kernel(q, k_cache, block_tables, context_lens)
+    mod = cpu_decode_kernel(q, k_cache, block_tables, context_lens)
     if mod is None:
         return None
     return mod.decode_step(q.contiguous(), k.contiguous(), v.contiguous(), cos.contiguous(),
@@ -124,7 +125,7 @@ def fused_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
                            block_tables.contiguous(), context_lens.contiguous(), scale)
 
 
-def _cpu_decode_kernel(q, k_cache, block_tables, context_lens):
+def cpu_decode_kernel(q, k_cache, block_tables, context_lens):
     """The compiled CPU module when it applies: auto dispatch (USERLLM_KERNELS=torch means the
     reference), CPU, fp32 query and pool, int32 tables; else None."""
     if os.environ.get("USERLLM_KERNELS", "auto").strip().lower() not in ("auto", ""):
@@ -133,8 +134,6 @@ def _cpu_decode_kernel(q, k_cache, block_tables, context_lens):
         return None
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         return None
-    from llm.kernels.cpu_quant import kernel
-
     return kernel()
 
 

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm.kernels.cpu_quant import kernel
+
 QUANT_BITS = {"int8": 8, "int4": 4}
 DEQUANT_MIN_ROWS = 64  # from here on de-quantize + fp32 GEMM was measured faster
 PACK_ROWS = 32  # out_features must be a multiple of this (the Triton kernel's N tiles)
@@ -132,12 +134,6 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
 _scratch: dict[torch.device, torch.Tensor] = {}
 
 
-def _cpu_kernel():
-    from llm.kernels.cpu_quant import kernel
-
-    return kernel()
-
-
 def _scratch_weight(n: int, k: int, device: torch.device) -> torch.Tensor:
     """One fp32 buffer shared by all layers (one layer is de-quantized at a time)."""
     buf = _scratch.get(device)
@@ -234,7 +230,7 @@ class QuantLinear(nn.Module):
             return None
         if not all(isinstance(m, QuantLinear) and m.bias is None for m in linears):
             return None
-        return _cpu_kernel()
+        return kernel()
 
     @staticmethod
     def many(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
@@ -252,9 +248,7 @@ class QuantLinear(nn.Module):
             # the general path's reshapes and casts cost ~a third of the GEMV itself.
             mod = QuantLinear.fast_rows(x, self)
             if mod is not None:
-                if self.bits == 4:
-                    return mod.q4_mm(x, self.qweight, self.scales, self.offsets, self.group_size)
-                return mod.q8_mm(x, self.qweight, self.scales, self.group_size)
+                return self._kernel_mm(mod, x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.is_cuda:
@@ -268,15 +262,18 @@ class QuantLinear(nn.Module):
         return out.view(*lead, self.out_features)
 
     def _cpu(self, x: torch.Tensor) -> torch.Tensor:
-        mod = _cpu_kernel() if x.shape[0] < DEQUANT_MIN_ROWS else None
-        if mod is not None:
-            if self.bits == 4:
-                return mod.q4_mm(x, self.qweight, self.scales, self.offsets, self.group_size)
-            return mod.q8_mm(x, self.qweight, self.scales, self.group_size)
+        mod = kernel()
+        if mod is not None and x.shape[0] < DEQUANT_MIN_ROWS:
+            return self._kernel_mm(mod, x)
         w = self.dequantize(_scratch_weight(self.out_features, self.in_features, x.device))
-        mod = _cpu_kernel()
         xr = mod.round_activations(x) if mod is not None else round_activations(x)
         return F.linear(xr, w)
+
+    def _kernel_mm(self, mod, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] fp32 contiguous through the CPU kernel (int8 activation blocks)."""
+        if self.bits == 4:
+            return mod.q4_mm(x, self.qweight, self.scales, self.offsets, self.group_size)
+        return mod.q8_mm(x, self.qweight, self.scales, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -5,11 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _cpu_kernel():
-    from llm.kernels.cpu_quant import kernel
-
-    return kernel()
+from llm.kernels.cpu_quant import kernel
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +18,7 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
             if not (x.is_cuda or needs_grad):
-                mod = _cpu_kernel()
+                mod = kernel()
                 if mod is not None and x.is_contiguous():
                     # One C++ loop: torch's rms_norm costs ~25-60 us on a decode step's row.
                     return mod.rms_norm(x, self.weight, self.eps)
