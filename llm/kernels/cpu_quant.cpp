@@ -116,8 +116,7 @@ torch::Tensor quant_mm(const Activations& act, const torch::Tensor& q, const tor
   float* op = out.data_ptr<float>();
 #ifdef USERLLM_AVX512_VNNI
   userllm::quant_mm_avx512({xqp, dxp, sxp, qp, dp, cp, op, M, N, K, gs}, BITS);
-  return out;
-#endif
+#else
   // Row groups outer, rows of x inner: a group's weights are read from memory once and stay
   // in L1 for every activation row.
   for (int64_t rg = 0; rg < N / RB; ++rg) {
@@ -206,6 +205,7 @@ torch::Tensor quant_mm(const Activations& act, const torch::Tensor& q, const tor
       for (int r = 0; r < RB; ++r) op[m * N + rg * RB + r] = hsum(acc[r]) + cs[r];
     }
   }
+#endif
   return out;
 }
 
