@@ -111,18 +111,30 @@ def test_erased_bytes_are_gone_from_the_raw_storage(store, backend, compact):
         assert not [p for p in home.iterdir() if p.name.endswith("-wal") and p.stat().st_size > 0]
 
 
-def test_a_snapshot_older_than_the_erasure_is_reported_not_hidden(store, backend, monkeypatch):
-    """A hostile (or merely slow) session that opened a snapshot before the erasure keeps the
-    dead rows alive for VACUUM: the erasure waits for it, then says so instead of claiming the
-    bytes are gone; once it ends, a second compaction removes them."""
+def _postgres_victim(store, backend, monkeypatch, holder: str) -> tuple[str, dict[str, list[bytes]]]:
+    """PostgreSQL only (SQLite has no concurrent `holder` that outlive a writer's commit): a
+    short snapshot wait, 20 events ingested, and the bytes of victim u3 to look for."""
     name, data_url, _, _ = backend
     if name == "sqlite":
-        pytest.skip("SQLite has no concurrent snapshots that outlive a writer's commit")
+        pytest.skip(f"SQLite has no concurrent {holder} that outlive a writer's commit")
     import store.db as store_db
 
     monkeypatch.setattr(store_db, "SNAPSHOT_WAIT_S", 0.5)
     store.ingest(make_events(5, 4))
-    needles = _victim_bytes(store, "u3")
+    return data_url, _victim_bytes(store, "u3")
+
+
+def _second_compaction_clears(store, data_url: str, needles: dict[str, list[bytes]]) -> None:
+    """Once the holder has ended, a second compaction reports nothing and removes the bytes."""
+    assert store.compact_after_erasure(full=True) == []
+    assert _count(_pg_pages(store.data, data_url, ("events",)), needles)["event payloads"] == 0
+
+
+def test_a_snapshot_older_than_the_erasure_is_reported_not_hidden(store, backend, monkeypatch):
+    """A hostile (or merely slow) session that opened a snapshot before the erasure keeps the
+    dead rows alive for VACUUM: the erasure waits for it, then says so instead of claiming the
+    bytes are gone; once it ends, a second compaction removes them."""
+    data_url, needles = _postgres_victim(store, backend, monkeypatch, "snapshots")
     with store.data.connect().execution_options(isolation_level="REPEATABLE READ") as reader:
         reader.execute(text("SELECT count(*) FROM events")).scalar_one()  # takes the snapshot
         report = delete_user(store, "u3", compact=True)
@@ -132,22 +144,14 @@ def test_a_snapshot_older_than_the_erasure_is_reported_not_hidden(store, backend
         assert not any("u3" in n for n in report.notes)
         pages = _pg_pages(store.data, data_url, ("events",))
         assert _count(pages, needles)["event payloads"] >= 1  # what the note warned about
-    assert store.compact_after_erasure(full=True) == []
-    assert _count(_pg_pages(store.data, data_url, ("events",)), needles)["event payloads"] == 0
+    _second_compaction_clears(store, data_url, needles)
 
 
 def test_an_idle_write_transaction_older_than_the_erasure_is_reported(store, backend, monkeypatch):
     """A session idle in a READ COMMITTED write transaction holds no snapshot between
     statements, but its transaction id holds VACUUM's horizon back all the same: the erasure
     must count it (and say so) instead of reporting a clean compaction with the bytes kept."""
-    name, data_url, _, _ = backend
-    if name == "sqlite":
-        pytest.skip("SQLite has no concurrent transactions that outlive a writer's commit")
-    import store.db as store_db
-
-    monkeypatch.setattr(store_db, "SNAPSHOT_WAIT_S", 0.5)
-    store.ingest(make_events(5, 4))
-    needles = _victim_bytes(store, "u3")
+    data_url, needles = _postgres_victim(store, backend, monkeypatch, "transactions")
     with store.data.connect() as writer:  # READ COMMITTED, the default
         writer.execute(text("CREATE TEMP TABLE scratch (x int)"))  # takes a transaction id
         writer.execute(text("INSERT INTO scratch VALUES (1)"))
@@ -155,5 +159,4 @@ def test_an_idle_write_transaction_older_than_the_erasure_is_reported(store, bac
         assert report.notes and all("compact again" in n for n in report.notes), report.notes
         assert any("open since before the erasure" in n for n in report.notes), report.notes
         writer.rollback()
-    assert store.compact_after_erasure(full=True) == []
-    assert _count(_pg_pages(store.data, data_url, ("events",)), needles)["event payloads"] == 0
+    _second_compaction_clears(store, data_url, needles)
