@@ -290,7 +290,14 @@ def test_cpu_kernel_decode_matches_dense_attention(hq, hkv, d, block_size, monke
     lens = [1, 0, 37, block_size, 300]
     k_cache, v_cache, bt, cl, dense = paged_case(lens, block_size, hkv, d, torch.float32, "cpu")
     q = torch.randn(len(lens), hq, d)
-    out = paged_decode_attention(q, k_cache, v_cache, bt, cl, d ** -0.5)
+    import llm.kernels.ops as ops
+
+    def not_the_reference(*args, **kwargs):
+        raise AssertionError("auto dispatch on CPU fp32 must take the C++ kernel")
+
+    with monkeypatch.context() as m:
+        m.setattr(ops, "paged_decode_attention_torch", not_the_reference)
+        out = paged_decode_attention(q, k_cache, v_cache, bt, cl, d ** -0.5)
     assert not out.isnan().any() and out[1].abs().max() == 0
     torch.testing.assert_close(out, dense_attention(q, dense, d ** -0.5), atol=1e-5, rtol=1e-5)
     ref = paged_decode_attention_torch(q, k_cache, v_cache, bt, cl, d ** -0.5)
