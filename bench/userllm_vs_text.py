@@ -11,7 +11,11 @@ prefill FLOPs (analytic, checked with torch's FLOP counter), time to first token
 through our engine (the encoder's time included on the USER-LLM side) and peak memory.
 Amazon (musical instruments): review titles, ROUGE-1/L.
 
-    python bench/userllm_vs_text.py [--users 24] [--ablations] ...
+    python bench/userllm_vs_text.py [--users 24] [--ablations] [--arm-users text-lora@50=48] ...
+
+Arms are compared per user (bench/userllm_compare.py): USER-LLM minus each other arm on the
+users both answered, with a 95% paired bootstrap interval, so an arm run on fewer users (the
+text prompts cost seconds to minutes a user on CPU) is still compared like for like.
 
 Trained stages are kept in --work and reused when the benchmark is run again.
 """
@@ -32,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, markdown_table, write_results  # noqa: E402
 from userllm_arms import amazon_arms, ensure_arm, ensure_encoder, ml1m_arms  # noqa: E402
+from userllm_compare import comparison_rows, comparisons, subset_metrics  # noqa: E402
 from userllm_cost import CostJob, encoder_flops, kv_bytes, measure  # noqa: E402
 
 from training.data import load_dataset  # noqa: E402
@@ -75,7 +80,9 @@ def encoder_alone(encoder_dir: Path, examples, cat: Catalogue) -> dict[str, Any]
         ranks = np.asarray(hits, dtype=float)
         out[task] = ({f"recall@{k}": float((ranks <= k).mean()) for k in (1, 5, 10)}
                      if task == "next_movie" else {"accuracy": float(ranks.mean())})
-        out[task]["examples"] = len(exs)
+        out[task] |= {"examples": len(exs), "users": [ex.user for ex in exs],
+                      "ranks": [int(h) if task == "next_movie" else (1 if h else None)
+                                for h in hits]}
     return out
 
 
@@ -83,7 +90,8 @@ def quality_rows(quality: dict, tasks: list[str]) -> list[list[Any]]:
     rows = []
     for n, arms in quality.items():
         for arm, m in arms.items():
-            row: list[Any] = [n, arm]
+            row: list[Any] = [n, arm, max((v.get("examples", 0) for v in m.values()
+                                          if isinstance(v, dict)), default=0)]
             for t in tasks:
                 if t == "next_movie":
                     row += [m.get(t, {}).get(f"recall@{k}", "-") for k in (1, 5, 10)]
@@ -134,7 +142,7 @@ def evaluate_arm(spec, model: str, folder: Path, exs, cat: Catalogue, label: str
     finally:
         arm.close()
     print(f"{label} {spec.name}: " + json.dumps(
-        {t: {k: v for k, v in m.items() if k != "predictions"}
+        {t: {k: v for k, v in m.items() if k not in ("predictions", "users", "ranks")}
          for t, m in metrics.items() if isinstance(m, dict)}), flush=True)
     return metrics
 
@@ -172,11 +180,18 @@ def run_ml1m(a, results: dict, save) -> None:
         exs = held_out_examples(split, ML_TASKS, cat, n, users)
         q = r["quality"].setdefault(str(n), {})
         q["encoder"] = encoder_alone(enc_dir, exs, cat)
+        subset = a.text_users.get(n)
+        if subset:
+            r.setdefault("text_subset", {})[str(n)] = users[:subset]
         for spec in arms:
             if spec.name in q or (spec.ablation and n != min(a.ns)) or (
                     a.skip_arm and f"{spec.name}@{n}" in a.skip_arm):
                 continue
-            q[spec.name] = evaluate_arm(spec, a.model, work / "ml1m", exs, cat, f"N={n}")
+            arm_exs = exs
+            count = a.arm_users.get(f"{spec.name}@{n}") or (subset if spec.kind == "text" else 0)
+            if count:  # text prompts cost seconds to minutes a user on CPU
+                arm_exs = [ex for ex in exs if ex.user in set(users[:count])]
+            q[spec.name] = evaluate_arm(spec, a.model, work / "ml1m", arm_exs, cat, f"N={n}")
             save()
     # Cost: the next_movie question for the first users, each arm in its own process.
     from transformers import AutoConfig
@@ -273,6 +288,14 @@ def main() -> int:
     ap.add_argument("--skip-amazon", action="store_true")
     ap.add_argument("--skip-arm", action="append", default=[],
                     help="ARM@N: leave that arm's quality at that N out (time on CPU)")
+    ap.add_argument("--text-users", type=lambda s: {int(k): int(v) for k, v in
+                                                    (x.split("=") for x in s.split(",") if x)},
+                    default={}, help="N=COUNT,...: the text arms at N answer the first COUNT "
+                    "users only (the other arms are also reported on that subset)")
+    ap.add_argument("--arm-users", type=lambda s: {k: int(v) for k, v in
+                                                   (x.split("=") for x in s.split(",") if x)},
+                    default={}, help="ARM@N=COUNT,...: that arm at N answers the first COUNT "
+                    "users only (paired comparisons use the users both arms answered)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -302,8 +325,16 @@ def tables(results: dict) -> str:
     md = ["# USER-LLM vs text prompts (SmolLM2-135M-Instruct, CPU)\n",
           f"ML-1M, {ml.get('users', {}).get('count', '?')} users, the same for every arm and N; "
           "trie-constrained beam search (beam 10) for every arm.\n"]
-    md.append(markdown_table(["N", "arm", "next R@1", "next R@5", "next R@10", "genre (a) acc",
-                              "genre (b) acc"], quality_rows(ml["quality"], ML_TASKS)))
+    head = ["N", "arm", "users", "next R@1", "next R@5", "next R@10", "genre (a) acc", "genre (b) acc"]
+    md.append(markdown_table(head, quality_rows(ml["quality"], ML_TASKS)))
+    for n, subset in ml.get("text_subset", {}).items():
+        sub = {n: {arm: subset_metrics(m, set(subset)) for arm, m in ml["quality"][n].items()}}
+        md.append(f"\nN={n}, the first {len(subset)} of those users (the text arms answered "
+                  "only these):\n\n" + markdown_table(head, quality_rows(sub, ML_TASKS)))
+    md.append("\nUSER-LLM minus each arm, paired over the users both answered (95% bootstrap "
+              "interval over users):\n\n" + markdown_table(
+                  ["N", "task", "metric", "vs", "users", "userllm", "other", "diff", "95% CI",
+                   "verdict"], comparison_rows(comparisons(ml["quality"], ML_TASKS))))
     rows = []
     for n, c in ml["cost"].items():
         for arm in ("text", "userllm"):

@@ -113,6 +113,9 @@ def evaluate_closed(arm: Arm, examples: list[Example], catalogue: Catalogue,
         if arm.kind == "text":
             metrics["events_shown_mean"] = float(np.mean([shown[id(ex)] for ex in task_exs]))
         metrics["predictions"] = [pred[id(ex)] for ex in task_exs]
+        # Per example, for paired comparisons between arms on the same users.
+        metrics["users"] = [ex.user for ex in task_exs]
+        metrics["ranks"] = [None if np.isinf(r) else int(r) for r in ranks]
         out[task] = metrics
     return out
 

@@ -1,0 +1,84 @@
+"""Paired comparisons of USER-LLM against the other arms of userllm_vs_text.py.
+
+Every arm answers the same questions about the same users, so a difference between two arms
+is measured per user (the same example answered by both) and its uncertainty comes from a
+paired bootstrap over those users. With tens of users a 5-point gap in accuracy is noise; the
+interval says whether a "better" is one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+BOOTSTRAP = 2000
+
+
+def per_example(metrics: dict[str, Any], task: str) -> dict[str, dict[str, float]]:
+    """{user: {metric: 0/1}} from an arm's kept ranks (next_movie: hit@1/5/10; genres: correct)."""
+    m = metrics.get(task)
+    if not m or "ranks" not in m:
+        return {}
+    out = {}
+    for user, rank in zip(m["users"], m["ranks"]):
+        r = np.inf if rank is None else rank
+        out[user] = ({f"recall@{k}": float(r <= k) for k in (1, 5, 10)} if task == "next_movie"
+                     else {"accuracy": float(r == 1)})
+    return out
+
+
+def subset_metrics(metrics: dict[str, Any], users: set[str]) -> dict[str, Any]:
+    """The arm's metrics recomputed on a subset of its users (for arms evaluated on more users
+    than the text arms at long histories)."""
+    out: dict[str, Any] = {}
+    for task in metrics:
+        rows = [v for u, v in per_example(metrics, task).items() if u in users]
+        if rows:
+            out[task] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            out[task]["examples"] = len(rows)
+    return out
+
+
+def paired(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], key: str,
+           seed: int = 0) -> dict[str, float] | None:
+    """Mean of a - b over the users both answered, with a 95% paired bootstrap interval."""
+    users = sorted(set(a) & set(b))
+    if not users:
+        return None
+    diff = np.asarray([a[u][key] - b[u][key] for u in users])
+    rng = np.random.default_rng(seed)
+    boots = diff[rng.integers(0, len(diff), (BOOTSTRAP, len(diff)))].mean(axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"users": len(users), "a": float(np.mean([a[u][key] for u in users])),
+            "b": float(np.mean([b[u][key] for u in users])), "diff": float(diff.mean()),
+            "ci95": [float(lo), float(hi)]}
+
+
+MAIN_METRIC = {"next_movie": "recall@10", "genre_history": "accuracy",
+               "genre_future": "accuracy"}
+
+
+def comparisons(quality: dict[str, dict[str, Any]], tasks: list[str],
+                main: str = "userllm") -> list[dict[str, Any]]:
+    """USER-LLM minus every other arm, per N and task, on their common users."""
+    rows = []
+    for n, arms in quality.items():
+        if main not in arms:
+            continue
+        for other, m in arms.items():
+            if other == main:
+                continue
+            for task in tasks:
+                key = MAIN_METRIC[task]
+                p = paired(per_example(arms[main], task), per_example(m, task), key)
+                if p is not None:
+                    rows.append({"n": n, "task": task, "metric": key, "vs": other} | p)
+    return rows
+
+
+def comparison_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[r["n"], r["task"], r["metric"], r["vs"], r["users"], round(r["a"], 3),
+             round(r["b"], 3), f"{r['diff']:+.3f}",
+             f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]",
+             "better" if r["ci95"][0] > 0 else "worse" if r["ci95"][1] < 0 else "not separable"]
+            for r in rows]
