@@ -323,8 +323,10 @@ def main() -> int:
 def tables(results: dict) -> str:
     ml = results["ml1m"]
     md = ["# USER-LLM vs text prompts (SmolLM2-135M-Instruct, CPU)\n",
-          f"ML-1M, {ml.get('users', {}).get('count', '?')} users, the same for every arm and N; "
-          "trie-constrained beam search (beam 10) for every arm.\n"]
+          f"ML-1M, {ml.get('users', {}).get('count', '?')} users with "
+          f"{ml.get('users', {}).get('rule', '?')}, the same for every N; an arm run on fewer "
+          "(the users column) answered the first of them. Trie-constrained beam search (beam 10) "
+          "for every arm.\n"]
     head = ["N", "arm", "users", "next R@1", "next R@5", "next R@10", "genre (a) acc", "genre (b) acc"]
     md.append(markdown_table(head, quality_rows(ml["quality"], ML_TASKS)))
     for n, subset in ml.get("text_subset", {}).items():
@@ -347,6 +349,8 @@ def tables(results: dict) -> str:
                      "", "", ""])
     md.append("\n" + markdown_table(["N", "arm", "prompt tokens", "prefill GFLOPs", "TTFT p50 ms",
                                      "TTFT p99 ms", "peak MiB over loaded", "KV MiB"], rows))
+    carried = sorted({c["carried_over"] for c in ml["cost"].values() if "carried_over" in c})
+    md += [f"\nCost rows carried over: {note}." for note in carried]
     amazon = results.get("amazon", {}).get("quality", {})
     if amazon:
         md.append("\nAmazon review titles (ROUGE F1):\n\n" + markdown_table(
