@@ -27,18 +27,6 @@ def per_example(metrics: dict[str, Any], task: str) -> dict[str, dict[str, float
     return out
 
 
-def subset_metrics(metrics: dict[str, Any], users: set[str]) -> dict[str, Any]:
-    """The arm's metrics recomputed on a subset of its users (for arms evaluated on more users
-    than the text arms at long histories)."""
-    out: dict[str, Any] = {}
-    for task in metrics:
-        rows = [v for u, v in per_example(metrics, task).items() if u in users]
-        if rows:
-            out[task] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-            out[task]["examples"] = len(rows)
-    return out
-
-
 def paired(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], key: str,
            seed: int = 0) -> dict[str, float] | None:
     """Mean of a - b over the users both answered, with a 95% paired bootstrap interval."""
@@ -65,12 +53,13 @@ def comparisons(quality: dict[str, dict[str, Any]], tasks: list[str],
     for n, arms in quality.items():
         if main not in arms:
             continue
+        mine = {task: per_example(arms[main], task) for task in tasks}
         for other, m in arms.items():
             if other == main:
                 continue
             for task in tasks:
                 key = MAIN_METRIC[task]
-                p = paired(per_example(arms[main], task), per_example(m, task), key)
+                p = paired(mine[task], per_example(m, task), key)
                 if p is not None:
                     rows.append({"n": n, "task": task, "metric": key, "vs": other} | p)
     return rows

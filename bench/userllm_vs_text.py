@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, markdown_table, write_results  # noqa: E402
 from userllm_arms import amazon_arms, ensure_arm, ensure_encoder, ml1m_arms  # noqa: E402
-from userllm_compare import comparison_rows, comparisons, subset_metrics  # noqa: E402
+from userllm_compare import comparison_rows, comparisons  # noqa: E402
 from userllm_cost import CostJob, encoder_flops, kv_bytes, measure  # noqa: E402
 
 from training.data import load_dataset  # noqa: E402
@@ -180,17 +180,14 @@ def run_ml1m(a, results: dict, save) -> None:
         exs = held_out_examples(split, ML_TASKS, cat, n, users)
         q = r["quality"].setdefault(str(n), {})
         q["encoder"] = encoder_alone(enc_dir, exs, cat)
-        subset = a.text_users.get(n)
-        if subset:
-            r.setdefault("text_subset", {})[str(n)] = users[:subset]
         for spec in arms:
             if spec.name in q or (spec.ablation and n != min(a.ns)) or (
                     a.skip_arm and f"{spec.name}@{n}" in a.skip_arm):
                 continue
             arm_exs = exs
-            count = a.arm_users.get(f"{spec.name}@{n}") or (subset if spec.kind == "text" else 0)
-            if count:  # text prompts cost seconds to minutes a user on CPU
-                arm_exs = [ex for ex in exs if ex.user in set(users[:count])]
+            if count := a.arm_users.get(f"{spec.name}@{n}"):  # text: seconds to minutes a user
+                first = set(users[:count])
+                arm_exs = [ex for ex in exs if ex.user in first]
             q[spec.name] = evaluate_arm(spec, a.model, work / "ml1m", arm_exs, cat, f"N={n}")
             save()
     # Cost: the next_movie question for the first users, each arm in its own process.
@@ -288,10 +285,6 @@ def main() -> int:
     ap.add_argument("--skip-amazon", action="store_true")
     ap.add_argument("--skip-arm", action="append", default=[],
                     help="ARM@N: leave that arm's quality at that N out (time on CPU)")
-    ap.add_argument("--text-users", type=lambda s: {int(k): int(v) for k, v in
-                                                    (x.split("=") for x in s.split(",") if x)},
-                    default={}, help="N=COUNT,...: the text arms at N answer the first COUNT "
-                    "users only (the other arms are also reported on that subset)")
     ap.add_argument("--arm-users", type=lambda s: {k: int(v) for k, v in
                                                    (x.split("=") for x in s.split(",") if x)},
                     default={}, help="ARM@N=COUNT,...: that arm at N answers the first COUNT "
@@ -329,10 +322,6 @@ def tables(results: dict) -> str:
           "for every arm.\n"]
     head = ["N", "arm", "users", "next R@1", "next R@5", "next R@10", "genre (a) acc", "genre (b) acc"]
     md.append(markdown_table(head, quality_rows(ml["quality"], ML_TASKS)))
-    for n, subset in ml.get("text_subset", {}).items():
-        sub = {n: {arm: subset_metrics(m, set(subset)) for arm, m in ml["quality"][n].items()}}
-        md.append(f"\nN={n}, the first {len(subset)} of those users (the text arms answered "
-                  "only these):\n\n" + markdown_table(head, quality_rows(sub, ML_TASKS)))
     md.append("\nUSER-LLM minus each arm, paired over the users both answered (95% bootstrap "
               "interval over users):\n\n" + markdown_table(
                   ["N", "task", "metric", "vs", "users", "userllm", "other", "diff", "95% CI",
