@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--integration", choices=("xattn", "softprompt"), default=a.integration)
     p.add_argument("--cross-every", dest="cross_every_n", type=_positive(int), default=a.cross_every_n, help="a gated cross-attention block before every n-th decoder layer")
     p.add_argument("--user-tokens", dest="num_user_tokens", type=_positive(int), default=a.num_user_tokens, help="K: user tokens from the Perceiver")
+    p.add_argument("--item-hints", dest="item_hints", type=int, default=a.item_hints, help="M: the encoder's top-M next items as extra user tokens, each its title's mean LLM embedding (0: none)")
     p.add_argument("--lora-rank", dest="lora_r", type=_positive(int), default=a.lora_r)
     p.add_argument("--tasks", default=None, help=f"comma-separated, from {', '.join(TASKS)} (default per format)")
     p.add_argument("--epochs", type=_positive(int), default=t.epochs)
@@ -58,7 +59,7 @@ def configs_from(args: argparse.Namespace) -> tuple[AdapterConfig, AdapterTrainC
     strategy = args.strategy or ("enc" if args.arm == "userllm" else "lora")
     tasks = [x.strip() for x in (args.tasks or DEFAULT_TASKS[args.format if not args.from_store else "movielens"]).split(",") if x.strip()]
     acfg = AdapterConfig(arm=args.arm, strategy=strategy, integration=args.integration, cross_every_n=args.cross_every_n,
-                         num_user_tokens=args.num_user_tokens, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, tasks=tasks)
+                         num_user_tokens=args.num_user_tokens, item_hints=args.item_hints, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, tasks=tasks)
     tcfg = AdapterTrainConfig(**{k: getattr(args, k) for k in AdapterTrainConfig.__dataclass_fields__ if hasattr(args, k)})
     if tcfg.max_minutes < 0:
         raise ValueError("--max-minutes must be >= 0")

@@ -27,12 +27,19 @@ def ml1m_arms(a: Any) -> list[ArmSpec]:
                 num_user_tokens=4, tasks=tasks)
     arms = [
         ArmSpec("userllm", AdapterConfig(**main), "userllm", a.adapter_minutes),
+        # The same, with the encoder's top 16 next items as hint tokens (userenc/item_hints.py).
+        ArmSpec("userllm-hints", AdapterConfig(**(main | {"item_hints": 16})), "userllm",
+                a.adapter_minutes),
         ArmSpec("text-lora", AdapterConfig(arm="text", strategy="lora", tasks=tasks), "text",
                 a.text_minutes, {"lengths": [50], "batch_size": 4, "valid_examples": 48}),
         ArmSpec("none-lora", AdapterConfig(arm="none", strategy="lora", tasks=tasks), "none",
                 a.none_minutes),
         ArmSpec("text-zeroshot", None, "text"),
     ]
+    if a.arms:
+        unknown = set(a.arms) - {x.name for x in arms}
+        assert not unknown, f"unknown arms {sorted(unknown)}"
+        arms = [x for x in arms if x.name in a.arms]
     if a.ablations:
         m = a.ablation_minutes
         for name, change in (("userllm-ref", {}), ("userllm-proj", {"strategy": "proj"}),

@@ -156,10 +156,6 @@ def pick_users(split, need: int, count: int, seed: int) -> list[str]:
 
 
 def run_ml1m(a, results: dict, save) -> None:
-    from llm.config import ModelConfig
-    from llm.flops import check_with_counter, prefill_flops
-    from training.adapter_checkpoint import load_adapter_encoder
-
     work = Path(a.work)
     ds = load_dataset(a.data, "movielens")
     hist = ds.histories
@@ -190,14 +186,27 @@ def run_ml1m(a, results: dict, save) -> None:
                 arm_exs = [ex for ex in exs if ex.user in first]
             q[spec.name] = evaluate_arm(spec, a.model, work / "ml1m", arm_exs, cat, f"N={n}")
             save()
-    # Cost: the next_movie question for the first users, each arm in its own process.
+    if not a.skip_cost:
+        measure_cost(a, r, split, cat, users, save)
+
+
+def measure_cost(a, r: dict, split, cat: Catalogue, users: list[str], save) -> None:
+    """The next_movie question for the first users, each arm in its own process."""
+    from llm.config import ModelConfig
+    from llm.flops import check_with_counter, prefill_flops
+    from training.adapter_checkpoint import load_adapter_encoder
     from transformers import AutoConfig
 
     from llm.loader import resolve
 
     folder, gguf = resolve(a.model)
     hf = AutoConfig.from_pretrained(folder, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(folder)
-    main_arm = work / "ml1m" / "userllm"
+    work = Path(a.work)
+    main_arm = work / "ml1m" / a.main_arm
+    # The text arm's LoRA is merged into the weights, so its cost is the base model's; the
+    # base model stands in when this run trained no text adapter.
+    text_arm = work / "ml1m" / "text-lora"
+    text_adapter = str(text_arm) if (text_arm / "adapter.json").is_file() else None
     meta = json.loads((main_arm / "adapter.json").read_text())["llm"]
     cross = ModelConfig.from_hf(hf, cross_every_n=meta["cross_every_n"], user_dim=meta["user_dim"])
     plain = ModelConfig.from_hf(hf)
@@ -213,7 +222,7 @@ def run_ml1m(a, results: dict, save) -> None:
         exs = [ex for ex in held_out_examples(split, ["next_movie"], cat, n, users)][:a.latency_requests]
         text_prompts = [prompt_ids(tok, ex, "text", budget).ids for ex in exs]
         user_prompts = [prompt_ids(tok, ex, "userllm", budget).ids for ex in exs]
-        k = encoder.model.cfg.num_user_tokens
+        k = encoder.model.cfg.num_user_tokens + encoder.model.cfg.item_hints
         t_len = float(np.mean([len(p) for p in text_prompts]))
         u_len = float(np.mean([len(p) for p in user_prompts]))
         enc_fl = float(np.mean([encoder_flops(encoder, ex.history) for ex in exs]))
@@ -228,7 +237,7 @@ def run_ml1m(a, results: dict, save) -> None:
                "counter_check": {"text": check_with_counter(plain, int(t_len)),
                                  "userllm": check_with_counter(cross, int(u_len), k)}}
         text_cost, user_cost = measure([
-            CostJob(a.model, str(work / "ml1m" / "text-lora"), "text", text_prompts, [],
+            CostJob(a.model, text_adapter, "text", text_prompts, [],
                     a.threads),
             CostJob(a.model, str(main_arm), "userllm", user_prompts, [ex.history for ex in exs],
                     a.threads)])
@@ -289,6 +298,15 @@ def main() -> int:
                                                    (x.split("=") for x in s.split(",") if x)},
                     default={}, help="ARM@N=COUNT,...: that arm at N answers the first COUNT "
                     "users only (paired comparisons use the users both arms answered)")
+    ap.add_argument("--arms", type=lambda s: [x for x in s.split(",") if x], default=[],
+                    help="ML-1M arms to train and evaluate (default: all but ablations)")
+    ap.add_argument("--main-arm", default="userllm",
+                    help="the USER-LLM arm the others are compared with and the cost measures")
+    ap.add_argument("--carry-over", default=None,
+                    help="an earlier userllm_vs_text.json on the same users: its ML-1M arms this "
+                         "run does not run, and its cost rows when --skip-cost, are copied in "
+                         "(marked carried over)")
+    ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -305,15 +323,35 @@ def main() -> int:
         out.write_text(json.dumps(results, indent=1, default=str))
 
     run_ml1m(a, results, save)
+    if a.carry_over:
+        carry_over(results["ml1m"], Path(a.carry_over), a.skip_cost)
+        save()
     if not a.skip_amazon:
         run_amazon(a, results, save)
     config = {k: v for k, v in vars(a).items()}
-    write_results("userllm_vs_text", config, results, tables(results))
+    write_results("userllm_vs_text", config, results, tables(results, a.main_arm))
     plot(results, Path(__file__).resolve().parent / "results" / "userllm_vs_text.png")
     return 0
 
 
-def tables(results: dict) -> str:
+def carry_over(r: dict, path: Path, cost: bool) -> None:
+    """Arms (and cost rows) of an earlier run on the same users that this run did not make,
+    each marked with where it came from; refused when the user set differs."""
+    old = json.loads(path.read_text())["results"]["ml1m"]
+    if old.get("users") != r.get("users"):
+        raise SystemExit(f"--carry-over: {path} evaluated other users ({old.get('users')})")
+    note = f"carried over from {path.name} ({old.get('run', 'an earlier run')})"
+    for n, arms in old["quality"].items():
+        mine = r["quality"].setdefault(n, {})
+        for arm, m in arms.items():
+            if arm not in mine:
+                mine[arm] = m | {"carried_over": m.get("carried_over", note)}
+    if cost:
+        for n, row in old.get("cost", {}).items():
+            r["cost"].setdefault(n, row | {"carried_over": row.get("carried_over", note)})
+
+
+def tables(results: dict, main: str = "userllm") -> str:
     ml = results["ml1m"]
     md = ["# USER-LLM vs text prompts (SmolLM2-135M-Instruct, CPU)\n",
           f"ML-1M, {ml.get('users', {}).get('count', '?')} users with "
@@ -322,10 +360,13 @@ def tables(results: dict) -> str:
           "for every arm.\n"]
     head = ["N", "arm", "users", "next R@1", "next R@5", "next R@10", "genre (a) acc", "genre (b) acc"]
     md.append(markdown_table(head, quality_rows(ml["quality"], ML_TASKS)))
-    md.append("\nUSER-LLM minus each arm, paired over the users both answered (95% bootstrap "
+    md.append(f"\n{main} minus each arm, paired over the users both answered (95% bootstrap "
               "interval over users):\n\n" + markdown_table(
                   ["N", "task", "metric", "vs", "users", "userllm", "other", "diff", "95% CI",
-                   "verdict"], comparison_rows(comparisons(ml["quality"], ML_TASKS))))
+                   "verdict"], comparison_rows(comparisons(ml["quality"], ML_TASKS, main))))
+    carried = sorted({f"{arm}: {m['carried_over']}" for arms in ml["quality"].values()
+                      for arm, m in arms.items() if "carried_over" in m})
+    md += [f"\nQuality carried over (not run again), {c}." for c in carried]
     rows = []
     for n, c in ml["cost"].items():
         for arm in ("text", "userllm"):

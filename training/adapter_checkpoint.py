@@ -35,21 +35,31 @@ def weights_sha256(encoder_dir: str | Path) -> str:
     return hashlib.sha256((Path(encoder_dir) / "model.safetensors").read_bytes()).hexdigest()
 
 
-def encoder_with_tokens(encoder_dir: str | Path, k: int, device: str | torch.device = "cpu"
-                        ) -> LoadedEncoder:
-    """An encoder checkpoint with a resampler of K latents. A checkpoint trained with another K
-    (or none) keeps every tensor whose shape fits; the rest (the latents) start fresh from the
-    global RNG (seed it first)."""
+def encoder_with_tokens(encoder_dir: str | Path, k: int, device: str | torch.device = "cpu",
+                        item_hints: int = 0, out_dim: int | None = None) -> LoadedEncoder:
+    """An encoder checkpoint with a resampler of K latents (and M item hints, user tokens of
+    width out_dim). A checkpoint trained with other settings keeps every tensor whose shape
+    fits; the rest (the latents, a resized projection) start fresh from the global RNG (seed
+    it first), and the hints' table starts at 0 for the caller to fill."""
     loaded = load_checkpoint(encoder_dir)
-    if loaded.model.cfg.num_user_tokens == k:
+    change = {"num_user_tokens": k, "item_hints": item_hints,
+              "out_dim": out_dim or loaded.model.cfg.out_dim}
+    old = loaded.model.cfg.to_dict()
+    if all(old[key] == v for key, v in change.items()):
         return LoadedEncoder(loaded.model.to(device), loaded.tokenizer, loaded.manifest,
                              loaded.path)
-    cfg = EncoderConfig.from_dict(loaded.model.cfg.to_dict() | {"num_user_tokens": k})
+    cfg = EncoderConfig.from_dict(old | change)
     model = UserEncoder(loaded.tokenizer.spec, cfg, loaded.tokenizer.item_attributes)
     own = model.state_dict()
     model.load_state_dict({n: t for n, t in loaded.model.state_dict().items()
                            if n in own and own[n].shape == t.shape}, strict=False)
     return LoadedEncoder(model.to(device).eval(), loaded.tokenizer, loaded.manifest, loaded.path)
+
+
+def _hint_table(model: UserLLM) -> dict[str, torch.Tensor]:
+    """The item-hint table (a buffer, never trained, but part of what the adapter reads)."""
+    hints = model.encoder.hints if model.encoder is not None else None
+    return {} if hints is None else {"hints.table": hints.table.detach().contiguous().cpu()}
 
 
 def _trained(model: UserLLM, prefix: str) -> dict[str, torch.Tensor]:
@@ -72,7 +82,7 @@ def save_adapter(folder: str | Path, model: UserLLM, meta: dict[str, Any],
             llm_state |= {k: v.contiguous().cpu() for k, v in lora_state_dict(model.llm).items()}
         save_file(llm_state, str(tmp / LLM_WEIGHTS))
         if model.encoder is not None:
-            save_file(_trained(model, "encoder."), str(tmp / ENCODER_WEIGHTS))
+            save_file(_trained(model, "encoder.") | _hint_table(model), str(tmp / ENCODER_WEIGHTS))
         doc = {"format": FORMAT, "version": VERSION, "arm": cfg.arm, "strategy": cfg.strategy,
                "config": cfg.to_dict(), "llm": cfg.llm_config(user_dim).to_dict()} | meta
         (tmp / ADAPTER_FILE).write_text(json.dumps(doc, indent=1))
@@ -106,9 +116,10 @@ def load_adapter_encoder(folder: str | Path, device: str | torch.device = "cpu",
     if weights_sha256(path) != enc["weights_sha256"]:
         raise ValueError(f"encoder checkpoint {str(path)!r} changed since the adapter was "
                          "trained on it (weights sha256 differs): retrain the adapter")
-    loaded = encoder_with_tokens(path, int(enc["num_user_tokens"]), device)
+    loaded = encoder_with_tokens(path, int(enc["num_user_tokens"]), device,
+                                 int(enc.get("item_hints", 0)), enc.get("out_dim"))
     trained = load_file(str(folder / ENCODER_WEIGHTS))
-    own = dict(loaded.model.named_parameters())
+    own = dict(loaded.model.named_parameters()) | dict(loaded.model.named_buffers())
     bad = [k for k, v in trained.items() if k not in own or own[k].shape != v.shape]
     if bad:
         raise ValueError(f"adapter encoder weights do not fit the encoder: {bad[:3]}")

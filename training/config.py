@@ -47,6 +47,9 @@ class AdapterTrainConfig:
     valid_examples: int = 256
     eval_every: int = 0  # validation every N steps (0: at the end of each epoch)
     validate_first: bool = False  # also validate the untrained model (step 0)
+    # With item hints: next-movie training examples only where the hints hold the answer
+    # (training/hint_examples.py).
+    hinted_next_movie: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +67,10 @@ class AdapterConfig:
     integration: str = "xattn"
     cross_every_n: int = 6
     num_user_tokens: int = 4  # K
+    # M item-hint tokens after the K (userenc/item_hints.py): the encoder's top M next items,
+    # each as the mean LLM input embedding of its title; the user tokens then take the LLM's
+    # width. 0: none.
+    item_hints: int = 0
     lora_r: int = 8
     lora_alpha: int = 16
     tasks: list[str] = field(default_factory=lambda: ["next_movie", "genre_history"])
@@ -82,8 +89,12 @@ class AdapterConfig:
                                  "training: choose proj, enc, lora or full")
             if self.num_user_tokens < 1:
                 raise ValueError("num_user_tokens (K) must be >= 1")
+            if self.item_hints < 0:
+                raise ValueError("item_hints (M) must be >= 0")
             if self.integration == "xattn" and self.cross_every_n < 1:
                 raise ValueError("cross_every_n must be >= 1 for xattn")
+        elif self.item_hints:
+            raise ValueError(f"the {self.arm} arm has no encoder to give item hints")
         elif self.strategy not in ("lora", "full", "zeroshot"):
             raise ValueError(f"the {self.arm} arm has no encoder: strategy lora, full or zeroshot")
 

@@ -2,7 +2,9 @@
 
 Closed tasks (a title, a genre) decode with beam search constrained to a trie of every
 possible answer (llm/engine/beam_search.py), the same for every arm: next_movie reports
-Recall@1/5/10 over the ranked beams, the genre tasks accuracy of the top beam. The review task
+Recall@1/5/10 over the ranked beams, the genre tasks accuracy of the top beam. With
+exclude_seen, next_movie's trie also leaves out the titles of the events the question reads
+(a recommender does not offer a movie already watched; ML-1M users rarely rate one twice). The review task
 decodes greedily and reports ROUGE-1 / ROUGE-L F1 (rouge-score, stemmed).
 """
 from __future__ import annotations
@@ -72,7 +74,8 @@ def _inputs(arm: Arm, batch: list[Example], budget: int) -> tuple[list[list[int]
 
 
 def evaluate_closed(arm: Arm, examples: list[Example], catalogue: Catalogue,
-                    beam_width: int = 10, users_per_call: int = 4) -> dict[str, Any]:
+                    beam_width: int = 10, users_per_call: int = 4,
+                    exclude_seen: bool = False) -> dict[str, Any]:
     """Per task: recall@k (next_movie) or accuracy (genres), with every prediction kept. A
     user's questions go to the engine together: they share the history prefix (text arm) or
     the user tokens, and are prefilled once."""
@@ -92,8 +95,8 @@ def evaluate_closed(arm: Arm, examples: list[Example], catalogue: Catalogue,
     for i in range(0, len(users), users_per_call):
         batch = [ex for u in users[i:i + users_per_call] for ex in by_user[u]]
         prompts, tokens, events = _inputs(arm, batch, budget)
-        results = arm.engine.beam_search(prompts, [tries[ex.task][0] for ex in batch],
-                                         beam_width, tokens)
+        results = arm.engine.beam_search(prompts, [_trie(ex, tries, exclude_seen)
+                                                   for ex in batch], beam_width, tokens)
         for ex, res, n in zip(batch, results, events):
             answers = [tries[ex.task][1][tuple(a)] for a, _ in res]
             rank[id(ex)] = answers.index(ex.target) + 1 if ex.target in answers else np.inf
@@ -118,6 +121,17 @@ def evaluate_closed(arm: Arm, examples: list[Example], catalogue: Catalogue,
         metrics["ranks"] = [None if np.isinf(r) else int(r) for r in ranks]
         out[task] = metrics
     return out
+
+
+def _trie(ex: Example, tries: dict, exclude_seen: bool):
+    trie, titles = tries[ex.task]
+    if not exclude_seen or ex.task != "next_movie":
+        return trie
+    from llm.engine.beam_search import TokenTrie
+
+    seen = {e.fields.get("title") for e in ex.history}
+    return TokenTrie([seq for seq, title in titles.items() if title not in seen],
+                     trie.end_token)
 
 
 def evaluate_review(arm: Arm, examples: list[Example], max_tokens: int = 24,
@@ -146,7 +160,8 @@ def evaluate_review(arm: Arm, examples: list[Example], max_tokens: int = 24,
                        "rougeL": float(np.mean(rl)), "predictions": texts}}
 
 
-def evaluate(arm: Arm, examples: list[Example], catalogue: Catalogue, beam_width: int = 10
-             ) -> dict[str, Any]:
+def evaluate(arm: Arm, examples: list[Example], catalogue: Catalogue, beam_width: int = 10,
+             exclude_seen: bool = False) -> dict[str, Any]:
     with torch.inference_mode():
-        return evaluate_closed(arm, examples, catalogue, beam_width) | evaluate_review(arm, examples)
+        return (evaluate_closed(arm, examples, catalogue, beam_width, exclude_seen=exclude_seen)
+                | evaluate_review(arm, examples))

@@ -27,6 +27,8 @@ from training.adapter_checkpoint import encoder_with_tokens, save_adapter, weigh
 from training.adapter_data import Encoded, collate, encode_examples, length_batches
 from training.config import AdapterConfig, AdapterTrainConfig
 from training.split import data_fingerprint, encoder_holdout
+from training.hint_examples import hinted_training_examples
+from training.title_table import title_table
 from training.tasks import Catalogue, check_tasks, task_split, train_examples, valid_examples
 from training.train_encoder import (
     CosineSchedule,
@@ -35,7 +37,8 @@ from training.train_encoder import (
     recover_run,
     seed_everything,
 )
-from training.userllm import UserLLM, parameter_counts
+from training.prompts import QUESTIONS, SYSTEM
+from training.userllm import UserLLM, init_hint_reader, parameter_counts
 from userenc.events import Event
 
 PROBE_STEPS = 8  # steps timed before a time budget fixes the schedule
@@ -73,15 +76,19 @@ def build_stage2(model_path: str | Path, encoder_dir: str | Path | None, acfg: A
     from llm.loader import build_model, read_checkpoint
 
     seed_everything(seed)
+    ckpt = read_checkpoint(model_path)
+    # Hint tokens are rows of the LLM's embedding table: the user tokens take its width.
+    hint_dim = int(ckpt.hf_config.hidden_size) if acfg.item_hints else None
     enc = holdout_src = None
     if encoder_dir is not None:
-        holdout_src = encoder_with_tokens(encoder_dir, acfg.num_user_tokens, device)
+        holdout_src = encoder_with_tokens(encoder_dir, acfg.num_user_tokens, device,
+                                          acfg.item_hints, hint_dim)
         enc = holdout_src if acfg.uses_encoder else None
     elif acfg.uses_encoder:
         raise ValueError("the userllm arm needs an encoder checkpoint (--encoder)")
     holdout = encoder_holdout(holdout_src.manifest) if holdout_src else 1
     check_tasks(acfg.tasks, holdout)
-    ckpt = read_checkpoint(model_path)
+    catalogue = _catalogue(histories, holdout)
     user_dim = enc.model.cfg.out_dim if enc is not None else None
     llm = build_model(ckpt.hf_config, ckpt.state_dict, seed=seed,
                       **acfg.llm_config(user_dim).load_kwargs()).to(device)
@@ -89,6 +96,13 @@ def build_stage2(model_path: str | Path, encoder_dir: str | Path | None, acfg: A
     end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
     end = end if end is not None else tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else end
+    if enc is not None and enc.model.hints is not None:
+        items = enc.tokenizer.vocabs[enc.tokenizer.spec.item.name]
+        enc.model.hints.table.copy_(title_table(items, catalogue.titles, tok,
+                                                llm.model.embed_tokens.weight))
+    if acfg.item_hints and acfg.integration == "xattn":
+        probe = tok(f"{SYSTEM} {QUESTIONS['next_movie']}", return_tensors="pt")["input_ids"]
+        init_hint_reader(llm, probe)
     model = UserLLM(llm, enc.model if enc is not None else None, acfg)
     meta = {"base_model": {"path": str(Path(model_path).resolve()),
                            "sha256": checkpoint_sha256(model_path)},
@@ -97,10 +111,12 @@ def build_stage2(model_path: str | Path, encoder_dir: str | Path | None, acfg: A
         meta["encoder"] = {"checkpoint": str(Path(encoder_dir).resolve()),
                            "weights_sha256": weights_sha256(encoder_dir),
                            "num_user_tokens": acfg.num_user_tokens,
+                           "item_hints": acfg.item_hints,
+                           "out_dim": enc.model.cfg.out_dim,
                            "holdout": holdout}
     return Stage2(model, tok, enc.tokenizer if enc else None,
                   enc.model.cfg.max_len if enc else 0, holdout,
-                  _catalogue(histories, holdout), int(end), int(pad), meta)
+                  catalogue, int(end), int(pad), meta)
 
 
 def _catalogue(histories: dict[str, list[Event]], holdout: int) -> Catalogue:
@@ -164,6 +180,14 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
     if not examples:
         raise ValueError("no training examples: the histories are too short for these tasks")
     rng = np.random.default_rng(tcfg.seed)
+    hint_stats: dict[str, int] = {}
+    if acfg.item_hints and "next_movie" in acfg.tasks and tcfg.hinted_next_movie:
+        examples, hint_stats = hinted_training_examples(
+            examples, split.train, model.encoder, s2.enc_tokenizer, s2.catalogue,
+            tcfg.per_user, lengths, tcfg.seed)
+        rng.shuffle(examples)
+        if progress and dist.rank() == 0:
+            tqdm.write(f"next-movie examples answered by the hints: {hint_stats}")
     valid_ex = valid_examples(split, acfg.tasks, s2.catalogue, max(lengths))
     if len(valid_ex) > tcfg.valid_examples:
         keep = sorted(rng.choice(len(valid_ex), tcfg.valid_examples, replace=False).tolist())
@@ -206,7 +230,7 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
         "kind": "adapter", "data_sha256": data_fingerprint(histories),
         "users": len(histories), "tasks": acfg.tasks, "adapter_config": acfg.to_dict(),
         "train_config": tcfg.to_dict(), "parameters": parameter_counts(model),
-        "examples": {"train": len(examples), "valid": len(valid_ex)},
+        "examples": {"train": len(examples), "valid": len(valid_ex)} | hint_stats,
         "versions": {"torch": torch.__version__, "userllm": "0.1.0"},
     } | s2.meta | (manifest_extra or {})
 

@@ -44,7 +44,7 @@ class UserLLM(nn.Module):
         s = self.cfg.strategy
         if name.startswith("encoder."):
             sub = name[len("encoder."):]
-            return s != "proj" or sub.startswith(("resampler.", "proj."))
+            return s != "proj" or sub.startswith(("resampler.", "proj.", "hints."))
         if ".lora_" in name:
             return True
         if name.startswith(("llm.model.cross_blocks.", "llm.model.soft_prompt.")):
@@ -71,7 +71,7 @@ class UserLLM(nn.Module):
         assert self.encoder is not None
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trains):
             states = self.encoder.states(enc_ids, enc_valid)
-        return self.encoder.user_tokens(states, enc_valid)
+        return self.encoder.user_tokens(states, enc_valid, enc_ids)
 
     def forward(self, input_ids: torch.Tensor, label_rows: torch.Tensor,
                 label_cols: torch.Tensor, labels: torch.Tensor,
@@ -87,6 +87,35 @@ class UserLLM(nn.Module):
         hidden = self.llm(input_ids, user_tokens=tokens, user_mask=mask)
         logits = self.llm.compute_logits(hidden[label_rows, label_cols])
         return F.cross_entropy(logits.float(), labels, reduction="mean" if reduce else "none")
+
+
+@torch.no_grad()
+def init_hint_reader(llm: nn.Module, probe_ids: torch.Tensor) -> float:
+    """The last cross block starts as a copier: values the identity and the output projection
+    c x identity, c the residual stream's RMS where the block sits (the base model reading
+    `probe_ids`, a task prompt). Once its gate opens it adds the attended hint rows -- centred
+    mean title embeddings, RMS-normalised -- to the residual at the residual's own scale, and
+    the tied LM head reads them as those titles' tokens. From random projections at unit scale
+    the block had to find that map itself and grow it ~30x (SmolLM2's residual RMS is 29 at
+    layer 29): within a CPU budget it only learned the popular titles. The gate still starts
+    at 0, so the fresh adapter still equals the base model. Returns c."""
+    blocks = llm.model.cross_blocks
+    index = max(int(i) for i in blocks)
+    last = blocks[str(index)].cross_attn
+    v, o = last.v_proj.weight, last.o_proj.weight
+    assert v.shape[0] == v.shape[1] == o.shape[0] == o.shape[1], \
+        "a copying hint reader needs user_dim = cross heads x head_dim = hidden size"
+    seen: list[torch.Tensor] = []
+    hook = llm.model.layers[index].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach()))
+    try:
+        llm(probe_ids.to(v.device))
+    finally:
+        hook.remove()
+    scale = float(seen[0][..., -1, :].float().pow(2).mean().sqrt())
+    v.copy_(torch.eye(v.shape[0], dtype=v.dtype))
+    o.copy_(scale * torch.eye(o.shape[0], dtype=o.dtype))
+    return scale
 
 
 def parameter_counts(model: UserLLM) -> dict[str, int]:

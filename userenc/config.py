@@ -32,6 +32,9 @@ class EncoderConfig:
     out_dim: int = 64
     num_user_tokens: int = 0
     perceiver_layers: int = 1
+    # Stage 2 only (set on the adapter's copy of the encoder): the next-item head's top
+    # item_hints candidates appended to the user tokens (userenc/item_hints.py); 0: none.
+    item_hints: int = 0
     # Training objectives, a weighted mix (userenc/objectives.py). The defaults are today's
     # next-event training, so configs saved before these fields behave identically.
     next_event_weight: float = 1.0
@@ -49,8 +52,10 @@ class EncoderConfig:
             raise ValueError(f"item_loss must be one of {ITEM_LOSSES}, negatives one of {NEGATIVES}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError("d_model must split into n_heads heads of even width")
-        if min(self.n_layers, self.max_len, self.out_dim) <= 0 or self.num_user_tokens < 0:
-            raise ValueError("n_layers, max_len, out_dim must be positive and num_user_tokens >= 0")
+        if min(self.n_layers, self.max_len, self.out_dim) <= 0 or min(self.num_user_tokens,
+                                                                      self.item_hints) < 0:
+            raise ValueError("n_layers, max_len, out_dim must be positive; num_user_tokens and "
+                             "item_hints >= 0")
         weights = (self.next_event_weight, self.all_action_weight, self.future_genre_weight)
         if min(weights) < 0 or sum(weights) <= 0:
             raise ValueError("objective weights must be >= 0 and not all 0")

@@ -14,6 +14,7 @@ from torch import nn
 from userenc.config import EncoderConfig
 from userenc.fusion import EarlyFusion, LateFusion
 from userenc.heads import NextEventHeads
+from userenc.item_hints import ItemHints
 from userenc.layers import CausalTransformer
 from userenc.objectives import FutureGenreHead, all_action_loss
 from userenc.perceiver import PerceiverResampler
@@ -59,6 +60,8 @@ class UserEncoder(nn.Module):
             else None
         )
         self.proj = nn.Linear(cfg.d_model, cfg.out_dim)
+        self.hints = (ItemHints(cfg.vocab_sizes[spec.item.name], cfg.out_dim, cfg.item_hints)
+                      if cfg.item_hints else None)
         # Built only when trained: a next-event model's weights stay exactly today's.
         self.future_genres = None
         if cfg.future_genre_weight > 0:
@@ -95,19 +98,29 @@ class UserEncoder(nn.Module):
             x = x + self.learned_pos(pos)
         return self.encoder(x, valid, pos, last_only)
 
-    def user_tokens(self, states: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected user tokens: [B, K, out_dim] through the resampler, else [B, T, out_dim]."""
+    def user_tokens(self, states: torch.Tensor, valid: torch.Tensor,
+                    ids: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected user tokens: [B, K, out_dim] through the resampler, else [B, T, out_dim];
+        with item hints, M more after them (the history's items, from `ids`, left out)."""
         if self.resampler is not None:
-            tokens = self.resampler(states, valid)
-            return self.proj(tokens), torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return self.proj(states), valid
+            tokens = self.proj(self.resampler(states, valid))
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        else:
+            tokens, mask = self.proj(states), valid
+        if self.hints is None:
+            return tokens, mask
+        assert ids is not None, "item hints leave the history's items out: pass its ids"
+        # Left padding: the last position is each user's latest state.
+        hints = self.hints(self.heads.item_scores(states[:, -1]), ids[self.spec.item.name], valid)
+        hint_mask = torch.ones(hints.shape[:2], dtype=torch.bool, device=mask.device)
+        return torch.cat([tokens, hints.to(tokens.dtype)], 1), torch.cat([mask, hint_mask], 1)
 
     @torch.inference_mode()
     def encode(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch inference: ([B, K or T, out_dim], mask [B, K or T])."""
         if not bool(valid.any(dim=1).all()):
             raise ValueError("every history to encode needs at least one event")
-        return self.user_tokens(self.states(ids, valid), valid)
+        return self.user_tokens(self.states(ids, valid), valid, ids)
 
     @torch.inference_mode()
     def user_embedding(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:

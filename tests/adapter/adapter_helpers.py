@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from userenc.events import Event
+
 GENRES = ["action", "comedy", "drama", "horror", "romance", "scifi", "docs", "kids"]
 CORPUS = ([" ".join(GENRES)] * 20
           + ["system user assistant What is my favourite movie genre? Answer with one genre.",
@@ -37,3 +39,10 @@ def make_tiny_chat_llm(folder: Path, seed: int = 0, layers: int = 4, hidden: int
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def titled(histories: dict[str, list[Event]]) -> dict[str, list[Event]]:
+    """The sample events with a title per item (its genre and id), as ML-1M's carry."""
+    return {u: [Event(e.event_id, e.user_id, e.item_id, e.timestamp,
+                      e.fields | {"title": f"{e.fields['genres'][0]} {e.item_id} (2001)"})
+                for e in h] for u, h in histories.items()}

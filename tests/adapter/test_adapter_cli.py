@@ -95,6 +95,11 @@ def test_bad_paths_are_one_line_errors(home, capsys, tmp_path, sample_events, ti
     _one_line_error(capsys, ["train-adapter", *data, "--encoder", str(tiny_encoder), "--model",
                              str(tiny_llm), "--tasks", "genre_future", *out[:2]],
                     "--holdout >= 10")
+    _one_line_error(capsys, ["train-adapter", *data, "--encoder", str(tiny_encoder), "--model",
+                             str(tiny_llm), "--item-hints", "-1", *out], "item_hints")
+    _one_line_error(capsys, ["train-adapter", *data, "--encoder", str(tiny_encoder), "--model",
+                             str(tiny_llm), "--arm", "text", "--item-hints", "4", *out],
+                    "no encoder to give item hints")
     assert not (tmp_path / "a").exists()
     _one_line_error(capsys, ["generate", "--user", "u1", "--adapter", str(tmp_path / "none"),
                              "hi"], "no adapter at")

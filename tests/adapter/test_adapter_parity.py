@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adapter_helpers import titled
 
 from training.config import AdapterConfig
 from training.tasks import task_split, train_examples
@@ -25,9 +26,11 @@ def _trained_looking(model) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-@pytest.mark.parametrize("strategy,integration", [("lora", "xattn"), ("enc", "softprompt")])
+@pytest.mark.parametrize("strategy,integration,hints",
+                         [("lora", "xattn", 0), ("enc", "softprompt", 0), ("enc", "xattn", 3)])
 def test_engine_paged_path_matches_the_training_forward(tmp_path, tiny_llm, tiny_encoder,
-                                                        sample_histories, strategy, integration):
+                                                        sample_histories, strategy, integration,
+                                                        hints):
     from llm.engine.beam_search import BeamSearch
     from llm.engine.engine import Engine
     from llm.engine.sampling_params import SamplingParams
@@ -36,12 +39,13 @@ def test_engine_paged_path_matches_the_training_forward(tmp_path, tiny_llm, tiny
     from training.train_adapter import build_stage2
 
     acfg = AdapterConfig(arm="userllm", strategy=strategy, integration=integration,
-                         tasks=TASKS, cross_every_n=2, num_user_tokens=2)
-    s2 = build_stage2(tiny_llm, tiny_encoder, acfg, sample_histories)
+                         tasks=TASKS, cross_every_n=2, num_user_tokens=2, item_hints=hints)
+    histories = titled(sample_histories) if hints else sample_histories
+    s2 = build_stage2(tiny_llm, tiny_encoder, acfg, histories)
     _trained_looking(s2.model)
     s2.model.eval()
     save_adapter(tmp_path / "adapter", s2.model, s2.meta, {"kind": "adapter"})
-    exs = train_examples(task_split(sample_histories, 1).train, TASKS, s2.catalogue, 1, [25], 3)
+    exs = train_examples(task_split(histories, 1).train, TASKS, s2.catalogue, 1, [25], 3)
     items = encode_examples(exs[:4], "userllm", s2.tokenizer, s2.end_token, 512,
                             s2.enc_tokenizer)
     engines = [Engine.from_pretrained(tiny_llm, adapter=tmp_path / "adapter") for _ in range(2)]
