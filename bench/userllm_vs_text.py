@@ -2,7 +2,8 @@
 
 ML-1M (users 1-2999): an encoder trained with the last 10 events of every user held out; arms
 trained on the encoder's training part (bench/userllm_arms.py): USER-LLM (user tokens through
-gated cross-attention), the text prompt (zero-shot and LoRA-trained), no personalization
+gated cross-attention; "userllm-hints" adds the encoder's top-16 next items as hint tokens,
+userenc/item_hints.py), the text prompt (zero-shot and LoRA-trained), no personalization
 (LoRA-trained on the question alone), and the encoder alone. Every arm answers the same
 questions about the same users, with the same LLM and the same trie-constrained beam search,
 reading the same N = 50 / 200 / 500 events before the held-out tail (the text prompt keeps
@@ -340,7 +341,7 @@ def carry_over(r: dict, path: Path, cost: bool) -> None:
     old = json.loads(path.read_text())["results"]["ml1m"]
     if old.get("users") != r.get("users"):
         raise SystemExit(f"--carry-over: {path} evaluated other users ({old.get('users')})")
-    note = f"carried over from {path.name} ({old.get('run', 'an earlier run')})"
+    note = f"carried over from {path}"
     for n, arms in old["quality"].items():
         mine = r["quality"].setdefault(n, {})
         for arm, m in arms.items():

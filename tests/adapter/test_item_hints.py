@@ -162,3 +162,36 @@ def test_the_hint_reader_copies_at_the_residual_scale_and_starts_closed(tiny_llm
         tokens, mask = s2.model.user_tokens(b.enc_ids, b.enc_valid)
         assert torch.equal(s2.model.llm(b.input_ids, user_tokens=tokens, user_mask=mask),
                            base(b.input_ids))
+
+
+def test_exclude_seen_leaves_the_read_titles_out_of_the_next_movie_trie(tiny_llm,
+                                                                       sample_histories):
+    from transformers import AutoTokenizer
+
+    from llm.engine.beam_search import TokenTrie
+    from training.evaluate_adapter import _trie
+    from training.prompts import answer_ids
+    from training.tasks import Catalogue, held_out_examples
+
+    histories = titled(sample_histories)
+    cat = Catalogue.from_histories(histories.values())
+    tok = AutoTokenizer.from_pretrained(tiny_llm)
+    end = tok.convert_tokens_to_ids("<end>")
+    titles = {tuple(answer_ids(tok, t, end)[:-1]): t for t in cat.answers("next_movie")}
+    tries = {"next_movie": (TokenTrie(list(titles), end), titles)}
+    ex = held_out_examples(task_split(histories, 1), ["next_movie"], cat, 10)[0]
+
+    def answers(trie: TokenTrie) -> set[str]:
+        out, stack = set(), [((), trie.root)]
+        while stack:
+            seq, node = stack.pop()
+            for t, child in node.items():
+                if t == end:
+                    out.add(titles[seq])
+                else:
+                    stack.append(((*seq, t), child))
+        return out
+
+    seen = {e.fields["title"] for e in ex.history}
+    assert answers(_trie(ex, tries, False)) == set(titles.values())
+    assert answers(_trie(ex, tries, True)) == set(titles.values()) - seen and seen
