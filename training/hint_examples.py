@@ -32,9 +32,7 @@ def answered_by_hints(encoder, tokenizer: EventTokenizer, examples: list[Example
             chunk = examples[i:i + batch_size]
             ids, valid = left_pad_tensors([tokenizer.encode(ex.history) for ex in chunk],
                                           tokenizer.spec, encoder.cfg.max_len, device)
-            states = encoder.states(ids, valid, last_only=True)[:, -1]
-            chosen = encoder.hints.choose(encoder.heads.item_scores(states),
-                                          ids[tokenizer.spec.item.name], valid)
+            chosen = encoder.hinted_items(encoder.states(ids, valid, last_only=True), valid, ids)
             for ex, row in zip(chunk, chosen.tolist()):
                 out.append(ex.target in {cat.titles.get(items.value(j)) for j in row})
     finally:

@@ -9,7 +9,8 @@ so one learned reading ("raise the tokens this row points at") serves every item
 training or not.
 
     hints = ItemHints(num_items, dim, m)            # table filled by the caller (a buffer)
-    tokens = hints(item_scores, seen_ids, seen_valid)   # [B, M, dim]
+    items = hints.choose(item_scores, seen_ids, seen_valid)   # [B, M] item ids
+    tokens = hints(items)                                     # [B, M, dim]
 
 The ranking is the encoder's own (items already in the history left out, as a recommendation
 would); no gradient flows through the choice, only into the rank embeddings.
@@ -33,16 +34,15 @@ class ItemHints(nn.Module):
         # Which rank a hint holds (the attention can prefer the encoder's first choice).
         self.rank = nn.Parameter(torch.zeros(m, dim))
 
-    def forward(self, item_scores: torch.Tensor, seen_ids: torch.Tensor | None = None,
-                seen_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """item_scores [B, num_items] (padding / OOV at -inf); seen_ids [B, T] with seen_valid
-        [B, T]: items excluded from the hints. Returns [B, M, dim]."""
-        return self.table[self.choose(item_scores, seen_ids, seen_valid)].to(self.rank.dtype) + self.rank
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """The hint tokens [B, M, dim] of the chosen item ids [B, M] (best first)."""
+        return self.table[items].to(self.rank.dtype) + self.rank
 
     @torch.no_grad()
     def choose(self, item_scores: torch.Tensor, seen_ids: torch.Tensor | None = None,
                seen_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """The hinted item ids [B, M], best first."""
+        """The hinted item ids [B, M], best first: item_scores [B, num_items] (padding / OOV at
+        -inf); seen_ids [B, T] with seen_valid [B, T] are items left out."""
         assert item_scores.shape[-1] == self.table.shape[0], "scores and table disagree on items"
         scores = item_scores.detach().float().clone()
         if seen_ids is not None:

@@ -110,10 +110,17 @@ class UserEncoder(nn.Module):
         if self.hints is None:
             return tokens, mask
         assert ids is not None, "item hints leave the history's items out: pass its ids"
-        # Left padding: the last position is each user's latest state.
-        hints = self.hints(self.heads.item_scores(states[:, -1]), ids[self.spec.item.name], valid)
+        hints = self.hints(self.hinted_items(states, valid, ids))
         hint_mask = torch.ones(hints.shape[:2], dtype=torch.bool, device=mask.device)
         return torch.cat([tokens, hints.to(tokens.dtype)], 1), torch.cat([mask, hint_mask], 1)
+
+    def hinted_items(self, states: torch.Tensor, valid: torch.Tensor,
+                     ids: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The item ids [B, M] the hints hold: the next-item head's best from each latest state
+        (left padding: the last position), the history's own items left out."""
+        assert self.hints is not None, "the encoder was built without item hints"
+        scores = self.heads.item_scores(states[:, -1])
+        return self.hints.choose(scores, ids[self.spec.item.name], valid)
 
     @torch.inference_mode()
     def encode(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
