@@ -15,8 +15,14 @@ BOOTSTRAP = 2000
 
 
 def per_example(metrics: dict[str, Any], task: str) -> dict[str, dict[str, float]]:
-    """{user: {metric: 0/1}} from an arm's kept ranks (next_movie: hit@1/5/10; genres: correct)."""
+    """{user: {metric: value}} from an arm's kept per-example results (next_movie: hit@1/5/10;
+    genres: correct; review: ROUGE-1 / ROUGE-L F1)."""
     m = metrics.get(task)
+    if task == "review":
+        if not m or "rouge1_each" not in m:
+            return {}
+        return {user: {"rouge1": r1, "rougeL": rl}
+                for user, r1, rl in zip(m["users"], m["rouge1_each"], m["rougeL_each"])}
     if not m or "ranks" not in m:
         return {}
     out = {}
@@ -43,7 +49,7 @@ def paired(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], key: 
 
 
 MAIN_METRIC = {"next_movie": "recall@10", "genre_history": "accuracy",
-               "genre_future": "accuracy"}
+               "genre_future": "accuracy", "review": "rougeL"}
 
 
 def comparisons(quality: dict[str, dict[str, Any]], tasks: list[str],

@@ -143,9 +143,17 @@ def evaluate_arm(spec, model: str, folder: Path, exs, cat: Catalogue, label: str
     finally:
         arm.close()
     print(f"{label} {spec.name}: " + json.dumps(
-        {t: {k: v for k, v in m.items() if k not in ("predictions", "users", "ranks")}
+        {t: {k: v for k, v in m.items() if k not in ("predictions", "users", "ranks")
+             and not k.endswith("_each")}
          for t, m in metrics.items() if isinstance(m, dict)}), flush=True)
     return metrics
+
+
+def keep_training(r: dict, name: str, record: dict) -> None:
+    """An arm's training record; one reused from disk keeps what its training run recorded
+    (its wall seconds are not in the adapter's manifest)."""
+    if not (record.get("reused") and name in r["training"]):
+        r["training"][name] = record
 
 
 def pick_users(split, need: int, count: int, seed: int) -> list[str]:
@@ -167,7 +175,7 @@ def run_ml1m(a, results: dict, save) -> None:
         if k in ("metrics", "train_config", "epoch")}
     arms = ml1m_arms(a)
     for spec in arms:
-        r["training"][spec.name] = ensure_arm(spec, hist, a.model, enc_dir, work / "ml1m", a.seed)
+        keep_training(r, spec.name, ensure_arm(spec, hist, a.model, enc_dir, work / "ml1m", a.seed))
         save()
     split = task_split(hist, HOLDOUT)
     cat = Catalogue.from_histories(hist.values(), ranked_by=split.train.values())
@@ -267,7 +275,7 @@ def run_amazon(a, results: dict, save) -> None:
     exs = held_out_examples(split, ["review"], cat, 64, users)
     r["users"] = len(users)
     for spec in amazon_arms(a):
-        r["training"][spec.name] = ensure_arm(spec, hist, a.model, enc_dir, work / "amazon", a.seed)
+        keep_training(r, spec.name, ensure_arm(spec, hist, a.model, enc_dir, work / "amazon", a.seed))
         if spec.name in r["quality"]:
             continue
         r["quality"][spec.name] = evaluate_arm(spec, a.model, work / "amazon", exs, cat, "amazon")
@@ -308,6 +316,8 @@ def main() -> int:
                          "run does not run, and its cost rows when --skip-cost, are copied in "
                          "(marked carried over)")
     ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--skip-ml1m", action="store_true",
+                    help="run Amazon only; the ML-1M part is --carry-over's, whole")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -323,9 +333,16 @@ def main() -> int:
     def save() -> None:
         out.write_text(json.dumps(results, indent=1, default=str))
 
-    run_ml1m(a, results, save)
+    if a.skip_ml1m:
+        if not a.carry_over:
+            raise SystemExit("--skip-ml1m takes the ML-1M part from --carry-over: give it")
+        old = json.loads(Path(a.carry_over).read_text())["results"]["ml1m"]
+        results["ml1m"] = {k: v for k, v in old.items() if k not in ("quality", "cost")} | {
+            "quality": {}, "cost": {}}
+    else:
+        run_ml1m(a, results, save)
     if a.carry_over:
-        carry_over(results["ml1m"], Path(a.carry_over), a.skip_cost)
+        carry_over(results["ml1m"], Path(a.carry_over), a.skip_cost or a.skip_ml1m)
         save()
     if not a.skip_amazon:
         run_amazon(a, results, save)
@@ -350,6 +367,17 @@ def carry_over(r: dict, path: Path, cost: bool) -> None:
     if cost:
         for n, row in old.get("cost", {}).items():
             r["cost"].setdefault(n, row | {"carried_over": row.get("carried_over", note)})
+
+
+def training_rows(results: dict) -> list[list[Any]]:
+    rows = []
+    for part in ("ml1m", "amazon"):
+        for arm, t in results.get(part, {}).get("training", {}).items():
+            rows.append([part, arm, t.get("adapter_config", {}).get("strategy", "zeroshot"),
+                         t.get("steps", 0), f"{(t.get('wall_seconds') or 0) / 60:.1f}",
+                         f"{t.get('train_config', {}).get('max_minutes', 0):g}",
+                         f"{t['parameters']['trained']:,}"])
+    return rows
 
 
 def tables(results: dict, main: str = "userllm") -> str:
@@ -382,11 +410,23 @@ def tables(results: dict, main: str = "userllm") -> str:
                                      "TTFT p99 ms", "peak MiB over loaded", "KV MiB"], rows))
     carried = sorted({c["carried_over"] for c in ml["cost"].values() if "carried_over" in c})
     md += [f"\nCost rows carried over: {note}." for note in carried]
+    md.append("\nHow the arms were trained, as their training runs recorded (an arm carried over without its record is not listed):\n\n"
+              + markdown_table(["data", "arm", "strategy", "steps", "wall min", "budget min",
+                                "trained parameters"], training_rows(results)))
     amazon = results.get("amazon", {}).get("quality", {})
     if amazon:
-        md.append("\nAmazon review titles (ROUGE F1):\n\n" + markdown_table(
-            ["arm", "ROUGE-1", "ROUGE-L"],
-            [[arm, m["review"]["rouge1"], m["review"]["rougeL"]] for arm, m in amazon.items()]))
+        users = results["amazon"].get("users", "?")
+        md.append(f"\nAmazon musical instruments, review titles of {users} users' held-out last "
+                  "reviews (ROUGE F1, rouge-score, stemmed; greedy decoding, 24 tokens):\n\n"
+                  + markdown_table(["arm", "ROUGE-1", "ROUGE-L"],
+                                   [[arm, round(m["review"]["rouge1"], 4),
+                                     round(m["review"]["rougeL"], 4)]
+                                    for arm, m in amazon.items()]))
+        rows = comparisons({"amazon": amazon}, ["review"], "userllm")
+        if rows:
+            md.append("\nuserllm minus each arm on Amazon, paired over users (95% bootstrap):\n\n"
+                      + markdown_table(["", "task", "metric", "vs", "users", "userllm", "other",
+                                        "diff", "95% CI", "verdict"], comparison_rows(rows)))
     return "\n".join(md)
 
 

@@ -156,8 +156,10 @@ def evaluate_review(arm: Arm, examples: list[Example], max_tokens: int = 24,
             r1.append(s["rouge1"].fmeasure)
             rl.append(s["rougeL"].fmeasure)
             texts.append(o.text.strip())
+    # Per example too, for paired comparisons between arms on the same users.
     return {"review": {"examples": len(exs), "rouge1": float(np.mean(r1)),
-                       "rougeL": float(np.mean(rl)), "predictions": texts}}
+                       "rougeL": float(np.mean(rl)), "predictions": texts,
+                       "users": [ex.user for ex in exs], "rouge1_each": r1, "rougeL_each": rl}}
 
 
 def evaluate(arm: Arm, examples: list[Example], catalogue: Catalogue, beam_width: int = 10,

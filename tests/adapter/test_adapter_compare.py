@@ -31,3 +31,39 @@ def test_equal_arms_are_not_separable_and_recall_counts_ranks():
     rows = comparisons({"50": {"userllm": _arm(ranks, "next_movie"),
                                "none": _arm(ranks, "next_movie")}}, ["next_movie"])
     assert len(rows) == 1 and rows[0]["diff"] == 0.0 and rows[0]["ci95"] == [0.0, 0.0]
+
+
+def test_review_scores_are_paired_per_user():
+    def arm(scores: dict[str, float]) -> dict:
+        return {"review": {"users": list(scores), "rouge1_each": list(scores.values()),
+                           "rougeL_each": [s / 2 for s in scores.values()]}}
+
+    mine = arm({f"u{i}": 0.5 for i in range(30)})
+    other = arm({f"u{i}": 0.1 for i in range(20)})
+    assert per_example(mine, "review")["u3"] == {"rouge1": 0.5, "rougeL": 0.25}
+    rows = comparisons({"amazon": {"userllm": mine, "text": other}}, ["review"])
+    assert len(rows) == 1 and rows[0]["metric"] == "rougeL" and rows[0]["users"] == 20
+    assert rows[0]["diff"] == pytest.approx(0.2) and rows[0]["ci95"][0] > 0
+    assert per_example({"review": {"rouge1": 0.3}}, "review") == {}  # no per-example scores
+
+
+def test_review_evaluation_keeps_each_users_rouge(tiny_llm, sample_histories):
+    from rouge_score import rouge_scorer
+
+    from training.evaluate_adapter import evaluate_review, load_arm
+    from training.tasks import Example
+
+    users = sorted(sample_histories)[:3]
+    exs = [Example(u, "review", sample_histories[u][:-1], "great strings, fair price",
+                   item=sample_histories[u][-1]) for u in users]
+    arm = load_arm("none", tiny_llm, None, kind="none")
+    try:
+        out = evaluate_review(arm, exs, max_tokens=6)["review"]
+    finally:
+        arm.close()
+    assert out["users"] == users and len(out["rouge1_each"]) == len(out["rougeL_each"]) == 3
+    assert out["rouge1"] == pytest.approx(sum(out["rouge1_each"]) / 3)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    for text, r1, rl in zip(out["predictions"], out["rouge1_each"], out["rougeL_each"]):
+        score = scorer.score("great strings, fair price", text)
+        assert (r1, rl) == (score["rouge1"].fmeasure, score["rougeL"].fmeasure)
