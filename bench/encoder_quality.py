@@ -25,6 +25,7 @@ With several --seeds every number is mean ± std over seeds. Writes bench/result
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,38 @@ def _row(report: dict, cold: dict, name: str) -> dict:
     return row
 
 
+def earlier_runs(paths: list[str], args: argparse.Namespace, users: int, names: list[str],
+                 seeds: list[int]) -> tuple[list[int], list[dict]]:
+    """(seeds, per-seed results) of earlier runs to pool with this one; refused (exit 2) unless
+    each ran the same data size, holdout, budget, epochs, encoder settings and models, on other
+    seeds."""
+    out_seeds: list[int] = []
+    out: list[dict] = []
+    mine = {"users": users, "holdout": args.holdout, "budget_minutes_per_model": args.minutes,
+            "max_epochs": args.epochs, "models": {n: list(MODELS[n]) for n in names},
+            "encoder": {}}
+    enc = EncoderConfig().to_dict()
+    for path in paths:
+        try:
+            old = json.loads(Path(path).read_text())
+            config, per_seed = old["config"], old["results"]["per_seed"]
+        except (OSError, ValueError, KeyError):
+            print(f"--add-seeds-from {path}: not a result of this bench", file=sys.stderr)
+            sys.exit(2)
+        # Encoder settings added since that run are compared only where it had them.
+        mine["encoder"] = {k: enc.get(k) for k in config.get("encoder", {})}
+        differ = sorted(k for k, v in mine.items()
+                        if json.loads(json.dumps(config.get(k))) != json.loads(json.dumps(v)))
+        clash = set(config["seeds"]) & set(seeds + out_seeds)
+        if differ or clash:
+            why = f"settings differ: {', '.join(differ)}" if differ else f"seeds {sorted(clash)} again"
+            print(f"--add-seeds-from {path}: {why}", file=sys.stderr)
+            sys.exit(2)
+        out_seeds += config["seeds"]
+        out += per_seed
+    return out_seeds, out
+
+
 def aggregate(per_seed: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
     """{model: {metric: (mean, std over seeds)}} for every numeric metric."""
     out: dict[str, dict[str, tuple[float, float]]] = {}
@@ -134,6 +167,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--name", default="encoder_ml1m")
     ap.add_argument("--runs", default="runs/bench")
+    ap.add_argument("--add-seeds-from", action="append", default=[], metavar="JSON",
+                    help="an earlier result of this bench with the same settings and models: its "
+                         "seeds join this run's in the mean ± std (seeds run in another session)")
     args = ap.parse_args()
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -147,14 +183,17 @@ def main() -> None:
     histories = load_dataset(args.data, "movielens", "movielens").histories
     if args.users:
         histories = dict(list(histories.items())[: args.users])
+    earlier_seeds, earlier = earlier_runs(args.add_seeds_from, args, len(histories), names, seeds)
     t0 = time.perf_counter()
-    per_seed = [run_seed(args, histories, seed, names) for seed in seeds]
+    per_seed = earlier + [run_seed(args, histories, seed, names) for seed in seeds]
+    seeds = earlier_seeds + seeds
     stats = aggregate(per_seed)
     split = leave_one_out(histories, args.holdout)
     config = {"data": args.data, "users": len(histories), "test_users": len(split.test), "seeds": seeds,
               "holdout": args.holdout, "budget_minutes_per_model": args.minutes, "max_epochs": args.epochs,
               "threads": torch.get_num_threads(), "models": {n: MODELS[n] for n in names},
-              "encoder": EncoderConfig().to_dict(), "probe": per_seed[0]["_probe"], "wall_seconds": time.perf_counter() - t0}
+              "encoder": EncoderConfig().to_dict(), "probe": per_seed[0]["_probe"], "wall_seconds": time.perf_counter() - t0,
+              "seeds_added_from": args.add_seeds_from}
     rows_order = ["popularity", *names]
     header = ["model", "HR@10", "NDCG@10", "HR@10 excl. seen", "HR@10 last 1-5", "HR@10 last 6-20", "taste probe", "train s", "epochs"]
     rows = [[n, _pm(stats[n], "hr@10"), _pm(stats[n], "ndcg@10"), _pm(stats[n], "excl hr@10"), _pm(stats[n], "cold 1-5"),
@@ -173,7 +212,10 @@ def main() -> None:
     md = (
         f"# Encoder quality, MovieLens-1M users 1-{len(histories)} (full ranking, leave-one-out test)\n\n"
         f"Seeds {seeds} (mean ± std), {args.minutes:g} min per model, {torch.get_num_threads()} thread(s), "
-        f"holdout {args.holdout}, {len(split.test)} test users.\n\n{markdown_table(header, rows)}\n"
+        f"holdout {args.holdout}, {len(split.test)} test users."
+        + (f" Seeds {earlier_seeds} come from {', '.join(args.add_seeds_from)} (an earlier run, "
+           "same settings)." if earlier_seeds else "")
+        + f"\n\n{markdown_table(header, rows)}\n"
         f"- HR@10 last 1-5 / 6-20: the same test event with only the last 1-5 / 6-20 input events (cold start; "
         f"{int(stats['popularity']['cold 1-5 users'][0])} / {int(stats['popularity']['cold 6-20 users'][0])} users).\n"
         f"- taste probe: 5-fold L2 logistic regression predicting the most frequent genre of each user's next {FUTURE} "
