@@ -148,7 +148,11 @@ class Store(Ingest):
         return gaps
 
     def audit_report(self) -> audit.AuditReport:
-        return audit.verify(self.data, self.keys.audit_anchor(), self.node_anchor.read())
+        # Under the append lock: the anchors and the log are read in separate transactions, and
+        # an append of this process landing between them made the log look extended outside
+        # userllm. (Another process appending meanwhile can still do so: verify again.)
+        with self._audit_lock:
+            return audit.verify(self.data, self.keys.audit_anchor(), self.node_anchor.read())
 
     # -- users --------------------------------------------------------------------------------
     def user_key(self, external_id: str) -> UserKey | None:

@@ -271,3 +271,29 @@ def test_concurrent_audit_appends_from_threads_keep_the_log_and_anchors_whole(st
     assert report.problems == [] and report.entries == before + 64
     leftovers = [p.name for p in store.home.iterdir() if ".tmp" in p.name]
     assert leftovers == []
+
+
+def test_audit_verify_while_threads_append_sees_a_whole_log(store):
+    """GET /v1/admin/audit verifies while request threads append: the report reads the
+    anchors and the log together, so an append landing between those reads is not taken for
+    a log extended outside userllm (test_auth_matrix once failed so under load)."""
+    import threading
+
+    stop = threading.Event()
+
+    def append() -> None:
+        i = 0
+        while not stop.is_set():
+            store.audit("test.race", {"n": i})
+            i += 1
+
+    writers = [threading.Thread(target=append) for _ in range(2)]
+    for w in writers:
+        w.start()
+    try:
+        problems = [p for _ in range(40) for p in store.audit_report().problems]
+    finally:
+        stop.set()
+        for w in writers:
+            w.join()
+    assert problems == []
