@@ -109,9 +109,6 @@ def earlier_runs(paths: list[str], args: argparse.Namespace, users: int, names: 
     seeds."""
     out_seeds: list[int] = []
     out: list[dict] = []
-    mine = {"users": users, "holdout": args.holdout, "budget_minutes_per_model": args.minutes,
-            "max_epochs": args.epochs, "models": {n: list(MODELS[n]) for n in names},
-            "encoder": {}}
     enc = EncoderConfig().to_dict()
     for path in paths:
         try:
@@ -121,7 +118,9 @@ def earlier_runs(paths: list[str], args: argparse.Namespace, users: int, names: 
             print(f"--add-seeds-from {path}: not a result of this bench", file=sys.stderr)
             sys.exit(2)
         # Encoder settings added since that run are compared only where it had them.
-        mine["encoder"] = {k: enc.get(k) for k in config.get("encoder", {})}
+        mine = {"users": users, "holdout": args.holdout, "budget_minutes_per_model": args.minutes,
+                "max_epochs": args.epochs, "models": {n: list(MODELS[n]) for n in names},
+                "encoder": {k: enc.get(k) for k in config.get("encoder", {})}}
         differ = sorted(k for k, v in mine.items()
                         if json.loads(json.dumps(config.get(k))) != json.loads(json.dumps(v)))
         clash = set(config["seeds"]) & set(seeds + out_seeds)

@@ -321,6 +321,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    if a.skip_ml1m and not a.carry_over:
+        ap.error("--skip-ml1m takes the ML-1M part from --carry-over: give it")
     torch.set_num_threads(a.threads)
     out = Path(a.work) / "partial.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -333,16 +335,15 @@ def main() -> int:
     def save() -> None:
         out.write_text(json.dumps(results, indent=1, default=str))
 
+    earlier = (json.loads(Path(a.carry_over).read_text())["results"]["ml1m"]
+               if a.carry_over else None)
     if a.skip_ml1m:
-        if not a.carry_over:
-            raise SystemExit("--skip-ml1m takes the ML-1M part from --carry-over: give it")
-        old = json.loads(Path(a.carry_over).read_text())["results"]["ml1m"]
-        results["ml1m"] = {k: v for k, v in old.items() if k not in ("quality", "cost")} | {
+        results["ml1m"] = {k: v for k, v in earlier.items() if k not in ("quality", "cost")} | {
             "quality": {}, "cost": {}}
     else:
         run_ml1m(a, results, save)
-    if a.carry_over:
-        carry_over(results["ml1m"], Path(a.carry_over), a.skip_cost or a.skip_ml1m)
+    if earlier is not None:
+        carry_over(results["ml1m"], earlier, a.carry_over, a.skip_cost or a.skip_ml1m)
         save()
     if not a.skip_amazon:
         run_amazon(a, results, save)
@@ -352,10 +353,10 @@ def main() -> int:
     return 0
 
 
-def carry_over(r: dict, path: Path, cost: bool) -> None:
-    """Arms (and cost rows) of an earlier run on the same users that this run did not make,
-    each marked with where it came from; refused when the user set differs."""
-    old = json.loads(path.read_text())["results"]["ml1m"]
+def carry_over(r: dict, old: dict, path: str, cost: bool) -> None:
+    """Arms (and cost rows) of an earlier run's ML-1M part `old` (read from `path`) on the same
+    users that this run did not make, each marked with where it came from; refused when the
+    user set differs."""
     if old.get("users") != r.get("users"):
         raise SystemExit(f"--carry-over: {path} evaluated other users ({old.get('users')})")
     note = f"carried over from {path}"
