@@ -80,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all-action-weight", dest="all_action_weight", type=float, default=d_enc.all_action_weight, help="weight of the dense all-action objective (every item of the next --future-window events)")
     p.add_argument("--future-genre-weight", dest="future_genre_weight", type=float, default=d_enc.future_genre_weight, help="weight of the future genre-distribution objective")
     p.add_argument("--future-window", dest="future_window", type=_positive(int), default=d_enc.future_window, help="W: events ahead the future objectives predict")
+    p.add_argument("--crop-prob", dest="crop_prob", type=float, default=d_train.crop_prob, help="crop augmentation: each epoch, this share of the training windows starts at a random later event (0-1)")
     p.add_argument("--holdout", type=_positive(int), default=d_train.holdout, help="events of each user's tail never trained on (1 = leave-one-out; USER-LLM's future-genre task needs 10)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

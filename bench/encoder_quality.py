@@ -7,7 +7,9 @@
   (PinnerFormer: every item of the next W events);
 - mixed: next-event + all-action + the future genre-distribution head (weights 1 / 1 / 0.5);
 - feature_dropout: multi_feature with each feature of an event dropped whole with p = 0.2 in
-  training (a fusion variant: item ids cannot carry every token alone).
+  training (a fusion variant: item ids cannot carry every token alone);
+- id_only_crop / multi_crop: id_only / multi_feature with crop augmentation (each epoch, half of
+  the training windows start at a random later event: training/split.crop_windows).
 
 Full-corpus ranking on the leave-one-out test events (no sampled negatives), HR@10 by history
 length and on truncated histories (cold start: only the last 1-5 / 6-20 input events, every
@@ -28,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,10 @@ MODELS = {
     "mixed": ("movielens", {"all_action_weight": 1.0, "future_genre_weight": 0.5}),
     # fusion: whole features dropped per event in training (item ids cannot carry every token)
     "feature_dropout": ("movielens", {"feature_dropout": 0.2}),
+    # crop augmentation (TrainConfig.crop_prob): half the windows start at a random later event
+    # each epoch; the third entry overrides training settings
+    "id_only_crop": ("movielens_id_only", {}, {"crop_prob": 0.5}),
+    "multi_crop": ("movielens", {}, {"crop_prob": 0.5}),
 }
 PROFILE = "genre_profile"
 
@@ -67,9 +74,10 @@ def run_seed(args: argparse.Namespace, histories: dict, seed: int, names: list[s
     out: dict[str, dict] = {}
     tokenizer = None
     for name in names:
-        spec_name, objectives = MODELS[name]
+        spec_name, objectives, *training = MODELS[name]
         t0 = time.perf_counter()
-        run = train_encoder(histories, load_spec(spec_name), EncoderConfig(**objectives), tcfg,
+        run = train_encoder(histories, load_spec(spec_name), EncoderConfig(**objectives),
+                            replace(tcfg, **(training[0] if training else {})),
                             Path(args.runs) / f"{name}-s{seed}", progress=sys.stderr.isatty())
         seconds = time.perf_counter() - t0
         loaded = load_checkpoint(run.checkpoint)

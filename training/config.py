@@ -25,6 +25,14 @@ class TrainConfig:
     grad_clip: float = 1.0
     # Events of each user's tail never trained on (1: leave-one-out; see training/split.py).
     holdout: int = 1
+    # Crop augmentation: each epoch, this share of the training windows starts at a random later
+    # event, so short contexts are not always the start of a history (cold-start reads the LAST
+    # few events of a long history; see training/split.crop_windows). 0: off.
+    crop_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.crop_prob < 1.0:
+            raise ValueError("--crop-prob must be in [0, 1)")
 
 
 @dataclass(slots=True)

@@ -68,3 +68,22 @@ def windows(encoded: dict[str, np.ndarray], max_len: int) -> list[dict[str, np.n
         out.append({k: v[start:end] for k, v in encoded.items()})
         end = start + 1 if start > 0 else 0
     return out
+
+
+def crop_windows(items: list[dict[str, np.ndarray]], prob: float, rng: np.random.Generator
+                 ) -> list[dict[str, np.ndarray]]:
+    """This epoch's windows: each, with probability `prob`, cut to a random suffix of at least two
+    events (a view, no copy). Without it, a target is always read with the same context, and the
+    only short contexts the model ever sees are the first events of a history, while cold-start
+    and recent-window reads give it the last few events of a long one."""
+    assert 0.0 <= prob < 1.0, "crop_prob must be in [0, 1)"
+    if prob == 0.0:
+        return items
+    out = []
+    for w, draw in zip(items, rng.random(len(items))):
+        n = len(next(iter(w.values())))
+        if draw < prob and n > 2:
+            start = int(rng.integers(1, n - 1))  # keeps >= 2 events: one next-event pair
+            w = {k: v[start:] for k, v in w.items()}
+        out.append(w)
+    return out

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from training import distributed as dist
 from training.config import TrainConfig
 from training.evaluate import evaluate, model_scorer
-from training.split import Split, data_fingerprint, leave_one_out, windows
+from training.split import Split, crop_windows, data_fingerprint, leave_one_out, windows
 from userenc.checkpoint import recover_folder, save_checkpoint
 from userenc.config import EncoderConfig
 from userenc.events import Event
@@ -187,8 +187,10 @@ def train_encoder(
         # The same global batches on every rank; each trains on its slice (a batch too small to
         # give every rank a window is dropped, or the ranks' step counts would part).
         rng = np.random.default_rng([tcfg.seed, epoch])
+        epoch_items = crop_windows(items, tcfg.crop_prob, rng)
+        epoch_lengths = lengths if epoch_items is items else [len(w[spec.item.name]) for w in epoch_items]
         batches = [(b[dist.rank()::world], sum(len(w[spec.item.name]) - 1 for w in b))
-                   for b in _batches(items, lengths, global_batch, rng) if len(b) >= world]
+                   for b in _batches(epoch_items, epoch_lengths, global_batch, rng) if len(b) >= world]
         bar = tqdm(batches, desc=f"epoch {epoch}/{tcfg.epochs}", unit="batch", disable=not progress or dist.rank() != 0, dynamic_ncols=True, mininterval=1.0)
         seen_events, t0, losses = 0, time.perf_counter(), []
         for batch, global_targets in bar:

@@ -91,6 +91,7 @@ def test_bad_train_input_exits_2_with_one_line_and_writes_nothing(tmp_path, data
         (["--data", str(bad), "--format", "jsonl"], "bad.jsonl:2: invalid JSON"),
         (["--data", str(data), "--format", "jsonl", "--spec", "no_such_spec"], "no built-in spec"),
         (["--data", str(data), "--format", "jsonl", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--data", str(data), "--format", "jsonl", "--crop-prob", "1"], "--crop-prob must be in [0, 1)"),
     ]
     for args, message in cases:
         r = run_cli(tmp_path, "train-encoder", *args, "--out", str(runs / "enc"), *TINY)

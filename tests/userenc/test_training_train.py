@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from training.data import load_dataset, write_sample_data
 from training.evaluate import evaluate, model_scorer, popularity_scorer
-from training.split import leave_one_out, windows
+from training.split import crop_windows, leave_one_out, windows
 from training.train_encoder import planned_epochs
 from training.train_encoder import TrainConfig, lr_lambda, train_encoder
 from userenc.checkpoint import load_checkpoint
@@ -68,18 +68,20 @@ def test_same_seed_gives_identical_weights(tmp_path):
     assert c.history[0]["train_loss"] != a.history[0]["train_loss"]
 
 
-def test_interrupted_run_resumed_equals_straight_run(tmp_path):
+@pytest.mark.parametrize("crop_prob", [0.0, 0.5])
+def test_interrupted_run_resumed_equals_straight_run(tmp_path, crop_prob):
     """A 4-epoch run stopped after epoch 1 and again after epoch 2 (the time budget, crossed at
     once, stops it after the current epoch, as a crash would), then resumed to the end, gives
-    exactly the weights, best checkpoint and loss history of the run that was never stopped."""
+    exactly the weights, best checkpoint and loss history of the run that was never stopped
+    (with crop augmentation too: each epoch's crops come from the seed and the epoch alone)."""
     ds = _small(tmp_path)
-    straight = train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(), tmp_path / "straight", progress=False)
-    first = train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(max_minutes=1e-9), tmp_path / "resumed", progress=False)
+    straight = train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(crop_prob=crop_prob), tmp_path / "straight", progress=False)
+    first = train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(max_minutes=1e-9, crop_prob=crop_prob), tmp_path / "resumed", progress=False)
     assert [r["epoch"] for r in first.history] == [1]
-    second = train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(max_minutes=1e-9), tmp_path / "resumed", resume=True, progress=False)
+    second = train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(max_minutes=1e-9, crop_prob=crop_prob), tmp_path / "resumed", resume=True, progress=False)
     assert [r["epoch"] for r in second.history] == [1, 2]
     assert json.loads((tmp_path / "resumed.last" / "state.json").read_text())["epoch"] == 2
-    final = train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(), tmp_path / "resumed", resume=True, progress=False)
+    final = train_encoder(ds.histories, ds.spec, _cfg(), _tcfg(crop_prob=crop_prob), tmp_path / "resumed", resume=True, progress=False)
     assert [r["epoch"] for r in final.history] == [1, 2, 3, 4]
     assert [r["train_loss"] for r in final.history] == [r["train_loss"] for r in straight.history]
     assert final.best_epoch == straight.best_epoch
@@ -115,6 +117,24 @@ def test_windows_cover_every_next_event_pair_once():
         assert sorted(pairs) == [(i, i + 1) for i in range(22)], max_len
         assert all(len(w["item"]) <= max_len for w in windows(encoded, max_len))
     assert windows({"item": np.arange(1)}, 8) == []
+
+
+def test_crop_windows_are_seeded_suffixes_of_at_least_two_events():
+    items = [{"item": np.arange(n), "gap": np.arange(n) * 10} for n in (2, 3, 7, 40, 40, 40, 40, 40)]
+    assert crop_windows(items, 0.0, np.random.default_rng(0)) is items
+    cropped = crop_windows(items, 0.9, np.random.default_rng([1, 2]))
+    assert len(cropped) == len(items)
+    for before, after in zip(items, cropped):
+        n = len(after["item"])
+        assert 2 <= n <= len(before["item"])
+        for key in before:  # a suffix, every feature cut at the same event
+            assert np.array_equal(after[key], before[key][len(before[key]) - n:])
+    assert len(cropped[0]["item"]) == 2  # two events: nothing to cut
+    assert sum(len(a["item"]) < len(b["item"]) for a, b in zip(cropped, items)) >= 4
+    again = crop_windows(items, 0.9, np.random.default_rng([1, 2]))
+    assert [len(w["item"]) for w in again] == [len(w["item"]) for w in cropped]
+    with pytest.raises(AssertionError):
+        crop_windows(items, 1.0, np.random.default_rng(0))
 
 
 def test_training_runs_with_a_resampler_and_late_fusion(tmp_path):
