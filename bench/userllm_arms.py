@@ -21,7 +21,23 @@ class ArmSpec:
     ablation: bool = False  # evaluated at the smallest N only
 
 
+# Ablations of the main USER-LLM arm, each changing one setting (evaluated at the smallest N,
+# each trained for --ablation-minutes; "userllm-ref" is the main arm under that same budget).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "userllm-ref": {},
+    "userllm-proj": {"strategy": "proj"},
+    "userllm-lora": {"strategy": "lora"},
+    "userllm-softprompt": {"integration": "softprompt"},
+    "userllm-K1": {"num_user_tokens": 1},
+    "userllm-K16": {"num_user_tokens": 16},
+    "userllm-every3": {"cross_every_n": 3},
+    "userllm-every15": {"cross_every_n": 15},
+}
+
+
 def ml1m_arms(a: Any) -> list[ArmSpec]:
+    """The arms to run: all main arms (and, with --ablations, the ablations), or those --arms
+    names."""
     tasks = ["next_movie", "genre_history", "genre_future"]
     main = dict(arm="userllm", strategy="enc", integration="xattn", cross_every_n=6,
                 num_user_tokens=4, tasks=tasks)
@@ -36,21 +52,13 @@ def ml1m_arms(a: Any) -> list[ArmSpec]:
                 a.none_minutes),
         ArmSpec("text-zeroshot", None, "text"),
     ]
+    if a.ablations:
+        arms += [ArmSpec(name, AdapterConfig(**(main | change)), "userllm", a.ablation_minutes,
+                         ablation=True) for name, change in ABLATIONS.items()]
     if a.arms:
         unknown = set(a.arms) - {x.name for x in arms}
-        assert not unknown, f"unknown arms {sorted(unknown)}"
+        assert not unknown, f"unknown arms {sorted(unknown)} (ablations need --ablations)"
         arms = [x for x in arms if x.name in a.arms]
-    if a.ablations:
-        m = a.ablation_minutes
-        for name, change in (("userllm-ref", {}), ("userllm-proj", {"strategy": "proj"}),
-                             ("userllm-lora", {"strategy": "lora"}),
-                             ("userllm-softprompt", {"integration": "softprompt"}),
-                             ("userllm-K1", {"num_user_tokens": 1}),
-                             ("userllm-K16", {"num_user_tokens": 16}),
-                             ("userllm-every3", {"cross_every_n": 3}),
-                             ("userllm-every15", {"cross_every_n": 15})):
-            arms.append(ArmSpec(name, AdapterConfig(**(main | change)), "userllm", m,
-                                ablation=True))
     return arms
 
 

@@ -71,6 +71,26 @@ def comparisons(quality: dict[str, dict[str, Any]], tasks: list[str],
     return rows
 
 
+def ablation_comparisons(quality: dict[str, dict[str, Any]], tasks: list[str], ref: str,
+                         names: list[str]) -> list[dict[str, Any]]:
+    """Each ablation minus the reference arm (the same settings but the one changed), per N and
+    task, on their common users: "a" is the ablation, "b" the reference."""
+    rows = []
+    for n, arms in quality.items():
+        if ref not in arms:
+            continue
+        base = {task: per_example(arms[ref], task) for task in tasks}
+        for name in names:
+            if name == ref or name not in arms:
+                continue
+            for task in tasks:
+                key = MAIN_METRIC[task]
+                p = paired(per_example(arms[name], task), base[task], key)
+                if p is not None:
+                    rows.append({"n": n, "task": task, "metric": key, "vs": name} | p)
+    return rows
+
+
 def comparison_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
     return [[r["n"], r["task"], r["metric"], r["vs"], r["users"], round(r["a"], 3),
              round(r["b"], 3), f"{r['diff']:+.3f}",

@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, markdown_table, write_results  # noqa: E402
-from userllm_arms import amazon_arms, ensure_arm, ensure_encoder, ml1m_arms  # noqa: E402
-from userllm_compare import comparison_rows, comparisons  # noqa: E402
+from userllm_arms import ABLATIONS, amazon_arms, ensure_arm, ensure_encoder, ml1m_arms  # noqa: E402
+from userllm_compare import ablation_comparisons, comparison_rows, comparisons  # noqa: E402
 from userllm_cost import CostJob, encoder_flops, kv_bytes, measure  # noqa: E402
 
 from training.data import load_dataset  # noqa: E402
@@ -308,7 +308,8 @@ def main() -> int:
                     default={}, help="ARM@N=COUNT,...: that arm at N answers the first COUNT "
                     "users only (paired comparisons use the users both arms answered)")
     ap.add_argument("--arms", type=lambda s: [x for x in s.split(",") if x], default=[],
-                    help="ML-1M arms to train and evaluate (default: all but ablations)")
+                    help="ML-1M arms to train and evaluate (default: every main arm, and every "
+                         "ablation with --ablations)")
     ap.add_argument("--main-arm", default="userllm",
                     help="the USER-LLM arm the others are compared with and the cost measures")
     ap.add_argument("--carry-over", default=None,
@@ -335,8 +336,8 @@ def main() -> int:
     def save() -> None:
         out.write_text(json.dumps(results, indent=1, default=str))
 
-    earlier = (json.loads(Path(a.carry_over).read_text())["results"]["ml1m"]
-               if a.carry_over else None)
+    earlier_all = json.loads(Path(a.carry_over).read_text())["results"] if a.carry_over else {}
+    earlier = earlier_all.get("ml1m") if a.carry_over else None
     if a.skip_ml1m:
         results["ml1m"] = {k: v for k, v in earlier.items() if k not in ("quality", "cost")} | {
             "quality": {}, "cost": {}}
@@ -347,6 +348,11 @@ def main() -> int:
         save()
     if not a.skip_amazon:
         run_amazon(a, results, save)
+    elif earlier_all.get("amazon", {}).get("quality"):
+        # Amazon not run: its part of --carry-over stays, whole, marked with where it came from.
+        results["amazon"] = earlier_all["amazon"] | {
+            "carried_over": earlier_all["amazon"].get("carried_over",
+                                                      f"carried over from {a.carry_over}")}
     config = {k: v for k, v in vars(a).items()}
     write_results("userllm_vs_text", config, results, tables(results, a.main_arm))
     plot(results, Path(__file__).resolve().parent / "results" / "userllm_vs_text.png")
@@ -365,9 +371,47 @@ def carry_over(r: dict, old: dict, path: str, cost: bool) -> None:
         for arm, m in arms.items():
             if arm not in mine:
                 mine[arm] = m | {"carried_over": m.get("carried_over", note)}
+    for arm, record in old.get("training", {}).items():
+        r["training"].setdefault(arm, record)
     if cost:
         for n, row in old.get("cost", {}).items():
             r["cost"].setdefault(n, row | {"carried_over": row.get("carried_over", note)})
+
+
+def main_arms(quality: dict) -> dict:
+    """The quality table without the ablations (they have their own, against userllm-ref)."""
+    return {n: {arm: m for arm, m in arms.items() if arm not in ABLATIONS}
+            for n, arms in quality.items()}
+
+
+def ablation_tables(results: dict) -> list[str]:
+    """What each ablation changed, how it trained, and its paired difference from userllm-ref."""
+    ml = results["ml1m"]
+    names = [n for n in ABLATIONS if n in ml.get("training", {})]
+    if not names:
+        return []
+    rows = []
+    for name in names:
+        t = ml["training"][name]
+        loss = t.get("metrics", {}).get("valid_loss", {})
+        change = ", ".join(f"{k}={v}" for k, v in ABLATIONS[name].items()) or "(reference)"
+        rows.append([name, change, t.get("steps", t.get("step", 0)),
+                     f"{(t.get('wall_seconds') or 0) / 60:.1f}",
+                     f"{t['parameters']['trained']:,}"]
+                    + [round(loss[k], 3) if k in loss else "-" for k in ("all", *ML_TASKS)])
+    minutes = ml["training"][names[0]].get("train_config", {}).get("max_minutes", 0)
+    md = [f"\nAblations of the USER-LLM arm ({minutes:g}-minute budget each, evaluated at the "
+          "smallest N): userllm-ref has the main arm's settings (enc, cross-attention every 6 "
+          "layers, K=4) under that budget; each other changes one setting.\n\n"
+          + markdown_table(["arm", "change", "steps", "wall min", "trained parameters",
+                            "valid loss", "loss next movie", "loss genre (a)", "loss genre (b)"], rows)]
+    paired_rows = ablation_comparisons(ml["quality"], ML_TASKS, "userllm-ref", names)
+    if paired_rows:
+        md.append("\nEach ablation minus userllm-ref, paired over users (95% bootstrap):\n\n"
+                  + markdown_table(["N", "task", "metric", "ablation", "users", "ablation",
+                                    "userllm-ref", "diff", "95% CI", "verdict"],
+                                   comparison_rows(paired_rows)))
+    return md
 
 
 def training_rows(results: dict) -> list[list[Any]]:
@@ -393,7 +437,9 @@ def tables(results: dict, main: str = "userllm") -> str:
     md.append(f"\n{main} minus each arm, paired over the users both answered (95% bootstrap "
               "interval over users):\n\n" + markdown_table(
                   ["N", "task", "metric", "vs", "users", "userllm", "other", "diff", "95% CI",
-                   "verdict"], comparison_rows(comparisons(ml["quality"], ML_TASKS, main))))
+                   "verdict"], comparison_rows(comparisons(main_arms(ml["quality"]), ML_TASKS,
+                                                           main))))
+    md += ablation_tables(results)
     carried = sorted({f"{arm}: {m['carried_over']}" for arms in ml["quality"].values()
                       for arm, m in arms.items() if "carried_over" in m})
     md += [f"\nQuality carried over (not run again), {c}." for c in carried]
@@ -423,6 +469,8 @@ def tables(results: dict, main: str = "userllm") -> str:
                                    [[arm, round(m["review"]["rouge1"], 4),
                                      round(m["review"]["rougeL"], 4)]
                                     for arm, m in amazon.items()]))
+        if "carried_over" in results["amazon"]:
+            md.append(f"\nThe Amazon part is {results['amazon']['carried_over']} (not run again).")
         rows = comparisons({"amazon": amazon}, ["review"], "userllm")
         if rows:
             md.append("\nuserllm minus each arm on Amazon, paired over users (95% bootstrap):\n\n"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from userllm_compare import comparisons, paired, per_example  # noqa: E402
+from userllm_compare import ablation_comparisons, comparisons, paired, per_example  # noqa: E402
 
 
 def _arm(ranks: dict[str, int | None], task: str = "genre_future") -> dict:
@@ -31,6 +31,20 @@ def test_equal_arms_are_not_separable_and_recall_counts_ranks():
     rows = comparisons({"50": {"userllm": _arm(ranks, "next_movie"),
                                "none": _arm(ranks, "next_movie")}}, ["next_movie"])
     assert len(rows) == 1 and rows[0]["diff"] == 0.0 and rows[0]["ci95"] == [0.0, 0.0]
+
+
+def test_ablations_are_compared_with_the_reference_arm_only():
+    users = [f"u{i}" for i in range(30)]
+    ref = _arm({u: 1 if i % 2 else None for i, u in enumerate(users)})  # accuracy 0.5
+    better = _arm({u: 1 for u in users})
+    quality = {"50": {"userllm-ref": ref, "userllm-K16": better, "none-lora": better},
+               "500": {"userllm-K16": better}}  # no reference at 500: nothing to compare
+    rows = ablation_comparisons(quality, ["genre_future"], "userllm-ref",
+                                ["userllm-ref", "userllm-K16", "userllm-proj"])
+    assert [(r["n"], r["vs"]) for r in rows] == [("50", "userllm-K16")]
+    # the ablation minus the reference: "a" is the ablation
+    assert rows[0]["a"] == 1.0 and rows[0]["b"] == 0.5 and rows[0]["diff"] == pytest.approx(0.5)
+    assert rows[0]["ci95"][0] > 0
 
 
 def test_review_scores_are_paired_per_user():
