@@ -71,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-dropout", dest="feature_dropout", type=float, default=d_enc.feature_dropout, help="early fusion: drop each feature of an event whole with this probability in training")
     p.add_argument("--fusion", choices=FUSIONS, default=d_enc.fusion)
     p.add_argument("--positions", choices=POSITIONS, default=d_enc.positions)
+    p.add_argument("--time-bias-buckets", dest="time_bias_buckets", type=int, default=d_enc.time_bias_buckets, help="HSTU-style relative time: a learned attention bias per log2 bucket of the seconds between events (0 = off; early fusion)")
     p.add_argument("--item-loss", dest="item_loss", choices=ITEM_LOSSES, default=d_enc.item_loss)
     p.add_argument("--negatives", choices=NEGATIVES, default=d_enc.negatives)
     p.add_argument("--num-negatives", dest="num_negatives", type=_positive(int), default=d_enc.num_negatives)

@@ -9,7 +9,10 @@
 - feature_dropout: multi_feature with each feature of an event dropped whole with p = 0.2 in
   training (a fusion variant: item ids cannot carry every token alone);
 - id_only_crop / multi_crop: id_only / multi_feature with crop augmentation (each epoch, half of
-  the training windows start at a random later event: training/split.crop_windows).
+  the training windows start at a random later event: training/split.crop_windows);
+- multi_timebias: multi_feature with HSTU-style relative time biases in attention (a learned
+  bias per head and layer for each log2 bucket of the seconds between two events);
+- multi_d128: multi_feature with d_model 128 (twice as wide).
 
 Full-corpus ranking on the leave-one-out test events (no sampled negatives), HR@10 by history
 length and on truncated histories (cold start: only the last 1-5 / 6-20 input events, every
@@ -61,6 +64,10 @@ MODELS = {
     # each epoch; the third entry overrides training settings
     "id_only_crop": ("movielens_id_only", {}, {"crop_prob": 0.5}),
     "multi_crop": ("movielens", {}, {"crop_prob": 0.5}),
+    # HSTU-style relative time: a learned per-head attention bias per log2 time-gap bucket
+    "multi_timebias": ("movielens", {"time_bias_buckets": 32}),
+    # the multi-feature encoder twice as wide (d_model 128; ID-only stays SASRec-sized)
+    "multi_d128": ("movielens", {"d_model": 128}),
 }
 PROFILE = "genre_profile"
 

@@ -23,6 +23,9 @@ class EncoderConfig:
     feature_dropout: float = 0.0
     fusion: str = "early"  # early: concatenate feature embeddings then MLP; late: one encoder per feature
     positions: str = "rope"
+    # HSTU-style relative time: a learned per-head attention bias for each log2 bucket of the
+    # seconds between two events (early fusion only); 0: off.
+    time_bias_buckets: int = 0
     # Next-item loss: full softmax over the catalogue, or sampled softmax for large catalogues.
     item_loss: str = "full"
     negatives: str = "in_batch"
@@ -61,6 +64,8 @@ class EncoderConfig:
             raise ValueError("objective weights must be >= 0 and not all 0")
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError("feature_dropout must be in [0, 1)")
+        if self.time_bias_buckets < 0 or (self.time_bias_buckets and self.fusion != "early"):
+            raise ValueError("time_bias_buckets must be >= 0, and needs early fusion")
         if self.future_window < 1:
             raise ValueError("future_window must be >= 1")
 

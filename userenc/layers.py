@@ -92,21 +92,46 @@ class Block(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
+def time_buckets(times: torch.Tensor, buckets: int) -> torch.Tensor:
+    """[B, T, T] bucket of |t_q - t_k| in seconds: floor(log2(1 + dt)), capped at buckets - 1
+    (the same second 0, a minute 5, a day 16, a year 24)."""
+    dt = (times[:, :, None] - times[:, None, :]).abs().double()
+    return torch.log2(1.0 + dt).floor().long().clamp(max=buckets - 1)
+
+
 class CausalTransformer(nn.Module):
-    def __init__(self, d_model: int, n_layers: int, n_heads: int, mult: int, dropout: float, rope: bool) -> None:
+    def __init__(self, d_model: int, n_layers: int, n_heads: int, mult: int, dropout: float, rope: bool,
+                 time_bias_buckets: int = 0) -> None:
         super().__init__()
         self.head_dim = d_model // n_heads
         self.rope = rope
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mult, dropout, rope) for _ in range(n_layers))
         self.norm = RMSNorm(d_model)
+        # HSTU-style relative time: each layer's own per-head bias for each time-gap bucket.
+        self.buckets = time_bias_buckets
+        self.time_bias = (nn.ModuleList(nn.Embedding(time_bias_buckets, n_heads) for _ in range(n_layers))
+                          if time_bias_buckets else None)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, last_only: bool = False,
+                times: torch.Tensor | None = None) -> torch.Tensor:
         """States [B, T, d]; with last_only, just the last position's [B, 1, d]: the final block
-        then computes one query, which is all a user embedding needs."""
-        mask = None if bool(valid.all()) else causal_mask(valid)
+        then computes one query, which is all a user embedding needs. `times` [B, T] (unix
+        seconds) are required with a time bias."""
         rope = rope_tables(positions, self.head_dim) if self.rope else None
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, rope, last_only and i == len(self.blocks) - 1)
+        if self.time_bias is None:
+            mask = None if bool(valid.all()) else causal_mask(valid)
+            for i, block in enumerate(self.blocks):
+                x = block(x, mask, rope, last_only and i == len(self.blocks) - 1)
+            return self.norm(x)
+        assert times is not None and times.shape == valid.shape, "a time bias needs the events' times"
+        allowed = causal_mask(valid)
+        full = time_buckets(times, self.buckets)
+        for i, (block, table) in enumerate(zip(self.blocks, self.time_bias)):
+            last = last_only and i == len(self.blocks) - 1
+            rows = slice(-1, None) if last else slice(None)  # last_only: the last query's row only
+            bias = table(full[:, rows]).permute(0, 3, 1, 2)  # [B, H, T(q), T]
+            mask = bias.masked_fill(~allowed[:, :, rows], float("-inf")).to(x.dtype)
+            x = block(x, mask, rope, last)
         return self.norm(x)
 
 

@@ -19,6 +19,7 @@ from userenc.layers import CausalTransformer
 from userenc.objectives import FutureGenreHead, all_action_loss
 from userenc.perceiver import PerceiverResampler
 from userenc.spec import FeatureSpec
+from userenc.tokenize import TIME_KEY
 
 
 def positions_from_left(valid: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,8 @@ class UserEncoder(nn.Module):
         attrs = {k: torch.as_tensor(v) for k, v in (item_attributes or {}).items()}
 
         def transformer() -> CausalTransformer:
-            return CausalTransformer(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.ffn_mult, cfg.dropout, rope)
+            return CausalTransformer(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.ffn_mult, cfg.dropout, rope,
+                                     cfg.time_bias_buckets)
 
         if cfg.fusion == "early":
             self.fusion = EarlyFusion(spec, cfg.vocab_sizes, cfg.d_model, cfg.dropout,
@@ -71,6 +73,9 @@ class UserEncoder(nn.Module):
                                  f"{cfg.future_genre_feature!r} in spec {spec.name!r}")
             self.future_genres = FutureGenreHead(cfg.d_model, cfg.vocab_sizes[genre.name])
         self.apply(self._init)
+        if self.encoder is not None and self.encoder.time_bias is not None:
+            for table in self.encoder.time_bias:  # no bias at first: attention starts as without it
+                nn.init.zeros_(table.weight)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -96,7 +101,7 @@ class UserEncoder(nn.Module):
         x = self.fusion(ids)
         if self.learned_pos is not None:
             x = x + self.learned_pos(pos)
-        return self.encoder(x, valid, pos, last_only)
+        return self.encoder(x, valid, pos, last_only, ids.get(TIME_KEY))
 
     def user_tokens(self, states: torch.Tensor, valid: torch.Tensor,
                     ids: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

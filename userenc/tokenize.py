@@ -23,6 +23,10 @@ from userenc.events import Event
 from userenc.spec import FIRST_ID, OOV_ID, PAD_ID, Feature, FeatureSpec
 
 
+# The key of the event times in an encoded history (not a feature: nothing embeds it).
+TIME_KEY = "_time"
+
+
 def _values(event: Event, feature: Feature) -> Any:
     if feature.source == "item_id":
         return event.item_id
@@ -118,9 +122,10 @@ class EventTokenizer:
 
     # --- encoding ---------------------------------------------------------------------------
     def encode(self, history: list[Event]) -> dict[str, np.ndarray]:
-        """One history (timestamp order) -> {feature: int64 [T] or [T, max_values]}."""
+        """One history (timestamp order) -> {feature: int64 [T] or [T, max_values]}, and the
+        events' unix times under TIME_KEY (int64 [T]: what relative-time attention biases read)."""
         n = len(history)
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, np.ndarray] = {TIME_KEY: np.fromiter((e.timestamp for e in history), dtype=np.int64, count=n)}
         for f in self.spec.features:
             if f.kind == "multi_categorical":
                 arr = np.zeros((n, f.max_values), dtype=np.int64)
@@ -195,18 +200,20 @@ def left_pad_tensors(batch: list[dict[str, np.ndarray]], spec: FeatureSpec, max_
 def left_pad(batch: list[dict[str, np.ndarray]], spec: FeatureSpec, max_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Left-truncate each sequence to its last max_len events and left-pad to a common length.
 
-    Returns ids per feature [B, T(, V)] and a bool mask [B, T] (True = real event)."""
+    Returns ids per feature (and the times, when encoded) [B, T(, V)] and a bool mask [B, T]
+    (True = real event)."""
     assert batch, "empty batch"
     lengths = [min(len(next(iter(x.values()))), max_len) for x in batch]
     width = max(max(lengths), 1)
     out: dict[str, np.ndarray] = {}
-    for f in spec.features:
-        sample = batch[0][f.name]
+    keys = [f.name for f in spec.features] + ([TIME_KEY] if TIME_KEY in batch[0] else [])
+    for key in keys:
+        sample = batch[0][key]
         arr = np.full((len(batch), width) + sample.shape[1:], PAD_ID, dtype=np.int64)
         for b, (x, n) in enumerate(zip(batch, lengths)):
             if n:
-                arr[b, width - n :] = x[f.name][-n:]
-        out[f.name] = arr
+                arr[b, width - n :] = x[key][-n:]
+        out[key] = arr
     mask = np.zeros((len(batch), width), dtype=bool)
     for b, n in enumerate(lengths):
         mask[b, width - n :] = n > 0
