@@ -152,7 +152,7 @@ def test_the_hint_reader_copies_at_the_residual_scale_and_starts_closed(tiny_llm
     last = blocks[str(max(int(i) for i in blocks))].cross_attn
     eye = torch.eye(last.v_proj.weight.shape[0])
     assert torch.equal(last.v_proj.weight, eye)
-    scale = float(last.o_proj.weight[0, 0])
+    scale = float(last.o_proj.weight[0, 0].detach())
     assert scale > 0 and torch.equal(last.o_proj.weight, scale * eye)
     # Gates at 0: the fresh adapter with real user tokens and hints is the base model.
     base, _, _ = load_model(tiny_llm)
