@@ -111,3 +111,17 @@ def test_training_with_a_time_bias_lowers_the_loss_and_learns_the_bias(tmp_path)
     losses = [r["train_loss"] for r in result.history]
     assert losses[-1] < losses[0], losses
     assert result.model.encoder.time_bias[0].weight.abs().max() > 1e-3  # it trained
+
+
+def test_bucket_bias_gradient_equals_the_embedding_gradient():
+    from userenc.layers import BucketBias
+
+    g = torch.Generator().manual_seed(3)
+    buckets = torch.randint(0, 12, (3, 7, 7), generator=g)
+    weight = torch.randn(12, 2, generator=g, requires_grad=True)
+    upstream = torch.randn(3, 7, 7, 2, generator=g)
+    (BucketBias.apply(weight, buckets) * upstream).sum().backward()
+    ours, weight.grad = weight.grad.clone(), None
+    (torch.nn.functional.embedding(buckets, weight) * upstream).sum().backward()
+    torch.testing.assert_close(ours, weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(BucketBias.apply(weight, buckets), weight[buckets])
