@@ -1,6 +1,7 @@
 """torchrun support: a no-op on one process, DDP when WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU)."""
 from __future__ import annotations
 
+import gc
 import os
 from typing import TypeVar
 
@@ -33,7 +34,13 @@ def init() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group: every rank first waits for the others, and the DDP wrapper
+    (its reducer holds the group) is collected while the group is alive. Destroying the group
+    under a live reducer let gloo's threads outlive it: rank 0 aborted at exit ("terminate
+    called without an active exception") about once in six loaded runs."""
     if td.is_initialized():
+        td.barrier()
+        gc.collect()
         td.destroy_process_group()
 
 
