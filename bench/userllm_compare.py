@@ -52,43 +52,33 @@ MAIN_METRIC = {"next_movie": "recall@10", "genre_history": "accuracy",
                "genre_future": "accuracy", "review": "rougeL"}
 
 
+def _paired_rows(n: str, a: dict[str, Any], b: dict[str, Any], tasks: list[str],
+                 vs: str) -> list[dict[str, Any]]:
+    """Arm a minus arm b on each task's main metric, over their common users."""
+    rows = []
+    for task in tasks:
+        key = MAIN_METRIC[task]
+        p = paired(per_example(a, task), per_example(b, task), key)
+        if p is not None:
+            rows.append({"n": n, "task": task, "metric": key, "vs": vs} | p)
+    return rows
+
+
 def comparisons(quality: dict[str, dict[str, Any]], tasks: list[str],
                 main: str = "userllm") -> list[dict[str, Any]]:
     """USER-LLM minus every other arm, per N and task, on their common users."""
-    rows = []
-    for n, arms in quality.items():
-        if main not in arms:
-            continue
-        mine = {task: per_example(arms[main], task) for task in tasks}
-        for other, m in arms.items():
-            if other == main:
-                continue
-            for task in tasks:
-                key = MAIN_METRIC[task]
-                p = paired(mine[task], per_example(m, task), key)
-                if p is not None:
-                    rows.append({"n": n, "task": task, "metric": key, "vs": other} | p)
-    return rows
+    return [row for n, arms in quality.items() if main in arms
+            for other, m in arms.items() if other != main
+            for row in _paired_rows(n, arms[main], m, tasks, other)]
 
 
 def ablation_comparisons(quality: dict[str, dict[str, Any]], tasks: list[str], ref: str,
                          names: list[str]) -> list[dict[str, Any]]:
     """Each ablation minus the reference arm (the same settings but the one changed), per N and
     task, on their common users: "a" is the ablation, "b" the reference."""
-    rows = []
-    for n, arms in quality.items():
-        if ref not in arms:
-            continue
-        base = {task: per_example(arms[ref], task) for task in tasks}
-        for name in names:
-            if name == ref or name not in arms:
-                continue
-            for task in tasks:
-                key = MAIN_METRIC[task]
-                p = paired(per_example(arms[name], task), base[task], key)
-                if p is not None:
-                    rows.append({"n": n, "task": task, "metric": key, "vs": name} | p)
-    return rows
+    return [row for n, arms in quality.items() if ref in arms
+            for name in names if name != ref and name in arms
+            for row in _paired_rows(n, arms[name], arms[ref], tasks, name)]
 
 
 def comparison_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:

@@ -337,7 +337,7 @@ def main() -> int:
         out.write_text(json.dumps(results, indent=1, default=str))
 
     earlier_all = json.loads(Path(a.carry_over).read_text())["results"] if a.carry_over else {}
-    earlier = earlier_all.get("ml1m") if a.carry_over else None
+    earlier = earlier_all.get("ml1m")
     if a.skip_ml1m:
         results["ml1m"] = {k: v for k, v in earlier.items() if k not in ("quality", "cost")} | {
             "quality": {}, "cost": {}}

@@ -128,7 +128,6 @@ class CausalTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mult, dropout, rope) for _ in range(n_layers))
         self.norm = RMSNorm(d_model)
         # HSTU-style relative time: each layer's own per-head bias for each time-gap bucket.
-        self.buckets = time_bias_buckets
         self.time_bias = (nn.ModuleList(nn.Embedding(time_bias_buckets, n_heads) for _ in range(n_layers))
                           if time_bias_buckets else None)
 
@@ -138,19 +137,17 @@ class CausalTransformer(nn.Module):
         then computes one query, which is all a user embedding needs. `times` [B, T] (unix
         seconds) are required with a time bias."""
         rope = rope_tables(positions, self.head_dim) if self.rope else None
-        if self.time_bias is None:
-            mask = None if bool(valid.all()) else causal_mask(valid)
-            for i, block in enumerate(self.blocks):
-                x = block(x, mask, rope, last_only and i == len(self.blocks) - 1)
-            return self.norm(x)
-        assert times is not None and times.shape == valid.shape, "a time bias needs the events' times"
-        allowed = causal_mask(valid)
-        full = time_buckets(times, self.buckets)
-        for i, (block, table) in enumerate(zip(self.blocks, self.time_bias)):
+        mask = None if bool(valid.all()) else causal_mask(valid)
+        if self.time_bias is not None:
+            assert times is not None and times.shape == valid.shape, "a time bias needs the events' times"
+            allowed = mask if mask is not None else causal_mask(valid)
+            buckets = time_buckets(times, self.time_bias[0].num_embeddings)
+        for i, block in enumerate(self.blocks):
             last = last_only and i == len(self.blocks) - 1
-            rows = slice(-1, None) if last else slice(None)  # last_only: the last query's row only
-            bias = BucketBias.apply(table.weight, full[:, rows]).permute(0, 3, 1, 2)  # [B, H, T(q), T]
-            mask = bias.masked_fill(~allowed[:, :, rows], float("-inf")).to(x.dtype)
+            if self.time_bias is not None:
+                rows = slice(-1, None) if last else slice(None)  # last_only: the last query's row only
+                bias = BucketBias.apply(self.time_bias[i].weight, buckets[:, rows]).permute(0, 3, 1, 2)
+                mask = bias.masked_fill(~allowed[:, :, rows], float("-inf")).to(x.dtype)  # [B, H, T(q), T]
             x = block(x, mask, rope, last)
         return self.norm(x)
 

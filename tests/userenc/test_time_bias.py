@@ -14,13 +14,9 @@ from userenc.config import EncoderConfig
 from userenc.layers import time_buckets
 from userenc.model import UserEncoder
 from userenc.tokenize import TIME_KEY, left_pad
-from userenc_helpers import make_model, tiny_config
+from userenc_helpers import make_model, tiny_config, vocab_sizes_of
 
 DAY = 86_400
-
-
-def _vocab_sizes(tok) -> dict[str, int]:
-    return {f.name: tok.vocab_size(f) for f in tok.spec.features}
 
 
 def _tensors(encoded, spec, max_len=16):
@@ -48,7 +44,7 @@ def test_encoded_histories_carry_their_times(sample_tokenizer, sample_histories)
 
 def test_time_bias_keeps_causality_padding_and_the_last_state(spec, sample_tokenizer, sample_histories):
     tok = sample_tokenizer
-    model = make_model(spec, _vocab_sizes(tok), item_attributes=tok.item_attributes, n_layers=2,
+    model = make_model(spec, vocab_sizes_of(tok), item_attributes=tok.item_attributes, n_layers=2,
                        time_bias_buckets=32)
     assert model.encoder.time_bias[0].weight.abs().max() > 0  # make_model perturbs every weight
     hs = list(sample_histories.values())
@@ -78,8 +74,8 @@ def test_time_bias_keeps_causality_padding_and_the_last_state(spec, sample_token
 def test_a_new_time_bias_is_zero_and_equals_the_model_without_it(spec, sample_tokenizer, sample_histories):
     tok = sample_tokenizer
     torch.manual_seed(0)
-    biased = UserEncoder(spec, tiny_config(spec, _vocab_sizes(tok), time_bias_buckets=16), tok.item_attributes).eval()
-    plain = UserEncoder(spec, tiny_config(spec, _vocab_sizes(tok)), tok.item_attributes).eval()
+    biased = UserEncoder(spec, tiny_config(spec, vocab_sizes_of(tok), time_bias_buckets=16), tok.item_attributes).eval()
+    plain = UserEncoder(spec, tiny_config(spec, vocab_sizes_of(tok)), tok.item_attributes).eval()
     missing, unexpected = plain.load_state_dict(biased.state_dict(), strict=False)
     assert not missing and all("time_bias" in k for k in unexpected) and unexpected
     ids, valid = _tensors([tok.encode(h) for h in list(sample_histories.values())[:5]], spec)
@@ -88,7 +84,7 @@ def test_a_new_time_bias_is_zero_and_equals_the_model_without_it(spec, sample_to
 
 def test_time_bias_checkpoint_roundtrip_and_config_rules(spec, sample_tokenizer, sample_histories, tmp_path):
     tok = sample_tokenizer
-    model = make_model(spec, _vocab_sizes(tok), item_attributes=tok.item_attributes, time_bias_buckets=32)
+    model = make_model(spec, vocab_sizes_of(tok), item_attributes=tok.item_attributes, time_bias_buckets=32)
     folder = save_checkpoint(tmp_path / "ckpt", model, tok, {})
     loaded = load_checkpoint(folder)
     assert loaded.model.cfg.time_bias_buckets == 32

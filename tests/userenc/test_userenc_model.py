@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from userenc.checkpoint import load_checkpoint, save_checkpoint
 from userenc.config import EncoderConfig
 from userenc.tokenize import left_pad
-from userenc_helpers import TINY_VOCAB, make_model, random_ids
+from userenc_helpers import TINY_VOCAB, make_model, random_ids, vocab_sizes_of
 
 COMBOS = [("early", "rope"), ("early", "learned"), ("late", "rope"), ("late", "learned")]
 
@@ -29,10 +29,6 @@ def _left_padded_valid(batch: int, length: int, pads: list[int]) -> torch.Tensor
     for b, n in enumerate(pads):
         valid[b, :n] = False
     return valid
-
-
-def _vocab_sizes(tok) -> dict[str, int]:
-    return {f.name: tok.vocab_size(f) for f in tok.spec.features}
 
 
 # --- causality ---------------------------------------------------------------------------------
@@ -72,7 +68,7 @@ def test_learned_positions_tell_positions_apart(spec, fusion):
 @pytest.mark.parametrize("fusion,positions,k", [("early", "rope", 0), ("early", "learned", 0), ("late", "rope", 0), ("late", "learned", 4), ("early", "rope", 4)])
 def test_left_padded_batch_equals_each_sequence_alone(spec, sample_tokenizer, sample_histories, fusion, positions, k):
     tok = sample_tokenizer
-    model = make_model(spec, _vocab_sizes(tok), item_attributes=tok.item_attributes, fusion=fusion, positions=positions, num_user_tokens=k, max_len=16)
+    model = make_model(spec, vocab_sizes_of(tok), item_attributes=tok.item_attributes, fusion=fusion, positions=positions, num_user_tokens=k, max_len=16)
     hs = list(sample_histories.values())
     encoded = [tok.encode(h[:n]) for h, n in zip(hs, (3, 9, 16, 25))]  # 25 > max_len: left-truncated
     ids_np, valid_np = left_pad(encoded, spec, 16)
@@ -245,7 +241,7 @@ def test_loss_weights_scale_the_parts(spec):
 @pytest.mark.parametrize("k", [0, 4])
 def test_checkpoint_roundtrip_gives_identical_embeddings(spec, sample_tokenizer, sample_histories, tmp_path, k):
     tok = sample_tokenizer
-    model = make_model(spec, _vocab_sizes(tok), item_attributes=tok.item_attributes, num_user_tokens=k, fusion="late" if k else "early")
+    model = make_model(spec, vocab_sizes_of(tok), item_attributes=tok.item_attributes, num_user_tokens=k, fusion="late" if k else "early")
     folder = save_checkpoint(tmp_path / "ckpt", model, tok, {"note": "test"})
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "manifest.json", "model.safetensors", "vocab"]
     torch.manual_seed(123)  # the loader builds a fresh (differently initialised) model first
@@ -278,7 +274,7 @@ def _batch(tok, histories, max_len):
 def test_missing_checkpoint_files(spec, sample_tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="not an encoder checkpoint"):
         load_checkpoint(tmp_path / "nowhere")
-    model = make_model(spec, _vocab_sizes(sample_tokenizer), item_attributes=sample_tokenizer.item_attributes)
+    model = make_model(spec, vocab_sizes_of(sample_tokenizer), item_attributes=sample_tokenizer.item_attributes)
     folder = save_checkpoint(tmp_path / "ckpt", model, sample_tokenizer, {})
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors missing"):

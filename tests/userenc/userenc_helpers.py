@@ -50,6 +50,11 @@ def random_ids(spec: FeatureSpec, vocab_sizes: dict[str, int], batch: int, lengt
     return out
 
 
+def vocab_sizes_of(tokenizer) -> dict[str, int]:
+    """Each feature's vocabulary size, as train_encoder fills EncoderConfig.vocab_sizes."""
+    return {f.name: tokenizer.vocab_size(f) for f in tokenizer.spec.features}
+
+
 def make_model(spec: FeatureSpec, vocab_sizes: dict[str, int], seed: int = 0, item_attributes=None, **overrides) -> UserEncoder:
     torch.manual_seed(seed)
     model = UserEncoder(spec, tiny_config(spec, vocab_sizes, **overrides), item_attributes)
