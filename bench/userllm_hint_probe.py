@@ -33,19 +33,19 @@ from userllm_vs_text import HOLDOUT, pick_users  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.evaluate_adapter import _inputs, answer_trie, load_arm  # noqa: E402
 from training.tasks import Catalogue, held_out_examples, task_split  # noqa: E402
+from userenc.item_hints import top_unseen  # noqa: E402
 
 HINTS, POPULAR, BEAM = 16, 64, 10
 
 
-def candidate_titles(enc, ids: dict, valid: torch.Tensor) -> list[list[int]]:
+def candidate_items(enc, ids: dict, valid: torch.Tensor) -> list[list[int]]:
     """Per history: the encoder's best HINTS unseen item ids, best first."""
     model = enc.model
     states = model.states(ids, valid, last_only=True)
     if model.hints is not None:
         return model.hinted_items(states, valid, ids).tolist()
-    scores = model.heads.item_scores(states[:, -1]).float()
-    seen = ids[model.spec.item.name].masked_fill(~valid, 0)
-    return scores.scatter(1, seen, float("-inf")).topk(HINTS, dim=-1).indices.tolist()
+    scores = model.heads.item_scores(states[:, -1])
+    return top_unseen(scores, HINTS, ids[model.spec.item.name], valid).tolist()
 
 
 @torch.inference_mode()
@@ -60,7 +60,7 @@ def probe(arm, examples, cat: Catalogue, popular: list[str]) -> dict[str, Any]:
     encoder_ranks: list[int] = []
     for i in range(0, len(examples), 4):
         batch = examples[i:i + 4]
-        chosen = candidate_titles(arm.encoder, *arm.encoder.batch([ex.history for ex in batch]))
+        chosen = candidate_items(arm.encoder, *arm.encoder.batch([ex.history for ex in batch]))
         prompts, tokens, _ = _inputs(arm, batch, arm.engine.max_model_len // 2)
         hints, mixed = [], []
         for ex, row in zip(batch, chosen):
@@ -119,6 +119,10 @@ def main() -> int:
     counts = Counter(e.item_id for h in split.train.values() for e in h)
     popular = list(dict.fromkeys(cat.titles[i] for i, _ in counts.most_common() if i in cat.titles))
     results: dict[str, Any] = {}
+    for path in a.adapters:
+        manifest = Path(path) / "manifest.json"
+        if not manifest.is_file() or json.loads(manifest.read_text())["adapter_config"]["arm"] != "userllm":
+            ap.error(f"{path}: not a USER-LLM adapter (no manifest.json with arm 'userllm')")
     for path in a.adapters:
         arm = load_arm(Path(path).name, a.model, path)
         try:

@@ -44,9 +44,17 @@ class ItemHints(nn.Module):
         """The hinted item ids [B, M], best first: item_scores [B, num_items] (padding / OOV at
         -inf); seen_ids [B, T] with seen_valid [B, T] are items left out."""
         assert item_scores.shape[-1] == self.table.shape[0], "scores and table disagree on items"
-        scores = item_scores.detach().float().clone()
-        if seen_ids is not None:
-            assert seen_valid is not None and seen_ids.shape == seen_valid.shape
-            seen = seen_ids.masked_fill(~seen_valid, 0)  # padding's row is -inf already
-            scores.scatter_(1, seen, float("-inf"))
-        return scores.topk(self.m, dim=-1).indices
+        return top_unseen(item_scores, self.m, seen_ids, seen_valid)
+
+
+@torch.no_grad()
+def top_unseen(item_scores: torch.Tensor, m: int, seen_ids: torch.Tensor | None = None,
+               seen_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The m best item ids [B, m] of item_scores [B, num_items], best first, the items of
+    seen_ids [B, T] (where seen_valid [B, T]) left out."""
+    scores = item_scores.detach().float().clone()
+    if seen_ids is not None:
+        assert seen_valid is not None and seen_ids.shape == seen_valid.shape
+        seen = seen_ids.masked_fill(~seen_valid, 0)  # padding's row is -inf already
+        scores.scatter_(1, seen, float("-inf"))
+    return scores.topk(m, dim=-1).indices
