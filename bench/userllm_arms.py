@@ -19,6 +19,8 @@ class ArmSpec:
     minutes: float = 0.0
     train: dict[str, Any] = field(default_factory=dict)  # AdapterTrainConfig overrides
     ablation: bool = False  # evaluated at the smallest N only
+    adapter_of: str | None = None  # decode another arm's adapter (nothing trained)
+    prior: bool = False  # next movie's beam search adds the encoder head's prior (weight tuned)
 
 
 # Ablations of the main USER-LLM arm, each changing one setting (evaluated at the smallest N,
@@ -43,6 +45,10 @@ def ml1m_arms(a: Any) -> list[ArmSpec]:
                 num_user_tokens=4, tasks=tasks)
     arms = [
         ArmSpec("userllm", AdapterConfig(**main), "userllm", a.adapter_minutes),
+        # The same adapter; next movie's beam search adds w * the encoder head's log-prob of
+        # each title (training/item_prior.py), w tuned on validation examples.
+        ArmSpec("userllm-prior", AdapterConfig(**main), "userllm", adapter_of="userllm",
+                prior=True),
         # The same, with the encoder's top 16 next items as hint tokens (userenc/item_hints.py).
         ArmSpec("userllm-hints", AdapterConfig(**(main | {"item_hints": 16})), "userllm",
                 a.adapter_minutes),
@@ -101,6 +107,8 @@ def ensure_arm(spec: ArmSpec, histories, model: str, encoder: Path, work: Path,
     """Train an arm's adapter once; returns what it trained (steps, seconds, parameters)."""
     if spec.adapter is None:
         return {"trained": "nothing (zero-shot)", "parameters": {"trained": 0}}
+    if spec.adapter_of:
+        return {"trained": f"nothing ({spec.adapter_of}'s adapter)", "parameters": {"trained": 0}}
     out = work / spec.name
     if (out / "manifest.json").is_file():
         return json.loads((out / "manifest.json").read_text()) | {"reused": True}
@@ -112,3 +120,28 @@ def ensure_arm(spec: ArmSpec, histories, model: str, encoder: Path, work: Path,
     result = train_adapter(histories, model, encoder, spec.adapter, tcfg, out, progress=True)
     return json.loads((out / "manifest.json").read_text()) | {
         "steps": result.steps, "wall_seconds": time.perf_counter() - t0}
+
+
+PRIOR_WEIGHTS = (0.0, 1.0, 4.0, 16.0, 64.0, 256.0)
+
+
+def tune_prior_weight(adapter: Path, model: str, examples, cat, weights=PRIOR_WEIGHTS
+                      ) -> dict[str, Any]:
+    """The item prior's weight with the best next-movie Recall@10 on `examples` (validation
+    cuts, never the test tail), ties broken by the reciprocal rank within the beams (a few
+    hits decide Recall@10 alone), then by the smaller weight; every weight's figures kept."""
+    from training.evaluate_adapter import evaluate_closed, load_arm
+
+    arm = load_arm("prior-tuning", model, adapter, prior_weight=1.0, titles=cat.titles)
+    sweep: dict[str, dict[str, float]] = {}
+    try:
+        for w in weights:
+            arm.prior_weight = w
+            m = evaluate_closed(arm, examples, cat)["next_movie"]
+            sweep[str(w)] = {k: v for k, v in m.items() if k.startswith("recall@")} | {
+                "mrr@10": sum(1 / r for r in m["ranks"] if r) / len(m["ranks"])}
+            print(f"prior weight {w}: " + json.dumps(sweep[str(w)]), flush=True)
+    finally:
+        arm.close()
+    best = max(weights, key=lambda w: (sweep[str(w)]["recall@10"], sweep[str(w)]["mrr@10"], -w))
+    return {"weight": best, "examples": len(examples), "sweep": sweep}

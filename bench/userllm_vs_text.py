@@ -36,14 +36,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, markdown_table, write_results  # noqa: E402
-from userllm_arms import ABLATIONS, amazon_arms, ensure_arm, ensure_encoder, ml1m_arms  # noqa: E402
+from userllm_arms import (ABLATIONS, amazon_arms, ensure_arm, ensure_encoder, ml1m_arms,  # noqa: E402
+                          tune_prior_weight)
 from userllm_compare import ablation_comparisons, comparison_rows, comparisons  # noqa: E402
 from userllm_cost import CostJob, encoder_flops, kv_bytes, measure  # noqa: E402
 
 from training.data import load_dataset  # noqa: E402
 from training.evaluate_adapter import evaluate, load_arm  # noqa: E402
 from training.prompts import prompt_ids  # noqa: E402
-from training.tasks import Catalogue, held_out_examples, task_split  # noqa: E402
+from training.tasks import Catalogue, held_out_examples, task_split, valid_examples  # noqa: E402
 
 ML_TASKS = ["next_movie", "genre_history", "genre_future"]
 HOLDOUT = 10
@@ -116,7 +117,8 @@ def plot(results: dict, path: Path) -> None:
     metrics = [("next_movie", "recall@10"), ("genre_history", "accuracy"),
                ("genre_future", "accuracy")]
     for ax, (task, key) in zip(axes, metrics):
-        for arm in ("userllm", "text-lora", "text-zeroshot", "none-lora", "encoder"):
+        for arm in ("userllm", "userllm-prior", "text-lora", "text-zeroshot", "none-lora",
+                    "encoder"):
             ys = [q[str(n)].get(arm, {}).get(task, {}).get(key) for n in ns]
             if any(y is not None for y in ys):
                 ax.plot(ns, ys, marker="o", label=arm)
@@ -133,11 +135,14 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def evaluate_arm(spec, model: str, folder: Path, exs, cat: Catalogue, label: str) -> dict:
+def evaluate_arm(spec, model: str, folder: Path, exs, cat: Catalogue, label: str,
+                 prior_weight: float = 0.0) -> dict:
     """One arm's answers to every example (its adapter from `folder`, none when zero-shot),
     with the wall seconds it took; prints the metrics."""
     t0 = time.perf_counter()
-    arm = load_arm(spec.name, model, folder / spec.name if spec.adapter else None, kind=spec.kind)
+    adapter = folder / (spec.adapter_of or spec.name) if spec.adapter else None
+    arm = load_arm(spec.name, model, adapter, kind=spec.kind, prior_weight=prior_weight,
+                   titles=cat.titles)
     try:
         metrics = evaluate(arm, exs, cat) | {"seconds": round(time.perf_counter() - t0, 1)}
     finally:
@@ -164,6 +169,17 @@ def pick_users(split, need: int, count: int, seed: int) -> list[str]:
     return users[:count]
 
 
+def prior_examples(split, cat: Catalogue, test_users: list[str], count: int, n: int,
+                   need: int, seed: int) -> list:
+    """Next-movie validation cuts (the event before the held-out tail) of up to `count` users
+    picked by the test users' rule (>= `need` events) but outside them, for tuning the item
+    prior's weight: heavy users' histories rank differently from the average user's."""
+    others = [u for u in pick_users(split, need, len(split.test), seed + 1)
+              if u not in set(test_users)][:count]
+    chosen = set(others)
+    return [ex for ex in valid_examples(split, ["next_movie"], cat, n) if ex.user in chosen]
+
+
 def run_ml1m(a, results: dict, save) -> None:
     work = Path(a.work)
     ds = load_dataset(a.data, "movielens")
@@ -181,6 +197,13 @@ def run_ml1m(a, results: dict, save) -> None:
     cat = Catalogue.from_histories(hist.values(), ranked_by=split.train.values())
     users = pick_users(split, max(a.ns), a.users, a.seed)
     r["users"] = {"count": len(users), "rule": f">= {max(a.ns)} events before the held-out tail"}
+    for spec in arms:
+        if spec.prior and spec.name not in r.get("prior_tuning", {}):
+            r.setdefault("prior_tuning", {})[spec.name] = tune_prior_weight(
+                work / "ml1m" / (spec.adapter_of or spec.name), a.model,
+                prior_examples(split, cat, users, a.prior_users, min(a.ns), max(a.ns),
+                               a.seed), cat)
+            save()
     for n in a.ns:
         exs = held_out_examples(split, ML_TASKS, cat, n, users)
         q = r["quality"].setdefault(str(n), {})
@@ -193,7 +216,9 @@ def run_ml1m(a, results: dict, save) -> None:
             if count := a.arm_users.get(f"{spec.name}@{n}"):  # text: seconds to minutes a user
                 first = set(users[:count])
                 arm_exs = [ex for ex in exs if ex.user in first]
-            q[spec.name] = evaluate_arm(spec, a.model, work / "ml1m", arm_exs, cat, f"N={n}")
+            weight = r["prior_tuning"][spec.name]["weight"] if spec.prior else 0.0
+            q[spec.name] = evaluate_arm(spec, a.model, work / "ml1m", arm_exs, cat, f"N={n}",
+                                        weight) | ({"prior_weight": weight} if spec.prior else {})
             save()
     if not a.skip_cost:
         measure_cost(a, r, split, cat, users, save)
@@ -320,6 +345,8 @@ def main() -> int:
     ap.add_argument("--skip-ml1m", action="store_true",
                     help="run Amazon only; the ML-1M part is --carry-over's, whole")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prior-users", type=int, default=100,
+                    help="validation users (the test users' rule, outside them) the item prior's weight is tuned on")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.skip_ml1m and not a.carry_over:
@@ -425,6 +452,19 @@ def training_rows(results: dict) -> list[list[Any]]:
     return rows
 
 
+def prior_notes(ml: dict) -> list[str]:
+    """How each item-prior arm's weight was chosen, with the validation sweep."""
+    out = []
+    for arm, t in ml.get("prior_tuning", {}).items():
+        sweep = ", ".join(f"w={w}: {m['recall@10']:.3f}" for w, m in t["sweep"].items())
+        out.append(f"\n{arm}: the userllm adapter; next movie's beam search adds w x the "
+                   "encoder head's log-prob of each title (training/item_prior.py; genres "
+                   f"unchanged). w = {t['weight']:g}, the best next-movie Recall@10 on "
+                   f"{t['examples']} validation cuts of users picked by the test users' rule, outside "
+                   f"them ({sweep}).")
+    return out
+
+
 def tables(results: dict, main: str = "userllm") -> str:
     ml = results["ml1m"]
     md = ["# USER-LLM vs text prompts (SmolLM2-135M-Instruct, CPU)\n",
@@ -434,6 +474,7 @@ def tables(results: dict, main: str = "userllm") -> str:
           "for every arm.\n"]
     head = ["N", "arm", "users", "next R@1", "next R@5", "next R@10", "genre (a) acc", "genre (b) acc"]
     md.append(markdown_table(head, quality_rows(ml["quality"], ML_TASKS)))
+    md += prior_notes(ml)
     md.append(f"\n{main} minus each arm, paired over the users both answered (95% bootstrap "
               "interval over users):\n\n" + markdown_table(
                   ["N", "task", "metric", "vs", "users", "userllm", "other", "diff", "95% CI",

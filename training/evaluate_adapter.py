@@ -4,8 +4,10 @@ Closed tasks (a title, a genre) decode with beam search constrained to a trie of
 possible answer (llm/engine/beam_search.py), the same for every arm: next_movie reports
 Recall@1/5/10 over the ranked beams, the genre tasks accuracy of the top beam. With
 exclude_seen, next_movie's trie also leaves out the titles of the events the question reads
-(a recommender does not offer a movie already watched; ML-1M users rarely rate one twice). The review task
-decodes greedily and reports ROUGE-1 / ROUGE-L F1 (rouge-score, stemmed).
+(a recommender does not offer a movie already watched; ML-1M users rarely rate one twice). An
+arm with an item prior (training/item_prior.py) adds prior_weight * the encoder head's log-prob
+of each title to next_movie's beam scores. The review task decodes greedily and reports
+ROUGE-1 / ROUGE-L F1 (rouge-score, stemmed).
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ class Arm:
     engine: Any  # llm.engine.Engine
     encoder: Any = None  # userenc.checkpoint.LoadedEncoder (userllm arm)
     stats: dict[str, float] = field(default_factory=dict)
+    # Next movie's beam search adds prior_weight * the encoder head's log-prob of each title
+    # (training/item_prior.py); 0: the LLM alone.
+    prior: Any = None  # training.item_prior.ItemPrior
+    prior_weight: float = 0.0
 
     def close(self) -> None:
         self.engine.close()
@@ -38,15 +44,24 @@ class Arm:
 
 def load_arm(name: str, model_path: str | Path, adapter: str | Path | None, *,
              kind: str | None = None, kv_cache_bytes: int = 256 << 20,
-             max_num_seqs: int = 16) -> Arm:
+             max_num_seqs: int = 16, prior_weight: float = 0.0,
+             titles: dict[str, str] | None = None) -> Arm:
+    """`prior_weight` > 0 (a USER-LLM adapter; `titles` the catalogue's item -> title) joins
+    the encoder's next-item head to next movie's beam search."""
     from llm.engine.engine import Engine
     from training.adapter_checkpoint import adapter_meta, load_adapter_encoder
+    from training.item_prior import ItemPrior
 
+    prior = None
+    if prior_weight:
+        if adapter is None or titles is None:
+            raise ValueError("an item prior needs a USER-LLM adapter and the catalogue's titles")
+        prior = ItemPrior.for_adapter(adapter, titles)
     engine = Engine.from_pretrained(model_path, adapter=adapter, kv_cache_bytes=kv_cache_bytes,
                                     max_num_seqs=max_num_seqs)
     encoder = load_adapter_encoder(adapter) if adapter is not None else None
     kind = kind or (adapter_meta(adapter)["arm"] if adapter is not None else "none")
-    return Arm(name, kind, engine, encoder)
+    return Arm(name, kind, engine, encoder, prior=prior, prior_weight=prior_weight)
 
 
 def answer_trie(arm: Arm, answers: list[str]):
@@ -95,8 +110,10 @@ def evaluate_closed(arm: Arm, examples: list[Example], catalogue: Catalogue,
     for i in range(0, len(users), users_per_call):
         batch = [ex for u in users[i:i + users_per_call] for ex in by_user[u]]
         prompts, tokens, events = _inputs(arm, batch, budget)
-        results = arm.engine.beam_search(prompts, [_trie(ex, tries, exclude_seen)
-                                                   for ex in batch], beam_width, tokens)
+        priors = _priors(arm, batch)
+        results = arm.engine.beam_search(prompts, [_trie(ex, tries, exclude_seen, priors.get(k))
+                                                   for k, ex in enumerate(batch)],
+                                         beam_width, tokens)
         for ex, res, n in zip(batch, results, events):
             answers = [tries[ex.task][1][tuple(a)] for a, _ in res]
             rank[id(ex)] = answers.index(ex.target) + 1 if ex.target in answers else np.inf
@@ -123,15 +140,32 @@ def evaluate_closed(arm: Arm, examples: list[Example], catalogue: Catalogue,
     return out
 
 
-def _trie(ex: Example, tries: dict, exclude_seen: bool):
+def _priors(arm: Arm, batch: list[Example]) -> dict[int, tuple[dict[str, int], torch.Tensor, float]]:
+    """Per next-movie example of the batch (by position): the prior's columns, its row and
+    weight."""
+    at = [k for k, ex in enumerate(batch) if ex.task == "next_movie"]
+    if arm.prior is None or not arm.prior_weight or not at:
+        return {}
+    t0 = time.perf_counter()
+    rows = arm.prior.log_priors([batch[k].history for k in at])
+    arm.stats["encoder_seconds"] = arm.stats.get("encoder_seconds", 0.0) + time.perf_counter() - t0
+    return {k: (arm.prior.column, row, arm.prior_weight) for k, row in zip(at, rows)}
+
+
+def _trie(ex: Example, tries: dict, exclude_seen: bool, prior=None):
     trie, titles = tries[ex.task]
-    if not exclude_seen or ex.task != "next_movie":
+    if prior is None and (not exclude_seen or ex.task != "next_movie"):
         return trie
     from llm.engine.beam_search import TokenTrie
 
-    seen = {e.fields.get("title") for e in ex.history}
-    return TokenTrie([seq for seq, title in titles.items() if title not in seen],
-                     trie.end_token)
+    seen = {e.fields.get("title") for e in ex.history} if exclude_seen else set()
+    kept = [(seq, title) for seq, title in titles.items() if title not in seen]
+    if prior is None:
+        return TokenTrie([seq for seq, _ in kept], trie.end_token)
+    column, row, weight = prior
+    values = row.tolist()
+    return TokenTrie([seq for seq, _ in kept], trie.end_token,
+                     [values[column[title]] for _, title in kept], weight)
 
 
 def evaluate_review(arm: Arm, examples: list[Example], max_tokens: int = 24,

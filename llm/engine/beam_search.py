@@ -20,6 +20,7 @@ the search stops once no live beam can beat the worst of beam_width finished ans
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,22 +32,63 @@ from llm.engine.kv_cache import KVCache, PoolShape
 
 
 class TokenTrie:
-    """Allowed continuations: every sequence ends with `end_token`, the answer's last step."""
+    """Allowed continuations: every sequence ends with `end_token`, the answer's last step.
 
-    def __init__(self, sequences: Iterable[Sequence[int]], end_token: int) -> None:
+    With `log_priors` (one per sequence, e.g. a recommender's log-probability of that answer)
+    and `prior_weight` w, each step also adds w * log p(token | prefix) under the prior: the
+    prior's mass below the child over its mass below the node. Summed over an answer these
+    telescope to w * log prior(answer) (normalized over the trie), so beam search ranks by
+    model log-prob + w * prior log-prob, and every step's addition stays <= 0.
+    """
+
+    def __init__(self, sequences: Iterable[Sequence[int]], end_token: int,
+                 log_priors: Sequence[float] | None = None, prior_weight: float = 1.0) -> None:
         self.end_token = end_token
         self.root: dict[int, dict] = {}
         self.size = 0
         self.max_length = 0  # the longest answer, its end token included
-        for seq in sequences:
+        # id(node) -> {token: the prior's weighted log step}; empty without priors.
+        self.prior_steps: dict[int, dict[int, float]] = {}
+        seqs = [list(map(int, seq)) for seq in sequences]
+        for seq in seqs:
             assert end_token not in seq, "an answer may not contain the end token"
             node = self.root
             for tok in [*seq, end_token]:
-                node = node.setdefault(int(tok), {})
+                node = node.setdefault(tok, {})
             self.size += 1
             self.max_length = max(self.max_length, len(seq) + 1)
         if not self.size:
             raise ValueError("a trie needs at least one answer")
+        if log_priors is not None:
+            if len(log_priors) != len(seqs):
+                raise ValueError("log_priors must give one value per sequence")
+            if not prior_weight >= 0:
+                raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+            self._set_priors(seqs, log_priors, prior_weight)
+
+    def _set_priors(self, seqs: list[list[int]], log_priors: Sequence[float], w: float) -> None:
+        priors = [float(x) for x in log_priors]
+        if not all(math.isfinite(x) for x in priors):
+            raise ValueError("log_priors must be finite")
+        mass: dict[int, float] = {}  # id(node) -> log of the prior mass below it
+        for seq, lp in zip(seqs, priors):
+            node = self.root
+            for tok in [None, *seq, self.end_token]:
+                node = node if tok is None else node[tok]
+                mass[id(node)] = _logaddexp(mass[id(node)], lp) if id(node) in mass else lp
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            if node:
+                self.prior_steps[id(node)] = {
+                    tok: w * min(0.0, mass[id(child)] - mass[id(node)])
+                    for tok, child in node.items()}
+                stack += node.values()
+
+    def steps(self, node: dict) -> list[float] | None:
+        """The prior's addition for each of `node`'s children (in its key order), or None."""
+        step = self.prior_steps.get(id(node))
+        return None if step is None else [step[t] for t in node]
 
 
 @dataclass(slots=True)
@@ -288,6 +330,8 @@ class BeamSearch:
         for i, b in enumerate(beams):
             allowed = list(b.node)
             scores = logp[i, torch.tensor(allowed, device=logp.device)].tolist()
+            if (prior := trie.steps(b.node)) is not None:
+                scores = [s + p for s, p in zip(scores, prior)]
             cands += [(b.score + s, i, t) for s, t in zip(scores, allowed)]
         cands.sort(key=lambda c: -c[0])
         new: list[tuple[float, int, int]] = []
@@ -301,7 +345,8 @@ class BeamSearch:
                 new.append((score, i, tok))
                 if len(new) == width:
                     break
-        # Log-probs only add negative terms: no live beam can overtake a worse finished answer.
+        # Log-probs (and prior steps) only add negative terms: no live beam can overtake a
+        # worse finished answer.
         if not new or (len(r.finished) >= width and new[0][0] <= r.finished[-1][1]):
             r.done, r.beams = True, []
             return
@@ -340,6 +385,11 @@ def _leader(prompts: list[list[int]], users: list, i: int, candidates: list[int]
         if n > best_n:
             best, best_n = j, n
     return best, best_n
+
+
+def _logaddexp(a: float, b: float) -> float:
+    hi, lo = (a, b) if a >= b else (b, a)
+    return hi + math.log1p(math.exp(lo - hi))
 
 
 def _padded(rows: list[list[int]], device) -> torch.Tensor:

@@ -106,3 +106,41 @@ def test_engine_beam_search_keeps_the_engine_pool(tiny_folder):
             engine.beam_search([[5, 6]], [TokenTrie([[9]], END)] * 2)
     finally:
         engine.close()
+
+
+def test_prior_adds_its_weighted_log_prob_to_every_answer(tiny_folder):
+    """With priors, an exhaustive beam ranks by model log-prob + w * log prior(answer), the
+    prior normalized over the trie; answers share prefixes, so the per-step additions must
+    telescope through shared nodes."""
+    import math
+
+    model = _model(tiny_folder, "cross")
+    g = torch.Generator().manual_seed(2)
+    answers = [[7, 8], [7, 9, 4], [7, 9], [12], [12, 8, 8], [30, 31]]
+    raw = torch.randn(len(answers), generator=g).mul(3).tolist()
+    log_norm = math.log(sum(math.exp(x) for x in raw))
+    prompt = torch.randint(3, 300, (9,), generator=g).tolist()
+    user = torch.randn(3, 8, generator=g)
+    searcher = BeamSearch(model, block_size=4)
+    for w in (0.0, 0.5, 3.0):
+        trie = TokenTrie(answers, END, raw, prior_weight=w)
+        ranked = searcher.run([prompt], trie, len(answers), [user])[0]
+        exact = sorted(((a, _exact(model, prompt, a, user) + w * (p - log_norm))
+                        for a, p in zip(answers, raw)), key=lambda x: -x[1])
+        assert [a for a, _ in ranked] == [a for a, _ in exact]
+        assert max(abs(x[1] - y[1]) for x, y in zip(ranked, exact)) < 1e-4
+    # A weight large enough makes the prior's order the answer order.
+    ranked = searcher.run([prompt], TokenTrie(answers, END, raw, prior_weight=1e4), 3, [user])[0]
+    assert [a for a, _ in ranked] == [answers[i] for i in sorted(range(len(raw)),
+                                                                 key=lambda i: -raw[i])[:3]]
+
+
+@pytest.mark.parametrize("priors, weight, match", [
+    ([0.0], 1.0, "one value per sequence"),
+    ([0.0, float("nan")], 1.0, "finite"),
+    ([0.0, float("-inf")], 1.0, "finite"),
+    ([0.0, 1.0], -1.0, "prior_weight"),
+])
+def test_bad_priors_are_refused(priors, weight, match):
+    with pytest.raises(ValueError, match=match):
+        TokenTrie([[3], [4, 5]], END, priors, prior_weight=weight)
