@@ -35,10 +35,12 @@ class TokenTrie:
     """Allowed continuations: every sequence ends with `end_token`, the answer's last step.
 
     With `log_priors` (one per sequence, e.g. a recommender's log-probability of that answer)
-    and `prior_weight` w, each step also adds w * log p(token | prefix) under the prior: the
-    prior's mass below the child over its mass below the node. Summed over an answer these
-    telescope to w * log prior(answer) (normalized over the trie), so beam search ranks by
-    model log-prob + w * prior log-prob, and every step's addition stays <= 0.
+    and `prior_weight` w, each step also adds w * (best prior below the child - best prior
+    below the node). Summed over an answer these telescope to w * (its prior - the best
+    prior), so finished answers rank by model log-prob + w * prior log-prob (up to a constant
+    per trie), and every step's addition stays <= 0. A prefix is scored by the best answer it
+    can still reach, not by its total mass: a beam of 10 then keeps the prefixes of the
+    prior's 10 best answers, where a total-mass prefix ("The ...") could crowd them out.
     """
 
     def __init__(self, sequences: Iterable[Sequence[int]], end_token: int,
@@ -70,19 +72,18 @@ class TokenTrie:
         priors = [float(x) for x in log_priors]
         if not all(math.isfinite(x) for x in priors):
             raise ValueError("log_priors must be finite")
-        mass: dict[int, float] = {}  # id(node) -> log of the prior mass below it
+        best: dict[int, float] = {}  # id(node) -> the best prior of an answer below it
         for seq, lp in zip(seqs, priors):
             node = self.root
             for tok in [None, *seq, self.end_token]:
                 node = node if tok is None else node[tok]
-                mass[id(node)] = _logaddexp(mass[id(node)], lp) if id(node) in mass else lp
+                best[id(node)] = max(best.get(id(node), -math.inf), lp)
         stack = [self.root]
         while stack:
             node = stack.pop()
             if node:
-                self.prior_steps[id(node)] = {
-                    tok: w * min(0.0, mass[id(child)] - mass[id(node)])
-                    for tok, child in node.items()}
+                self.prior_steps[id(node)] = {tok: w * (best[id(child)] - best[id(node)])
+                                              for tok, child in node.items()}
                 stack += node.values()
 
     def steps(self, node: dict) -> list[float] | None:
@@ -385,11 +386,6 @@ def _leader(prompts: list[list[int]], users: list, i: int, candidates: list[int]
         if n > best_n:
             best, best_n = j, n
     return best, best_n
-
-
-def _logaddexp(a: float, b: float) -> float:
-    hi, lo = (a, b) if a >= b else (b, a)
-    return hi + math.log1p(math.exp(lo - hi))
 
 
 def _padded(rows: list[list[int]], device) -> torch.Tensor:

@@ -109,16 +109,14 @@ def test_engine_beam_search_keeps_the_engine_pool(tiny_folder):
 
 
 def test_prior_adds_its_weighted_log_prob_to_every_answer(tiny_folder):
-    """With priors, an exhaustive beam ranks by model log-prob + w * log prior(answer), the
-    prior normalized over the trie; answers share prefixes, so the per-step additions must
-    telescope through shared nodes."""
-    import math
-
+    """With priors, an exhaustive beam ranks by model log-prob + w * (prior(answer) - the best
+    prior); answers share prefixes, so the per-step additions must telescope through shared
+    nodes."""
     model = _model(tiny_folder, "cross")
     g = torch.Generator().manual_seed(2)
     answers = [[7, 8], [7, 9, 4], [7, 9], [12], [12, 8, 8], [30, 31]]
     raw = torch.randn(len(answers), generator=g).mul(3).tolist()
-    log_norm = math.log(sum(math.exp(x) for x in raw))
+    log_norm = max(raw)
     prompt = torch.randint(3, 300, (9,), generator=g).tolist()
     user = torch.randn(3, 8, generator=g)
     searcher = BeamSearch(model, block_size=4)
@@ -129,10 +127,15 @@ def test_prior_adds_its_weighted_log_prob_to_every_answer(tiny_folder):
                         for a, p in zip(answers, raw)), key=lambda x: -x[1])
         assert [a for a, _ in ranked] == [a for a, _ in exact]
         assert max(abs(x[1] - y[1]) for x, y in zip(ranked, exact)) < 1e-4
-    # A weight large enough makes the prior's order the answer order.
-    ranked = searcher.run([prompt], TokenTrie(answers, END, raw, prior_weight=1e4), 3, [user])[0]
-    assert [a for a, _ in ranked] == [answers[i] for i in sorted(range(len(raw)),
-                                                                 key=lambda i: -raw[i])[:3]]
+    # A weight large enough makes the prior's order the answer order, even with a beam
+    # narrower than the answers: a prefix is scored by the best answer below it. Here the
+    # prefix 7 holds three middling answers whose total beats the best answer's.
+    raw = [-1.0, -1.1, -1.2, -3.0, -0.9, -5.0]
+    for width in (1, 2, 3):
+        ranked = searcher.run([prompt], TokenTrie(answers, END, raw, prior_weight=1e4), width,
+                              [user])[0]
+        assert [a for a, _ in ranked] == [answers[i] for i in sorted(
+            range(len(raw)), key=lambda i: -raw[i])[:width]]
 
 
 @pytest.mark.parametrize("priors, weight, match", [
