@@ -100,15 +100,13 @@ def adapter_meta(folder: str | Path) -> dict[str, Any]:
     return read_adapter(folder)[1]
 
 
-def load_adapter_encoder(folder: str | Path, device: str | torch.device = "cpu",
-                         encoder_dir: str | Path | None = None) -> LoadedEncoder | None:
-    """The encoder side of an adapter (None for the text / none arms): the named encoder
-    checkpoint, checked unchanged, with the adapter's trained tensors loaded over it."""
-    folder = Path(folder)
-    meta = adapter_meta(folder)
-    enc = meta.get("encoder")
+def adapter_encoder_checkpoint(folder: str | Path, encoder_dir: str | Path | None = None
+                               ) -> Path:
+    """The stage-1 encoder checkpoint an adapter names (or `encoder_dir`, its new place),
+    checked unchanged since the adapter was trained on it."""
+    enc = adapter_meta(folder).get("encoder")
     if not enc:
-        return None
+        raise ValueError("the adapter names no encoder (not a USER-LLM adapter)")
     path = Path(encoder_dir or enc["checkpoint"])
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"the adapter's encoder checkpoint {str(path)!r} is missing "
@@ -116,6 +114,18 @@ def load_adapter_encoder(folder: str | Path, device: str | torch.device = "cpu",
     if weights_sha256(path) != enc["weights_sha256"]:
         raise ValueError(f"encoder checkpoint {str(path)!r} changed since the adapter was "
                          "trained on it (weights sha256 differs): retrain the adapter")
+    return path
+
+
+def load_adapter_encoder(folder: str | Path, device: str | torch.device = "cpu",
+                         encoder_dir: str | Path | None = None) -> LoadedEncoder | None:
+    """The encoder side of an adapter (None for the text / none arms): the named encoder
+    checkpoint, checked unchanged, with the adapter's trained tensors loaded over it."""
+    folder = Path(folder)
+    enc = adapter_meta(folder).get("encoder")
+    if not enc:
+        return None
+    path = adapter_encoder_checkpoint(folder, encoder_dir)
     loaded = encoder_with_tokens(path, int(enc["num_user_tokens"]), device,
                                  int(enc.get("item_hints", 0)), enc.get("out_dim"))
     trained = load_file(str(folder / ENCODER_WEIGHTS))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from training.adapter_checkpoint import adapter_meta, weights_sha256
+from training.adapter_checkpoint import adapter_encoder_checkpoint
 from userenc.checkpoint import LoadedEncoder, load_checkpoint
 from userenc.events import Event
 
@@ -47,16 +47,7 @@ class ItemPrior:
     def for_adapter(cls, adapter: str | Path, titles: dict[str, str],
                     encoder_dir: str | Path | None = None) -> "ItemPrior":
         """The prior of the stage-1 encoder an adapter was trained on (checked unchanged)."""
-        enc = adapter_meta(adapter).get("encoder")
-        if not enc:
-            raise ValueError("an item prior needs a USER-LLM adapter (it names no encoder)")
-        path = Path(encoder_dir or enc["checkpoint"])
-        if not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"the adapter's encoder checkpoint {str(path)!r} is missing")
-        if weights_sha256(path) != enc["weights_sha256"]:
-            raise ValueError(f"encoder checkpoint {str(path)!r} changed since the adapter was "
-                             "trained on it (weights sha256 differs)")
-        return cls.build(load_checkpoint(path), titles)
+        return cls.build(load_checkpoint(adapter_encoder_checkpoint(adapter, encoder_dir)), titles)
 
     @torch.inference_mode()
     def log_priors(self, histories: list[list[Event]]) -> torch.Tensor:
