@@ -109,7 +109,7 @@ def ensure_arm(spec: ArmSpec, histories, model: str, encoder: Path, work: Path,
         return {"trained": "nothing (zero-shot)", "parameters": {"trained": 0}}
     if spec.adapter_of:
         return {"trained": f"nothing ({spec.adapter_of}'s adapter)", "parameters": {"trained": 0},
-                "adapter_config": {"strategy": f"({spec.adapter_of}'s adapter)"}}
+                "decodes": spec.adapter_of}
     out = work / spec.name
     if (out / "manifest.json").is_file():
         return json.loads((out / "manifest.json").read_text()) | {"reused": True}

@@ -174,9 +174,9 @@ def prior_examples(split, cat: Catalogue, test_users: list[str], count: int, n: 
     """Next-movie validation cuts (the event before the held-out tail) of up to `count` users
     picked by the test users' rule (>= `need` events) but outside them, for tuning the item
     prior's weight: heavy users' histories rank differently from the average user's."""
-    others = [u for u in pick_users(split, need, len(split.test), seed + 1)
-              if u not in set(test_users)][:count]
-    chosen = set(others)
+    test = set(test_users)
+    chosen = set([u for u in pick_users(split, need, len(split.test), seed + 1)
+                  if u not in test][:count])
     return [ex for ex in valid_examples(split, ["next_movie"], cat, n) if ex.user in chosen]
 
 
@@ -445,7 +445,9 @@ def training_rows(results: dict) -> list[list[Any]]:
     rows = []
     for part in ("ml1m", "amazon"):
         for arm, t in results.get(part, {}).get("training", {}).items():
-            rows.append([part, arm, t.get("adapter_config", {}).get("strategy", "zeroshot"),
+            strategy = (f"({t['decodes']}'s adapter)" if "decodes" in t
+                        else t.get("adapter_config", {}).get("strategy", "zeroshot"))
+            rows.append([part, arm, strategy,
                          t.get("steps", 0), f"{(t.get('wall_seconds') or 0) / 60:.1f}",
                          f"{t.get('train_config', {}).get('max_minutes', 0):g}",
                          f"{t['parameters']['trained']:,}"])

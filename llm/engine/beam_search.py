@@ -75,8 +75,9 @@ class TokenTrie:
         best: dict[int, float] = {}  # id(node) -> the best prior of an answer below it
         for seq, lp in zip(seqs, priors):
             node = self.root
-            for tok in [None, *seq, self.end_token]:
-                node = node if tok is None else node[tok]
+            best[id(node)] = max(best.get(id(node), -math.inf), lp)
+            for tok in [*seq, self.end_token]:
+                node = node[tok]
                 best[id(node)] = max(best.get(id(node), -math.inf), lp)
         stack = [self.root]
         while stack:
