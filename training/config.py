@@ -29,6 +29,9 @@ class TrainConfig:
     # event, so short contexts are not always the start of a history (cold-start reads the LAST
     # few events of a long history; see training/split.crop_windows). 0: off.
     crop_prob: float = 0.0
+    # The forward pass under bf16 autocast (matrix products in bf16, losses and weights fp32):
+    # faster where the hardware has bf16 dot products (GPUs; CPUs with AVX512-BF16 or AMX).
+    bf16: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.crop_prob < 1.0:

@@ -69,9 +69,7 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen: list[np.ndar
 def model_scorer(model: UserEncoder, tokenizer: EventTokenizer) -> ScoreFn:
     def score(histories: list[list[Event]], encoded: list[dict[str, np.ndarray]]) -> torch.Tensor:
         ids, valid = left_pad_tensors(encoded, tokenizer.spec, model.cfg.max_len, next(model.parameters()).device)
-        with torch.inference_mode():
-            states = model.states(ids, valid, last_only=True)
-            return model.heads.item_scores(states[:, -1]).cpu()
+        return model.next_item_scores(ids, valid).cpu()
 
     return score
 

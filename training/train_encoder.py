@@ -198,7 +198,8 @@ def train_encoder(
             # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of
             # the global batch's targets makes that average the global batch's mean.
             share = world * sum(len(w[spec.item.name]) - 1 for w in batch) / max(1, global_targets)
-            loss, _ = wrapped(ids, valid)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
+                loss, _ = wrapped(ids, valid)
             loss = loss * share
             opt.zero_grad(set_to_none=True)
             loss.backward()

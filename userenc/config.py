@@ -30,6 +30,11 @@ class EncoderConfig:
     item_loss: str = "full"
     negatives: str = "in_batch"
     num_negatives: int = 256
+    # A learned score added to every item already in the history (full-softmax loss only). A dot
+    # product cannot score "like the history but not the history" by itself; a catalogue where
+    # nothing repeats (a movie is rated once) learns it negative, one where items repeat
+    # (music, groceries) positive.
+    seen_bias: bool = False
     # Output: a projection to out_dim (the LLM's user-token width) and, if num_user_tokens > 0,
     # a Perceiver resampler compressing the states to that many user tokens.
     out_dim: int = 64
@@ -66,6 +71,8 @@ class EncoderConfig:
             raise ValueError("feature_dropout must be in [0, 1)")
         if self.time_bias_buckets < 0 or (self.time_bias_buckets and self.fusion != "early"):
             raise ValueError("time_bias_buckets must be >= 0, and needs early fusion")
+        if self.seen_bias and self.item_loss != "full":
+            raise ValueError("seen_bias needs the full-softmax item loss")
         if self.future_window < 1:
             raise ValueError("future_window must be >= 1")
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from userenc.config import EncoderConfig
 from userenc.fusion import EarlyFusion, LateFusion
-from userenc.heads import NextEventHeads
+from userenc.heads import NextEventHeads, last_seen_index
 from userenc.item_hints import ItemHints
 from userenc.layers import CausalTransformer
 from userenc.objectives import FutureGenreHead, all_action_loss
@@ -103,6 +103,16 @@ class UserEncoder(nn.Module):
             x = x + self.learned_pos(pos)
         return self.encoder(x, valid, pos, last_only, ids.get(TIME_KEY))
 
+    @torch.inference_mode()
+    def next_item_scores(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        """Each history's next-item scores over the catalogue [B, num_items] (left padding), the
+        seen bias, if trained, on the history's items."""
+        states = self.states(ids, valid, last_only=True)[:, -1]
+        seen = None
+        if self.heads.seen_bias is not None:
+            seen = last_seen_index(ids[self.spec.item.name], self.heads.candidates.item.num_embeddings)
+        return self.heads.item_scores(states, seen=seen)
+
     def user_tokens(self, states: torch.Tensor, valid: torch.Tensor,
                     ids: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected user tokens: [B, K, out_dim] through the resampler, else [B, T, out_dim];
@@ -170,7 +180,7 @@ class UserEncoder(nn.Module):
         inputs = states[:, :-1]
         targets = {name: x[:, 1:] for name, x in ids.items()}
         pair_valid = valid[:, :-1] & valid[:, 1:]
-        loss, parts = self.heads.loss(inputs, targets, pair_valid)
+        loss, parts = self.heads.loss(inputs, targets, pair_valid, ids[self.spec.item.name][:, :-1])
         if self.resampler is not None:
             # The resampler learns from the same objective: its pooled tokens, reading the history
             # up to the second-to-last event, predict the last one.
