@@ -70,20 +70,26 @@ def windows(encoded: dict[str, np.ndarray], max_len: int) -> list[dict[str, np.n
     return out
 
 
+def crop_starts(lengths: "list[int] | np.ndarray", prob: float, rng: np.random.Generator) -> np.ndarray:
+    """This epoch's crop of each window: the number of leading events dropped (0: none). Each
+    window, with probability `prob`, starts at a random later event, keeping >= 2 events (one
+    next-event pair). Without it, a target is always read with the same context, and the only
+    short contexts the model ever sees are the first events of a history, while cold-start and
+    recent-window reads give it the last few events of a long one."""
+    assert 0.0 <= prob < 1.0, "crop_prob must be in [0, 1)"
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    if prob == 0.0:
+        return starts
+    for i, (n, draw) in enumerate(zip(lengths, rng.random(len(lengths)))):
+        if draw < prob and n > 2:
+            starts[i] = int(rng.integers(1, n - 1))
+    return starts
+
+
 def crop_windows(items: list[dict[str, np.ndarray]], prob: float, rng: np.random.Generator
                  ) -> list[dict[str, np.ndarray]]:
-    """This epoch's windows: each, with probability `prob`, cut to a random suffix of at least two
-    events (a view, no copy). Without it, a target is always read with the same context, and the
-    only short contexts the model ever sees are the first events of a history, while cold-start
-    and recent-window reads give it the last few events of a long one."""
-    assert 0.0 <= prob < 1.0, "crop_prob must be in [0, 1)"
+    """`crop_starts` applied: each window cut to its suffix (a view, no copy)."""
+    starts = crop_starts([len(next(iter(w.values()))) for w in items], prob, rng)
     if prob == 0.0:
         return items
-    out = []
-    for w, draw in zip(items, rng.random(len(items))):
-        n = len(next(iter(w.values())))
-        if draw < prob and n > 2:
-            start = int(rng.integers(1, n - 1))  # keeps >= 2 events: one next-event pair
-            w = {k: v[start:] for k, v in w.items()}
-        out.append(w)
-    return out
+    return [{k: v[s:] for k, v in w.items()} if s else w for w, s in zip(items, starts)]

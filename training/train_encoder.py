@@ -25,13 +25,14 @@ from tqdm import tqdm
 from training import distributed as dist
 from training.config import TrainConfig
 from training.evaluate import evaluate, model_scorer
-from training.split import Split, crop_windows, data_fingerprint, leave_one_out, windows
+from training.device_windows import DeviceWindows
+from training.split import Split, crop_starts, data_fingerprint, leave_one_out, windows
 from userenc.checkpoint import recover_folder, save_checkpoint
 from userenc.config import EncoderConfig
 from userenc.events import Event
 from userenc.model import UserEncoder
 from userenc.spec import FeatureSpec
-from userenc.tokenize import EventTokenizer, left_pad_tensors
+from userenc.tokenize import EventTokenizer
 
 
 @dataclass(slots=True)
@@ -86,14 +87,15 @@ def recover_run(*folders: Path) -> None:
     dist.barrier()
 
 
-def _batches(items: list[dict[str, np.ndarray]], lengths: list[int], batch_size: int, rng: np.random.Generator) -> list[list[dict[str, np.ndarray]]]:
-    """Shuffled batches of similar lengths (less padding): shuffle, sort within chunks of 50 batches."""
-    order = rng.permutation(len(items))
+def _batches(lengths: "list[int] | np.ndarray", batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Shuffled batches (window indices) of similar lengths (less padding): shuffle, sort within
+    chunks of 50 batches."""
+    order = rng.permutation(len(lengths))
     chunk = batch_size * 50
     batches = []
     for i in range(0, len(order), chunk):
         part = sorted(order[i : i + chunk], key=lambda j: lengths[j])
-        batches += [[items[j] for j in part[k : k + batch_size]] for k in range(0, len(part), batch_size)]
+        batches += [[int(j) for j in part[k : k + batch_size]] for k in range(0, len(part), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -142,9 +144,10 @@ def train_encoder(
     model.to(device)
 
     items = [w for user in sorted(split.train) for w in windows(tokenizer.encode(split.train[user]), cfg.max_len)]
-    lengths = [len(w[spec.item.name]) for w in items]
+    data = DeviceWindows.build(items, spec, cfg.max_len, device)
+    del items
     world, global_batch = dist.world_size(), tcfg.batch_size * dist.world_size()
-    steps_per_epoch = math.ceil(len(items) / global_batch)
+    steps_per_epoch = math.ceil(len(data) / global_batch)
     total_steps = steps_per_epoch * tcfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     # Warm-up is a fraction of the run, but never longer than one epoch: with a large --epochs
@@ -187,17 +190,20 @@ def train_encoder(
         # The same global batches on every rank; each trains on its slice (a batch too small to
         # give every rank a window is dropped, or the ranks' step counts would part).
         rng = np.random.default_rng([tcfg.seed, epoch])
-        epoch_items = crop_windows(items, tcfg.crop_prob, rng)
-        epoch_lengths = lengths if epoch_items is items else [len(w[spec.item.name]) for w in epoch_items]
-        batches = [(b[dist.rank()::world], sum(len(w[spec.item.name]) - 1 for w in b))
-                   for b in _batches(epoch_items, epoch_lengths, global_batch, rng) if len(b) >= world]
+        starts = crop_starts(data.lengths, tcfg.crop_prob, rng) if tcfg.crop_prob else None
+        epoch_lengths = data.batch_lengths(np.arange(len(data)), starts)
+        batches = [(np.array(b[dist.rank()::world]), int(epoch_lengths[b].sum()) - len(b))
+                   for b in _batches(epoch_lengths, global_batch, rng) if len(b) >= world]
         bar = tqdm(batches, desc=f"epoch {epoch}/{tcfg.epochs}", unit="batch", disable=not progress or dist.rank() != 0, dynamic_ncols=True, mininterval=1.0)
-        seen_events, t0, losses = 0, time.perf_counter(), []
-        for batch, global_targets in bar:
-            ids, valid = left_pad_tensors(batch, spec, cfg.max_len, device)
+        # The loss stays on the device until the epoch ends (or the bar shows it): no host
+        # sync per step.
+        seen_events, t0, loss_sum, steps = 0, time.perf_counter(), torch.zeros((), dtype=torch.float64, device=device), 0
+        for rows, global_targets in bar:
+            ids, valid = data.batch(rows, starts)
+            targets = int(epoch_lengths[rows].sum()) - len(rows)
             # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of
             # the global batch's targets makes that average the global batch's mean.
-            share = world * sum(len(w[spec.item.name]) - 1 for w in batch) / max(1, global_targets)
+            share = world * targets / max(1, global_targets)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
                 loss, _ = wrapped(ids, valid)
             loss = loss * share
@@ -206,10 +212,12 @@ def train_encoder(
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             opt.step()
             sched.step()
-            losses.append(float(loss.detach()))
-            seen_events += int(valid.sum())
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", ev_s=f"{seen_events / (time.perf_counter() - t0):.0f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        train_loss = dist.mean(float(np.mean(losses)) if losses else 0.0)
+            loss_sum += loss.detach()
+            steps += 1
+            seen_events += targets + len(rows)
+            if not bar.disable and steps % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss_sum) / steps:.3f}", ev_s=f"{seen_events / (time.perf_counter() - t0):.0f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        train_loss = dist.mean(float(loss_sum) / steps if steps else 0.0)
         stop = False
         if dist.rank() == 0:
             model.eval()

@@ -103,9 +103,10 @@ class NextEventHeads(nn.Module):
         return logits.reshape(-1).index_add(0, seen, bias).view_as(logits)
 
     def loss(self, states: torch.Tensor, targets: dict[str, torch.Tensor], valid: torch.Tensor,
-             history: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             history: torch.Tensor | None = None, report: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean next-event loss over positions where `valid` (a real next event exists).
-        `history` [B, T]: the item ids states t read (for the seen bias; None: no bias)."""
+        `history` [B, T]: the item ids states t read (for the seen bias; None: no bias).
+        `report`: also each part's value as a float (a host sync each; training skips them)."""
         h = states[valid]
         parts: dict[str, torch.Tensor] = {}
         item = self.spec.item
@@ -127,20 +128,22 @@ class NextEventHeads(nn.Module):
                 loss = F.cross_entropy(logits, tgt, ignore_index=PAD_ID)
             parts[f.name] = loss * f.loss_weight
         total = sum(parts.values())
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, ({k: float(v.detach()) for k, v in parts.items()} if report else {})
 
     def _item_loss(self, h: torch.Tensor, target: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         # OOV targets (items unseen in training) carry no learnable signal: ignored.
         keep = target != OOV_ID
-        if not bool(keep.any()):
-            return h.sum() * 0.0  # no learnable target in this batch: zero, not the NaN of an empty mean
-        if seen is not None:  # indices address every row: OOV rows are ignored, not dropped
-            return F.cross_entropy(self.with_seen_bias(self.item_logits(h), seen), target, ignore_index=OOV_ID)
-        h, target = h[keep], target[keep]
         if self.cfg.item_loss == "full" or not self.training:
             # Raw logits: padding and OOV are never targets, so the softmax learns to push them
             # down; masking them here would cost a copy of the [positions, catalogue] matrix.
-            return F.cross_entropy(self.item_logits(h), target)
+            # OOV rows are ignored, not dropped (the seen indices address every row), and the
+            # mean is a sum over a clamped count: 0 for a batch without a learnable target, and
+            # no host sync to find out.
+            logits = self.with_seen_bias(self.item_logits(h), seen)
+            return F.cross_entropy(logits, target, ignore_index=OOV_ID, reduction="sum") / keep.sum().clamp(min=1)
+        if not bool(keep.any()):
+            return h.sum() * 0.0  # no learnable target in this batch: zero, not the NaN of an empty mean
+        h, target = h[keep], target[keep]
         q = self.query(h)
         if self.cfg.negatives == "in_batch":
             # The batch's distinct target items are the candidates: every other one is a negative.

@@ -154,33 +154,37 @@ class UserEncoder(nn.Module):
         # Left padding: the last position is each user's latest event.
         return self.proj(self.states(ids, valid, last_only=True)[:, -1])
 
-    def training_loss(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, ids: dict[str, torch.Tensor], valid: torch.Tensor,
+                      report: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         """The configured mix of objectives (userenc/objectives.py) on one batch; with the
         default weights exactly next_event_loss."""
         cfg = self.cfg
         states = self.states(ids, valid)
         total, parts = states.new_zeros(()), {}
         if cfg.next_event_weight > 0:
-            loss, parts = self.next_event_loss(ids, valid, states)
+            loss, parts = self.next_event_loss(ids, valid, states, report)
             total = total + cfg.next_event_weight * loss if cfg.next_event_weight != 1.0 else loss
         if cfg.all_action_weight > 0:
             loss = all_action_loss(self.heads, states, ids[self.spec.item.name], valid, cfg.future_window, cfg.num_negatives)
-            parts["all_action"] = float(loss.detach())
+            if report:
+                parts["all_action"] = float(loss.detach())
             total = total + cfg.all_action_weight * loss
         if self.future_genres is not None:
             loss = self.future_genres.loss(states, ids[cfg.future_genre_feature], valid, cfg.future_window)
-            parts["future_genres"] = float(loss.detach())
+            if report:
+                parts["future_genres"] = float(loss.detach())
             total = total + cfg.future_genre_weight * loss
         return total, parts
 
     def next_event_loss(self, ids: dict[str, torch.Tensor], valid: torch.Tensor,
-                        states: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                        states: torch.Tensor | None = None, report: bool = True
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
         """Teacher-forced next-event loss: state t predicts event t+1, for every real pair."""
         states = self.states(ids, valid) if states is None else states
         inputs = states[:, :-1]
         targets = {name: x[:, 1:] for name, x in ids.items()}
         pair_valid = valid[:, :-1] & valid[:, 1:]
-        loss, parts = self.heads.loss(inputs, targets, pair_valid, ids[self.spec.item.name][:, :-1])
+        loss, parts = self.heads.loss(inputs, targets, pair_valid, ids[self.spec.item.name][:, :-1], report)
         if self.resampler is not None:
             # The resampler learns from the same objective: its pooled tokens, reading the history
             # up to the second-to-last event, predict the last one.
@@ -189,7 +193,9 @@ class UserEncoder(nn.Module):
             usable = prefix_valid.any(dim=1)
             pooled = self.resampler(states[usable], prefix_valid[usable]).mean(dim=1)
             last = {name: x[usable, -1:] for name, x in ids.items()}
-            aux, _ = self.heads.loss(pooled[:, None], last, torch.ones(len(pooled), 1, dtype=torch.bool, device=valid.device))
-            parts["resampler"] = float(aux.detach())
+            aux, _ = self.heads.loss(pooled[:, None], last, torch.ones(len(pooled), 1, dtype=torch.bool, device=valid.device),
+                                     report=False)
+            if report:
+                parts["resampler"] = float(aux.detach())
             loss = loss + aux
         return loss, parts

@@ -170,3 +170,25 @@ def test_bf16_autocast_trains_like_fp32_and_saves_fp32_weights(tmp_path):
     loaded = load_checkpoint(tmp_path / "runTrue")
     split = leave_one_out(ds.histories)
     assert evaluate(model_scorer(loaded.model, loaded.tokenizer), loaded.tokenizer, split.test)["all"]["users"] == 100
+
+
+def test_device_windows_batches_equal_left_padding_with_and_without_crops(sample_tokenizer, sample_histories, spec):
+    """A batch gathered from the windows padded once equals left_pad_tensors of the same windows,
+    and of the same windows cropped by crop_windows with the same generator."""
+    from training.device_windows import DeviceWindows
+    from training.split import crop_starts
+    from userenc.tokenize import left_pad_tensors
+
+    items = [w for u in sorted(sample_histories) for w in windows(sample_tokenizer.encode(sample_histories[u]), 12)]
+    data = DeviceWindows.build(items, spec, 12, torch.device("cpu"))
+    assert len(data) == len(items) and data.lengths.max() == 12 and data.lengths.min() >= 2
+    rows = np.array([5, 0, 17, 3, len(items) - 1])
+    for starts, batch in ((None, [items[r] for r in rows]),
+                          (crop_starts(data.lengths, 0.8, np.random.default_rng([4, 1])),
+                           [crop_windows(items, 0.8, np.random.default_rng([4, 1]))[r] for r in rows])):
+        ids, valid = data.batch(rows, starts)
+        want_ids, want_valid = left_pad_tensors(batch, spec, 12)
+        assert torch.equal(valid, want_valid) and ids.keys() == want_ids.keys()
+        for key in ids:
+            assert torch.equal(ids[key], want_ids[key]), key
+        assert (data.batch_lengths(rows, starts) == valid.sum(1).numpy()).all()
