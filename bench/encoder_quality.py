@@ -12,7 +12,11 @@
   the training windows start at a random later event: training/split.crop_windows);
 - multi_timebias: multi_feature with HSTU-style relative time biases in attention (a learned
   bias per head and layer for each log2 bucket of the seconds between two events);
-- multi_d128: multi_feature with d_model 128 (twice as wide).
+- multi_d128: multi_feature with d_model 128 (twice as wide);
+- id_only_seen / multi_seen: id_only / multi_feature with the seen bias (one learned score for
+  the items already in the history, in training and in ranking: userenc/heads.py);
+- multi_seen_d128_bf16: multi_seen with d_model 128, its forward under bf16 autocast;
+  multi_seen_d128_l3_bf16: the same with three layers.
 
 Full-corpus ranking on the leave-one-out test events (no sampled negatives), HR@10 by history
 length and on truncated histories (cold start: only the last 1-5 / 6-20 input events, every
