@@ -9,7 +9,7 @@
 - feature_dropout: multi_feature with each feature of an event dropped whole with p = 0.2 in
   training (a fusion variant: item ids cannot carry every token alone);
 - id_only_crop / multi_crop: id_only / multi_feature with crop augmentation (each epoch, half of
-  the training windows start at a random later event: training/split.crop_windows);
+  the training windows start at a random later event: training/split.crop_starts);
 - multi_timebias: multi_feature with HSTU-style relative time biases in attention (a learned
   bias per head and layer for each log2 bucket of the seconds between two events);
 - multi_d128: multi_feature with d_model 128 (twice as wide);

@@ -27,7 +27,7 @@ class TrainConfig:
     holdout: int = 1
     # Crop augmentation: each epoch, this share of the training windows starts at a random later
     # event, so short contexts are not always the start of a history (cold-start reads the LAST
-    # few events of a long history; see training/split.crop_windows). 0: off.
+    # few events of a long history; see training/split.crop_starts). 0: off.
     crop_prob: float = 0.0
     # The forward pass under bf16 autocast (matrix products in bf16, losses and weights fp32):
     # faster where the hardware has bf16 dot products (GPUs; CPUs with AVX512-BF16 or AMX).

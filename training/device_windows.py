@@ -30,28 +30,23 @@ class DeviceWindows:
     def build(cls, items: list[dict[str, np.ndarray]], spec: FeatureSpec, max_len: int,
               device: torch.device) -> "DeviceWindows":
         assert items, "no training windows"
-        lengths = np.array([min(len(next(iter(w.values()))), max_len) for w in items], dtype=np.int64)
         ids, valid = left_pad(items, spec, max_len)
         return cls({k: torch.from_numpy(v).to(device) for k, v in ids.items()},
-                   torch.from_numpy(valid).to(device), lengths)
+                   torch.from_numpy(valid).to(device), valid.sum(axis=1).astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def batch_lengths(self, rows: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
-        """Events of each of these windows after this epoch's crop."""
-        return self.lengths[rows] - (0 if starts is None else starts[rows])
-
-    def batch(self, rows: np.ndarray, starts: np.ndarray | None = None
-              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """(ids, valid) of these windows, each without its first `starts[row]` events."""
-        lengths = self.batch_lengths(rows, starts)
-        assert len(rows) and lengths.min() >= 1, "a batch of non-empty windows"
+    def batch(self, rows: np.ndarray, lengths: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(ids, valid) of these windows, each cut to its last `lengths[i]` events (this epoch's
+        crop: `lengths - crop_starts`; the windows' own lengths for none)."""
+        assert len(rows) == len(lengths) and lengths.min() >= 1, "a batch of non-empty windows"
+        assert (lengths <= self.lengths[rows]).all(), "a crop only shortens a window"
         width = int(lengths.max())
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.valid.device)
         ids = {k: v[index, -width:] for k, v in self.ids.items()}
         valid = self.valid[index, -width:]
-        if starts is not None and starts[rows].any():
+        if (lengths < self.lengths[rows]).any():
             keep = torch.from_numpy(np.arange(width)[None, :] >= width - lengths[:, None]).to(valid.device)
             valid = valid & keep
             ids = {k: torch.where(keep.view(keep.shape + (1,) * (v.dim() - 2)), v, PAD_ID) for k, v in ids.items()}

@@ -85,11 +85,3 @@ def crop_starts(lengths: "list[int] | np.ndarray", prob: float, rng: np.random.G
             starts[i] = int(rng.integers(1, n - 1))
     return starts
 
-
-def crop_windows(items: list[dict[str, np.ndarray]], prob: float, rng: np.random.Generator
-                 ) -> list[dict[str, np.ndarray]]:
-    """`crop_starts` applied: each window cut to its suffix (a view, no copy)."""
-    starts = crop_starts([len(next(iter(w.values()))) for w in items], prob, rng)
-    if prob == 0.0:
-        return items
-    return [{k: v[s:] for k, v in w.items()} if s else w for w, s in zip(items, starts)]

@@ -190,8 +190,7 @@ def train_encoder(
         # The same global batches on every rank; each trains on its slice (a batch too small to
         # give every rank a window is dropped, or the ranks' step counts would part).
         rng = np.random.default_rng([tcfg.seed, epoch])
-        starts = crop_starts(data.lengths, tcfg.crop_prob, rng) if tcfg.crop_prob else None
-        epoch_lengths = data.batch_lengths(np.arange(len(data)), starts)
+        epoch_lengths = data.lengths - crop_starts(data.lengths, tcfg.crop_prob, rng)
         batches = [(np.array(b[dist.rank()::world]), int(epoch_lengths[b].sum()) - len(b))
                    for b in _batches(epoch_lengths, global_batch, rng) if len(b) >= world]
         bar = tqdm(batches, desc=f"epoch {epoch}/{tcfg.epochs}", unit="batch", disable=not progress or dist.rank() != 0, dynamic_ncols=True, mininterval=1.0)
@@ -199,7 +198,7 @@ def train_encoder(
         # sync per step.
         seen_events, t0, loss_sum, steps = 0, time.perf_counter(), torch.zeros((), dtype=torch.float64, device=device), 0
         for rows, global_targets in bar:
-            ids, valid = data.batch(rows, starts)
+            ids, valid = data.batch(rows, epoch_lengths[rows])
             targets = int(epoch_lengths[rows].sum()) - len(rows)
             # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of
             # the global batch's targets makes that average the global batch's mean.

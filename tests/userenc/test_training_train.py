@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from training.data import load_dataset, write_sample_data
 from training.evaluate import evaluate, model_scorer, popularity_scorer
-from training.split import crop_windows, leave_one_out, windows
+from training.split import crop_starts, leave_one_out, windows
 from training.train_encoder import planned_epochs
 from training.train_encoder import TrainConfig, lr_lambda, train_encoder
 from userenc.checkpoint import load_checkpoint
@@ -119,22 +119,20 @@ def test_windows_cover_every_next_event_pair_once():
     assert windows({"item": np.arange(1)}, 8) == []
 
 
-def test_crop_windows_are_seeded_suffixes_of_at_least_two_events():
-    items = [{"item": np.arange(n), "gap": np.arange(n) * 10} for n in (2, 3, 7, 40, 40, 40, 40, 40)]
-    assert crop_windows(items, 0.0, np.random.default_rng(0)) is items
-    cropped = crop_windows(items, 0.9, np.random.default_rng([1, 2]))
-    assert len(cropped) == len(items)
-    for before, after in zip(items, cropped):
-        n = len(after["item"])
-        assert 2 <= n <= len(before["item"])
-        for key in before:  # a suffix, every feature cut at the same event
-            assert np.array_equal(after[key], before[key][len(before[key]) - n:])
-    assert len(cropped[0]["item"]) == 2  # two events: nothing to cut
-    assert sum(len(a["item"]) < len(b["item"]) for a, b in zip(cropped, items)) >= 4
-    again = crop_windows(items, 0.9, np.random.default_rng([1, 2]))
-    assert [len(w["item"]) for w in again] == [len(w["item"]) for w in cropped]
+def test_crop_starts_are_seeded_and_keep_at_least_two_events():
+    lengths = [2, 3, 7, 40, 40, 40, 40, 40]
+    rng = np.random.default_rng(0)
+    assert not crop_starts(lengths, 0.0, rng).any()
+    assert rng.random() == np.random.default_rng(0).random(), "no crop draws nothing"
+    starts = crop_starts(lengths, 0.9, np.random.default_rng([1, 2]))
+    assert len(starts) == len(lengths)
+    for n, start in zip(lengths, starts):
+        assert 0 <= start and n - start >= 2  # a suffix of >= 2 events: one next-event pair
+    assert starts[0] == 0  # two events: nothing to cut
+    assert (starts > 0).sum() >= 4
+    assert (crop_starts(lengths, 0.9, np.random.default_rng([1, 2])) == starts).all()
     with pytest.raises(AssertionError):
-        crop_windows(items, 1.0, np.random.default_rng(0))
+        crop_starts(lengths, 1.0, np.random.default_rng(0))
 
 
 def test_training_runs_with_a_resampler_and_late_fusion(tmp_path):
@@ -174,21 +172,21 @@ def test_bf16_autocast_trains_like_fp32_and_saves_fp32_weights(tmp_path):
 
 def test_device_windows_batches_equal_left_padding_with_and_without_crops(sample_tokenizer, sample_histories, spec):
     """A batch gathered from the windows padded once equals left_pad_tensors of the same windows,
-    and of the same windows cropped by crop_windows with the same generator."""
+    and of the same windows cut by hand to the suffixes crop_starts chose (every feature cut at
+    the same event)."""
     from training.device_windows import DeviceWindows
-    from training.split import crop_starts
     from userenc.tokenize import left_pad_tensors
 
     items = [w for u in sorted(sample_histories) for w in windows(sample_tokenizer.encode(sample_histories[u]), 12)]
     data = DeviceWindows.build(items, spec, 12, torch.device("cpu"))
     assert len(data) == len(items) and data.lengths.max() == 12 and data.lengths.min() >= 2
-    rows = np.array([5, 0, 17, 3, len(items) - 1])
-    for starts, batch in ((None, [items[r] for r in rows]),
-                          (crop_starts(data.lengths, 0.8, np.random.default_rng([4, 1])),
-                           [crop_windows(items, 0.8, np.random.default_rng([4, 1]))[r] for r in rows])):
-        ids, valid = data.batch(rows, starts)
-        want_ids, want_valid = left_pad_tensors(batch, spec, 12)
+    assert list(data.lengths) == [len(w["item"]) for w in items]
+    starts = crop_starts(data.lengths, 0.8, np.random.default_rng([4, 1]))
+    rows = np.concatenate([np.flatnonzero(starts)[:4], np.flatnonzero(starts == 0)[:2]])
+    assert (starts[rows] > 0).sum() == 4
+    for cut in (np.zeros_like(starts), starts):
+        ids, valid = data.batch(rows, (data.lengths - cut)[rows])
+        want_ids, want_valid = left_pad_tensors([{k: v[cut[r]:] for k, v in items[r].items()} for r in rows], spec, 12)
         assert torch.equal(valid, want_valid) and ids.keys() == want_ids.keys()
         for key in ids:
             assert torch.equal(ids[key], want_ids[key]), key
-        assert (data.batch_lengths(rows, starts) == valid.sum(1).numpy()).all()
