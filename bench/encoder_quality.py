@@ -16,7 +16,8 @@
 - id_only_seen / multi_seen: id_only / multi_feature with the seen bias (one learned score for
   the items already in the history, in training and in ranking: userenc/heads.py);
 - multi_seen_d128_bf16: multi_seen with d_model 128, its forward under bf16 autocast
-  (multi_seen_d128: the same in fp32, for CPUs without bf16 matrix units);
+  (multi_seen_d128: the same in fp32, for CPUs without bf16 matrix units; multi_seen_d128_year:
+  that with each movie's release year, from its title, as an item attribute);
   multi_seen_d128_l3_bf16: the same with three layers.
 
 Full-corpus ranking on the leave-one-out test events (no sampled negatives), HR@10 by history
@@ -82,6 +83,8 @@ MODELS = {
     # ... in fp32, for CPUs without bf16 matrix units (there autocast makes steps ~10x slower;
     # in fp32 a d_model 128 step costs about what a 64 one does: the catalogue softmax dominates)
     "multi_seen_d128": ("movielens", {"seen_bias": True, "d_model": 128}),
+    # ... with the release year from the title as an item attribute (spec movielens_year)
+    "multi_seen_d128_year": ("movielens_year", {"seen_bias": True, "d_model": 128}),
     # ... and three layers (the two-layer model's validation HR@10 plateaued after 18 of 27 epochs)
     "multi_seen_d128_l3_bf16": ("movielens", {"seen_bias": True, "d_model": 128, "n_layers": 3}, {"bf16": True}),
 }

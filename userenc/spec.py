@@ -5,6 +5,7 @@ real values start at 2, for every kind.
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -37,6 +38,9 @@ class Feature:
     # multi_categorical: how a text value becomes values: "" (a list, or "a|b|c"), or "words"
     # (lowercased words of a free text such as a review: an encoder can read text this way).
     split: str = ""
+    # categorical: a regular expression whose first group is the value, searched in the source
+    # text (a movie's release year from "Heat (1995)"); no match: missing (the OOV id).
+    pattern: str = ""
     # numeric / time "gap": bucket boundaries (value < b[0] -> bucket 0, ...).
     boundaries: list[float] = field(default_factory=list)
     part: str = ""  # time: hour | weekday | gap
@@ -64,6 +68,15 @@ class Feature:
             raise ValueError(f"feature {self.name!r}: dim, max_values, max_vocab, min_count out of range")
         if self.split not in SPLITS or (self.split and self.kind != "multi_categorical"):
             raise ValueError(f"feature {self.name!r}: split must be one of {SPLITS} (multi_categorical only)")
+        if self.pattern:
+            if self.kind != "categorical":
+                raise ValueError(f"feature {self.name!r}: a pattern needs a categorical feature")
+            try:
+                groups = re.compile(self.pattern).groups
+            except re.error as err:
+                raise ValueError(f"feature {self.name!r}: pattern is not a regular expression ({err})") from None
+            if groups < 1:
+                raise ValueError(f"feature {self.name!r}: pattern needs a group: the value to keep")
         if self.item_attribute and self.kind not in ("categorical", "multi_categorical"):
             raise ValueError(f"feature {self.name!r}: only categorical features can be item attributes")
 

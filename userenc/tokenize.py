@@ -8,6 +8,7 @@ vocabularies written before it lack it, see userenc/cold_start.py).
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import re
 from collections import Counter
@@ -32,7 +33,16 @@ def _values(event: Event, feature: Feature) -> Any:
         return event.item_id
     if feature.source == "timestamp":
         return event.timestamp
-    return event.fields.get(feature.source)
+    value = event.fields.get(feature.source)
+    if feature.pattern and value is not None:
+        found = _pattern(feature.pattern).search(str(value))
+        return found.group(1) if found else None
+    return value
+
+
+@functools.cache
+def _pattern(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
 
 _WORD = re.compile(r"[a-z0-9']+")

@@ -27,6 +27,7 @@ def test_builtin_specs_load():
     ]
     assert ml.item.name == "item" and ml.features[1].item_attribute and ml.features[3].boundaries  # gap gets default buckets
     assert [f.name for f in load_spec("movielens_id_only").features] == ["item"]
+    assert [f.name for f in load_spec("movielens_year").features] == ["item", "genres", "year", "rating", "gap", "hour", "weekday"]
     amazon = load_spec("amazon")
     assert [f.name for f in amazon.features] == ["item", "rating", "gap", "summary_words", "text_words"]
     assert [f.split for f in amazon.features[3:]] == ["words", "words"]
@@ -59,6 +60,9 @@ def test_spec_from_toml_file(tmp_path):
         (ITEM + "dim = 0\n", "out of range"),
         (ITEM + ITEM, "feature names must be unique"),
         ('name = "empty"\n', "at least one [[feature]]"),
+        (ITEM + '[[feature]]\nname = "y"\nkind = "categorical"\npattern = "("\n', "pattern is not a regular expression"),
+        (ITEM + '[[feature]]\nname = "y"\nkind = "categorical"\npattern = "19"\n', "pattern needs a group"),
+        (ITEM + '[[feature]]\nname = "y"\nkind = "numeric"\nboundaries = [1]\npattern = "(1)"\n', "a pattern needs a categorical"),
     ],
 )
 def test_bad_spec_gives_clear_value_error(tmp_path, text, message):
@@ -181,3 +185,21 @@ def test_words_split_reads_free_text_as_lowercased_words():
     assert tok.encode(h)["words"].tolist() == [[2, 3, 2], [2, 0, 0]]
     with pytest.raises(ValueError, match="split must be one of"):
         Feature("x", "categorical", split="words")
+
+
+def test_pattern_takes_a_value_out_of_a_text_field():
+    # movielens_year: the release year in a title is an item attribute; a title without one is
+    # missing (OOV in the history, nothing in the item table), so is an event without the field.
+    spec = load_spec("movielens_year")
+    year = next(f for f in spec.features if f.name == "year")
+    assert year.item_attribute and year.source == "title"
+    h = [_ev("u", "1", 1, title="Heat (1995)", genres=["Action"], rating=4),
+         _ev("u", "2", 2, title="City of Lost Children, The (1995) ", genres=[], rating=3),
+         _ev("u", "3", 3, title="Brazil (1985)", rating=5),
+         _ev("u", "4", 4, title="Untitled (draft)", rating=2),
+         _ev("u", "5", 5, rating=2)]
+    tok = EventTokenizer.fit(spec, [h])
+    assert tok.vocabs["year"].values == ["1995", "1985"]
+    assert tok.encode(h)["year"].tolist() == [2, 2, 3, OOV_ID, OOV_ID]
+    items = tok.vocabs["item"]
+    assert [tok.item_attributes["year"][items.id(i), 0] for i in "12345"] == [2, 2, 3, PAD_ID, PAD_ID]
