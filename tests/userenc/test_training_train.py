@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from training.data import load_dataset, write_sample_data
 from training.evaluate import evaluate, model_scorer, popularity_scorer
 from training.split import crop_starts, leave_one_out, windows
-from training.train_encoder import planned_epochs
+from training.train_encoder import native_bf16, planned_epochs
 from training.train_encoder import TrainConfig, lr_lambda, train_encoder
 from userenc.checkpoint import load_checkpoint
 from userenc.config import EncoderConfig
@@ -154,13 +154,17 @@ def test_time_budget_plan_is_refit_at_the_steady_pace():
     assert planned_epochs(2, 900.0, 18.0, 14, 200) == 2  # already over the budget
 
 
-def test_bf16_autocast_trains_like_fp32_and_saves_fp32_weights(tmp_path):
+def test_bf16_autocast_trains_like_fp32_and_saves_fp32_weights(tmp_path, capsys):
     """--bf16 runs the forward under bf16 autocast: the loss falls as in the fp32 run with the same
-    seed (within a few percent), and the checkpoint holds fp32 weights that load as usual."""
+    seed (within a few percent), and the checkpoint holds fp32 weights that load as usual. On a
+    CPU without bf16 dot products the run says it will be slow (and only then)."""
     ds = _small(tmp_path)
     cfg = EncoderConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0, max_len=16, out_dim=8, seen_bias=True)
-    runs = {bf16: train_encoder(ds.histories, ds.spec, cfg, _tcfg(epochs=6, bf16=bf16), tmp_path / f"run{bf16}", progress=False)
-            for bf16 in (False, True)}
+    runs = {}
+    for bf16 in (False, True):
+        runs[bf16] = train_encoder(ds.histories, ds.spec, cfg, _tcfg(epochs=6, bf16=bf16), tmp_path / f"run{bf16}", progress=False)
+        warned = "bf16 autocast on a CPU without bf16 dot products" in capsys.readouterr().err
+        assert warned == (bf16 and not native_bf16(torch.device("cpu")))
     fp32, bf16 = ([row["train_loss"] for row in runs[b].history] for b in (False, True))
     assert bf16[-1] < 0.8 * bf16[0] and abs(bf16[-1] - fp32[-1]) < 0.05 * fp32[-1], (fp32, bf16)
     weights = load_file(tmp_path / "runTrue" / "model.safetensors")
