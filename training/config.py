@@ -19,8 +19,8 @@ class TrainConfig:
     patience: int = 4
     seed: int = 0
     max_minutes: float = 0.0  # 0: no time budget; else stop after the epoch that crosses it
-    # With a time budget: after epoch 1, shrink the cosine schedule to the epochs that fit in it,
-    # so the learning rate still anneals (timing-dependent, hence off by default).
+    # With a time budget: after every epoch, fit the cosine schedule to the epochs that fit in
+    # it, so the learning rate still anneals (timing-dependent, hence off by default).
     fit_schedule_to_budget: bool = False
     grad_clip: float = 1.0
     # Events of each user's tail never trained on (1: leave-one-out; see training/split.py).

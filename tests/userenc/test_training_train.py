@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from training.data import load_dataset, write_sample_data
 from training.evaluate import evaluate, model_scorer, popularity_scorer
 from training.split import crop_starts, leave_one_out, windows
-from training.train_encoder import native_bf16, planned_epochs
+from training.train_encoder import native_bf16, planned_epochs, steady_epoch_seconds
 from training.train_encoder import TrainConfig, lr_lambda, train_encoder
 from userenc.checkpoint import load_checkpoint
 from userenc.config import EncoderConfig
@@ -152,6 +152,32 @@ def test_time_budget_plan_is_refit_at_the_steady_pace():
     assert planned_epochs(2, 44.0, 18.0, 14, 200) == 2 + int((840 - 44) / 18)
     assert planned_epochs(2, 44.0, 18.0, 14, 20) == 20
     assert planned_epochs(2, 900.0, 18.0, 14, 200) == 2  # already over the budget
+
+
+def test_budget_pace_is_the_mean_of_the_epochs_after_the_first():
+    """The pace is refitted after every epoch from all epochs but the first, so a slow second
+    epoch does not fix the plan: the 14-minute d_model-64 screen paced 46 s after epoch 2, then
+    ran 35-40 s epochs and stopped with 105 s unused."""
+    assert steady_epoch_seconds([]) == 0.0
+    assert steady_epoch_seconds([{"seconds": 26.0}]) == 26.0
+    history = [{"seconds": s} for s in (46.0, 92.0, 132.0, 170.0, 209.0)]
+    assert steady_epoch_seconds(history[:2]) == 46.0
+    assert steady_epoch_seconds(history) == (209.0 - 46.0) / 4
+    assert planned_epochs(5, 209.0, steady_epoch_seconds(history), 14, 200) == 5 + int((840 - 209) / 40.75)
+
+
+def test_training_refits_its_budget_plan_every_epoch(tmp_path):
+    """A budgeted run keeps, after each epoch, the plan the remaining time fits at the steady
+    pace of its own epochs so far, and stops where that plan (or the budget) ends."""
+    ds = _small(tmp_path)
+    tcfg = _tcfg(epochs=400, max_minutes=0.04, fit_schedule_to_budget=True)
+    result = train_encoder(ds.histories, ds.spec, _cfg(), tcfg, tmp_path / "run", progress=False)
+    meta = json.loads((tmp_path / "run.last" / "state.json").read_text())
+    history = meta["history"]
+    assert 2 <= len(history) < 400 and result.history == history
+    assert meta["planned_epochs"] == planned_epochs(len(history), meta["seconds"], steady_epoch_seconds(history),
+                                                    tcfg.max_minutes, tcfg.epochs)
+    assert len(history) >= meta["planned_epochs"] or meta["seconds"] > 60 * tcfg.max_minutes
 
 
 def test_bf16_autocast_trains_like_fp32_and_saves_fp32_weights(tmp_path, capsys):
