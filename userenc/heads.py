@@ -96,11 +96,14 @@ class NextEventHeads(nn.Module):
         return scores
 
     def with_seen_bias(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
-        """`seen`: flat indices into `logits` (seen_index) that get the learned seen bias."""
+        """`seen`: flat indices into `logits` (seen_index) that get the learned seen bias. In
+        place: callers pass a fresh matrix product, which autograd does not keep (a copy of the
+        [positions, catalogue] matrix cost ~10 ms of a ~400 ms training step)."""
         if self.seen_bias is None or seen is None:
             return logits
+        assert logits.is_contiguous(), "the seen indices address a contiguous score matrix"
         bias = self.seen_bias.to(logits.dtype).expand(len(seen))
-        return logits.reshape(-1).index_add(0, seen, bias).view_as(logits)
+        return logits.view(-1).index_add_(0, seen, bias).view_as(logits)
 
     def loss(self, states: torch.Tensor, targets: dict[str, torch.Tensor], valid: torch.Tensor,
              history: torch.Tensor | None = None, report: bool = True) -> tuple[torch.Tensor, dict[str, float]]:

@@ -118,7 +118,7 @@ def test_bias_learns_the_sign_of_repeat_consumption(sample, repeats):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    bias = float(model.heads.seen_bias)
+    bias = float(model.heads.seen_bias.detach())
     assert (bias > 0.3) if repeats else (bias < -0.3), bias
 
 
