@@ -8,7 +8,6 @@ vocabularies written before it lack it, see userenc/cold_start.py).
 from __future__ import annotations
 
 import bisect
-import functools
 import json
 import re
 from collections import Counter
@@ -35,14 +34,9 @@ def _values(event: Event, feature: Feature) -> Any:
         return event.timestamp
     value = event.fields.get(feature.source)
     if feature.pattern and value is not None:
-        found = _pattern(feature.pattern).search(str(value))
+        found = re.search(feature.pattern, str(value))  # re keeps the compiled pattern cached
         return found.group(1) if found else None
     return value
-
-
-@functools.cache
-def _pattern(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
 
 
 _WORD = re.compile(r"[a-z0-9']+")
