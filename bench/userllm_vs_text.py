@@ -400,6 +400,8 @@ def carry_over(r: dict, old: dict, path: str, cost: bool) -> None:
                 mine[arm] = m | {"carried_over": m.get("carried_over", note)}
     for arm, record in old.get("training", {}).items():
         r["training"].setdefault(arm, record)
+    for arm, tuning in old.get("prior_tuning", {}).items():  # a carried prior arm's weight sweep
+        r.setdefault("prior_tuning", {}).setdefault(arm, tuning)
     if cost:
         for n, row in old.get("cost", {}).items():
             r["cost"].setdefault(n, row | {"carried_over": row.get("carried_over", note)})
