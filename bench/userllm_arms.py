@@ -83,22 +83,40 @@ def amazon_arms(a: Any) -> list[ArmSpec]:
 
 
 def ensure_encoder(histories, spec_name: str, out: Path, epochs: int, holdout: int,
-                   max_len: int, seed: int) -> dict[str, Any]:
+                   max_len: int, seed: int, row: str = "") -> dict[str, Any]:
     """Train the benchmark's encoder once (kept in the work folder); a fixed number of epochs,
-    so a busy machine changes how long it takes, not what comes out."""
+    so a busy machine changes how long it takes, not what comes out. `row`: a row of
+    encoder_quality.py (its spec, objectives and training settings such as bf16) instead of
+    the default multi-feature encoder; an encoder of another row in `out` is refused."""
     from training.train_encoder import train_encoder
     from userenc.config import EncoderConfig
     from userenc.spec import load_spec
 
-    last = out.with_name(out.name + ".last") / "state.json"
+    objectives: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    if row:
+        from bench.encoder_quality import MODELS
+
+        if row not in MODELS:
+            raise SystemExit(f"--encoder-row: no row {row!r} (rows: {', '.join(MODELS)})")
+        spec_name, objectives, *extra = MODELS[row]
+        training = extra[0] if extra else {}
+    state_dir = out.with_name(out.name + ".last")
+    if (state_dir / "manifest.json").is_file():
+        made = json.loads((state_dir / "manifest.json").read_text()).get("bench_row", "")
+        if made != row:
+            raise SystemExit(f"{out}: holds the encoder of row {made or '(default)'}, not "
+                             f"{row or '(default)'}: give another --work")
+    last = state_dir / "state.json"
     if last.is_file():
         state = json.loads(last.read_text())
         if state["epoch"] >= epochs or state["bad_epochs"] >= TrainConfig().patience:
             return json.loads((out / "manifest.json").read_text())
-    cfg = EncoderConfig(max_len=max_len, num_user_tokens=4, out_dim=64)
-    tcfg = TrainConfig(epochs=epochs, batch_size=32, seed=seed, holdout=holdout)
+    cfg = EncoderConfig(**(objectives | {"max_len": max_len, "num_user_tokens": 4, "out_dim": 64}))
+    tcfg = TrainConfig(**({"epochs": epochs, "batch_size": 32, "seed": seed, "holdout": holdout}
+                          | training))
     train_encoder(histories, load_spec(spec_name), cfg, tcfg, out, resume=last.is_file(),
-                  progress=True)
+                  progress=True, manifest_extra={"bench_row": row})
     return json.loads((out / "manifest.json").read_text())
 
 

@@ -42,6 +42,7 @@ from userllm_compare import ablation_comparisons, comparison_rows, comparisons  
 from userllm_cost import CostJob, encoder_flops, kv_bytes, measure  # noqa: E402
 
 from training.data import load_dataset  # noqa: E402
+from training.adapter_checkpoint import weights_sha256  # noqa: E402
 from training.evaluate_adapter import evaluate, load_arm  # noqa: E402
 from training.prompts import prompt_ids  # noqa: E402
 from training.tasks import Catalogue, held_out_examples, task_split, valid_examples  # noqa: E402
@@ -67,18 +68,18 @@ def encoder_alone(encoder_dir: Path, examples, cat: Catalogue) -> dict[str, Any]
         hits = []
         for i in range(0, len(exs), 64):
             chunk = exs[i:i + 64]
+            if task == "next_movie":  # the seen bias on, where the encoder was trained with it
+                scores = enc.next_item_scores([ex.history for ex in chunk])
+                for ex, row in zip(chunk, scores):
+                    target = max(row[j] for j in by_title[ex.target])
+                    hits.append(int((row > target).sum()) + 1)
+                continue
             ids, valid = enc.batch([ex.history for ex in chunk])
             with torch.inference_mode():
                 state = enc.model.states(ids, valid, last_only=True)[:, -1]
-                if task == "next_movie":
-                    scores = enc.model.heads.item_scores(state)
-                    for ex, row in zip(chunk, scores):
-                        target = max(row[j] for j in by_title[ex.target])
-                        hits.append(int((row > target).sum()) + 1)
-                else:
-                    logits = enc.model.heads.others["genres"](state)[:, 2:]
-                    for ex, row in zip(chunk, logits):
-                        hits.append(genres.value(int(row.argmax()) + 2) == ex.target)
+                logits = enc.model.heads.others["genres"](state)[:, 2:]
+            for ex, row in zip(chunk, logits):
+                hits.append(genres.value(int(row.argmax()) + 2) == ex.target)
         ranks = np.asarray(hits, dtype=float)
         out[task] = ({f"recall@{k}": float((ranks <= k).mean()) for k in (1, 5, 10)}
                      if task == "next_movie" else {"accuracy": float(ranks.mean())})
@@ -187,8 +188,9 @@ def run_ml1m(a, results: dict, save) -> None:
     enc_dir = work / "ml1m-encoder"
     r = results["ml1m"]
     r["encoder"] = {k: v for k, v in ensure_encoder(
-        hist, "movielens", enc_dir, a.encoder_epochs, HOLDOUT, 512, a.seed).items()
-        if k in ("metrics", "train_config", "epoch")}
+        hist, "movielens", enc_dir, a.encoder_epochs, HOLDOUT, 512, a.seed, a.encoder_row).items()
+        if k in ("metrics", "train_config", "epoch", "spec")} | {
+        "row": a.encoder_row or "(default)", "weights_sha256": weights_sha256(enc_dir)}
     arms = ml1m_arms(a)
     for spec in arms:
         keep_training(r, spec.name, ensure_arm(spec, hist, a.model, enc_dir, work / "ml1m", a.seed))
@@ -318,6 +320,9 @@ def main() -> int:
     ap.add_argument("--amazon-users", type=int, default=200)
     ap.add_argument("--latency-requests", type=int, default=6)
     ap.add_argument("--encoder-epochs", type=int, default=8)
+    ap.add_argument("--encoder-row", default="",
+                    help="train the ML-1M encoder as this row of encoder_quality.py (spec, "
+                         "objectives, bf16), for --encoder-epochs; default: the multi-feature encoder")
     ap.add_argument("--adapter-minutes", type=float, default=40)
     ap.add_argument("--text-minutes", type=float, default=40)
     ap.add_argument("--none-minutes", type=float, default=15)
@@ -371,7 +376,8 @@ def main() -> int:
     else:
         run_ml1m(a, results, save)
     if earlier is not None:
-        carry_over(results["ml1m"], earlier, a.carry_over, a.skip_cost or a.skip_ml1m)
+        carry_over(results["ml1m"], earlier, a.carry_over, a.skip_cost or a.skip_ml1m,
+                   None if a.skip_ml1m else results["ml1m"]["encoder"]["weights_sha256"])
         save()
     if not a.skip_amazon:
         run_amazon(a, results, save)
@@ -386,23 +392,45 @@ def main() -> int:
     return 0
 
 
-def carry_over(r: dict, old: dict, path: str, cost: bool) -> None:
+def encoder_of(training: dict, arm: str) -> str | None:
+    """The weights hash of the encoder an arm's adapter was trained on (an arm decoding
+    another's adapter: that one's); None for an arm without user tokens."""
+    record = training.get(arm, {})
+    record = training.get(record.get("decodes"), record) if record.get("decodes") else record
+    return record.get("encoder", {}).get("weights_sha256")
+
+
+def carry_over(r: dict, old: dict, path: str, cost: bool, encoder: str | None = None) -> None:
     """Arms (and cost rows) of an earlier run's ML-1M part `old` (read from `path`) on the same
     users that this run did not make, each marked with where it came from; refused when the
-    user set differs."""
+    user set differs. `encoder`: this run's encoder weights hash; arms (and cost rows) that read
+    another encoder's user tokens are left out, since they measured a different encoder."""
     if old.get("users") != r.get("users"):
         raise SystemExit(f"--carry-over: {path} evaluated other users ({old.get('users')})")
     note = f"carried over from {path}"
+    training = old.get("training", {})
+    # The encoder that run measured (older results name it only in their arms' records).
+    theirs = {old.get("encoder", {}).get("weights_sha256")} | {encoder_of(training, arm) for arm in training}
+    same = encoder is None or theirs - {None} <= {encoder}
+    kept = {arm for arms in old["quality"].values() for arm in arms
+            if (arm == "encoder" and same) or (arm != "encoder" and (
+                encoder is None or encoder_of(training, arm) in (None, encoder)))}
+    dropped = {arm for arms in old["quality"].values() for arm in arms} - kept - {"encoder"}
+    if dropped:
+        print(f"--carry-over: left out {', '.join(sorted(dropped))} (trained on another encoder)",
+              flush=True)
     for n, arms in old["quality"].items():
         mine = r["quality"].setdefault(n, {})
         for arm, m in arms.items():
-            if arm not in mine:
+            if arm not in mine and arm in kept:
                 mine[arm] = m | {"carried_over": m.get("carried_over", note)}
-    for arm, record in old.get("training", {}).items():
-        r["training"].setdefault(arm, record)
+    for arm, record in training.items():
+        if arm in kept:
+            r["training"].setdefault(arm, record)
     for arm, tuning in old.get("prior_tuning", {}).items():  # a carried prior arm's weight sweep
-        r.setdefault("prior_tuning", {}).setdefault(arm, tuning)
-    if cost:
+        if arm in kept:
+            r.setdefault("prior_tuning", {}).setdefault(arm, tuning)
+    if cost and same:
         for n, row in old.get("cost", {}).items():
             r["cost"].setdefault(n, row | {"carried_over": row.get("carried_over", note)})
 

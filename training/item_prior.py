@@ -53,7 +53,7 @@ class ItemPrior:
     def log_priors(self, histories: list[list[Event]]) -> torch.Tensor:
         """[B, len(titles)]: log of each title's probability under the next-item head; a title
         of no known item gets the row's smallest finite value (every answer stays possible)."""
-        scores = self.encoder.item_scores(self.encoder.last_states(histories)).float().cpu()
+        scores = self.encoder.next_item_scores(histories).cpu()
         probs = torch.softmax(scores, dim=-1)[:, self.item_ids]
         per_title = torch.zeros(len(histories), len(self.titles))
         per_title.index_add_(1, self.item_title, probs)

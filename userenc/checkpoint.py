@@ -86,6 +86,19 @@ class LoadedEncoder:
             self._catalogue = self.model.heads.candidates()
         return self.model.heads.item_scores(states.to(self._catalogue.dtype), self._catalogue)
 
+    @torch.inference_mode()
+    def next_item_scores(self, histories: list[list[Event]]) -> torch.Tensor:
+        """Each history's next-item scores over the catalogue [B, num_items] (float32), with the
+        seen bias on the history's items when the encoder was trained with it: its raw scores
+        leave the history's items where training's bias would have pushed them down."""
+        if self.model.heads.seen_bias is None:
+            return self.item_scores(self.last_states(histories)).float()
+        if any(not h for h in histories):
+            raise ValueError("cannot rank for an empty history")
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        return self.model.next_item_scores(*self.batch(histories, device)).float()
+
     def user_tokens(self, histories: list[list[Event]], batch_size: int = 64) -> list[torch.Tensor]:
         """The tokens an LLM reads for each history: [K, out_dim] from the Perceiver (or
         [T, out_dim], one per event, without one), float32 on the model's device."""

@@ -1,7 +1,8 @@
 """The seen bias (EncoderConfig.seen_bias): a learned score on the items a history already holds.
 Its sparse indices equal a dense mask, the training loss equals the dense computation, it learns
 a negative bias where items never repeat and a positive one where they do, ranking applies it to
-the history's items only, and it survives a checkpoint round trip."""
+the history's items only (LoadedEncoder.next_item_scores too), and it survives a checkpoint
+round trip; an encoder without it ranks as before."""
 from __future__ import annotations
 
 import numpy as np
@@ -128,7 +129,7 @@ def test_ranking_applies_the_bias_to_history_items_only_and_round_trips(sample, 
     train_encoder(ds.histories, ds.spec, cfg, TrainConfig(epochs=2, batch_size=16), tmp_path / "run", progress=False)
     loaded = load_checkpoint(tmp_path / "run")
     model = loaded.model.eval()
-    bias = float(model.heads.seen_bias)
+    bias = float(model.heads.seen_bias.detach())
     assert loaded.model.cfg.seen_bias and bias != 0.0
     histories = [ds.histories[u] for u in sorted(ds.histories)[:6]]
     ids, valid = loaded.batch(histories)
@@ -144,8 +145,21 @@ def test_ranking_applies_the_bias_to_history_items_only_and_round_trips(sample, 
         np.testing.assert_allclose(diff.numpy(), expected, atol=1e-5)
     reloaded = load_checkpoint(tmp_path / "run").model.eval()
     assert torch.equal(reloaded.next_item_scores(ids, valid), with_bias)
+    # What the item prior and the benchmark's encoder-alone row rank by: the same, from events.
+    assert torch.allclose(loaded.next_item_scores(histories), with_bias)
 
 
 def test_seen_bias_needs_the_full_softmax():
     with pytest.raises(ValueError, match="seen_bias needs the full-softmax"):
         EncoderConfig(seen_bias=True, item_loss="sampled")
+
+
+def test_an_encoder_without_the_bias_ranks_by_its_head_alone(sample, tmp_path):
+    data, ds, _, _, _ = sample
+    cfg = EncoderConfig(d_model=16, n_layers=1, n_heads=2, max_len=24, out_dim=8)
+    train_encoder(ds.histories, ds.spec, cfg, TrainConfig(epochs=1, batch_size=16), tmp_path / "run", progress=False)
+    loaded = load_checkpoint(tmp_path / "run")
+    histories = [ds.histories[u] for u in sorted(ds.histories)[:4]]
+    assert torch.equal(loaded.next_item_scores(histories), loaded.item_scores(loaded.last_states(histories)))
+    with pytest.raises(ValueError, match="empty history"):
+        loaded.next_item_scores([histories[0], []])
