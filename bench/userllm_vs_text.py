@@ -397,7 +397,7 @@ def encoder_of(training: dict, arm: str) -> str | None:
     another's adapter: that one's); None for an arm without user tokens."""
     record = training.get(arm, {})
     record = training.get(record.get("decodes"), record) if record.get("decodes") else record
-    return record.get("encoder", {}).get("weights_sha256")
+    return (record.get("encoder") or {}).get("weights_sha256")  # text / none arms: null
 
 
 def carry_over(r: dict, old: dict, path: str, cost: bool, encoder: str | None = None) -> None:

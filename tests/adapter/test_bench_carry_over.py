@@ -18,10 +18,12 @@ def _earlier() -> dict:
         "users": {"count": 4, "rule": ">= 500 events"},
         "encoder": {"epoch": 8},  # older results name the encoder only in the arms' records
         "training": {"userllm": enc, "userllm-prior": {"decodes": "userllm"},
-                     "text-lora": {"parameters": {"trained": 10}}, "text-zeroshot": {}},
+                     "text-lora": {"parameters": {"trained": 10}}, "text-zeroshot": {},
+                     "none-lora": {"encoder": None}},  # as the text / none adapters record it
         "prior_tuning": {"userllm-prior": {"weight": 256.0}},
         "quality": {"50": {arm: metrics for arm in
-                           ("encoder", "userllm", "userllm-prior", "text-lora", "text-zeroshot")},
+                           ("encoder", "userllm", "userllm-prior", "text-lora", "text-zeroshot",
+                            "none-lora")},
                     "200": {"encoder": metrics, "text-lora": metrics}},
         "cost": {"500": {"ratio": {"prefill_flops": 400.0}}},
     }
@@ -38,10 +40,10 @@ def _run(encoder: str | None, cost: bool = True) -> dict:
 
 def test_arms_of_another_encoder_are_left_out():
     r = _run("B")
-    assert set(r["quality"]["50"]) == {"encoder", "text-lora", "text-zeroshot"}
+    assert set(r["quality"]["50"]) == {"encoder", "text-lora", "text-zeroshot", "none-lora"}
     assert r["quality"]["50"]["encoder"] == {"fresh": True}  # this run's own row
     assert set(r["quality"]["200"]) == {"text-lora"}  # not the old encoder's row at N=200
-    assert set(r["training"]) == {"text-lora", "text-zeroshot"}
+    assert set(r["training"]) == {"text-lora", "text-zeroshot", "none-lora"}
     assert "prior_tuning" not in r and r["cost"] == {}
     assert r["quality"]["50"]["text-lora"]["carried_over"] == "carried over from old.json"
 
@@ -50,7 +52,7 @@ def test_the_same_encoder_carries_everything_this_run_did_not_make():
     for encoder in ("A", None):  # None: this run trained nothing (Amazon only)
         r = _run(encoder)
         assert set(r["quality"]["50"]) == {"encoder", "userllm", "userllm-prior", "text-lora",
-                                           "text-zeroshot"}
+                                           "text-zeroshot", "none-lora"}
         assert r["quality"]["50"]["encoder"] == {"fresh": True}
         assert set(r["quality"]["200"]) == {"encoder", "text-lora"}
         assert r["prior_tuning"] == {"userllm-prior": {"weight": 256.0}}
