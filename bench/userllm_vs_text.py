@@ -127,9 +127,14 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     for ax, (key, label) in zip(axes[3:], [("prefill_gflops", "prefill GFLOPs"),
                                            ("p50_ms", "time to first token p50 (ms)")]):
+        measured = [n for n in ns if str(n) in cost]
+        if not measured:  # a run that neither measured nor carried cost (another encoder's)
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, f"{label}:\nnot measured in this run", ha="center", va="center",
+                    transform=ax.transAxes)
+            continue
         for arm in ("userllm", "text"):
-            ys = [cost[str(n)][arm].get(key) for n in ns if str(n) in cost]
-            ax.plot([n for n in ns if str(n) in cost], ys, marker="o", label=arm)
+            ax.plot(measured, [cost[str(n)][arm].get(key) for n in measured], marker="o", label=arm)
         ax.set(title=label, xlabel="history events N", xscale="log", yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -423,7 +428,10 @@ def carry_over(r: dict, old: dict, path: str, cost: bool, encoder: str | None = 
         mine = r["quality"].setdefault(n, {})
         for arm, m in arms.items():
             if arm not in mine and arm in kept:
-                mine[arm] = m | {"carried_over": m.get("carried_over", note)}
+                told = m.get("carried_over", note)
+                if not same and arm != "encoder":  # its older note may say "same encoder"
+                    told += "; this run's encoder is another, and this arm reads no user tokens"
+                mine[arm] = m | {"carried_over": told}
     for arm, record in training.items():
         if arm in kept:
             r["training"].setdefault(arm, record)

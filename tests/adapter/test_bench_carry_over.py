@@ -45,7 +45,8 @@ def test_arms_of_another_encoder_are_left_out():
     assert set(r["quality"]["200"]) == {"text-lora"}  # not the old encoder's row at N=200
     assert set(r["training"]) == {"text-lora", "text-zeroshot", "none-lora"}
     assert "prior_tuning" not in r and r["cost"] == {}
-    assert r["quality"]["50"]["text-lora"]["carried_over"] == "carried over from old.json"
+    assert r["quality"]["50"]["text-lora"]["carried_over"] == (
+        "carried over from old.json; this run's encoder is another, and this arm reads no user tokens")
 
 
 def test_the_same_encoder_carries_everything_this_run_did_not_make():
@@ -57,6 +58,7 @@ def test_the_same_encoder_carries_everything_this_run_did_not_make():
         assert set(r["quality"]["200"]) == {"encoder", "text-lora"}
         assert r["prior_tuning"] == {"userllm-prior": {"weight": 256.0}}
         assert r["cost"]["500"]["carried_over"] == "carried over from old.json"
+        assert r["quality"]["50"]["text-lora"]["carried_over"] == "carried over from old.json"
     assert _run("A", cost=False)["cost"] == {}
 
 
