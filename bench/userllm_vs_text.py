@@ -417,10 +417,12 @@ def carry_over(r: dict, old: dict, path: str, cost: bool, encoder: str | None = 
     # The encoder that run measured (older results name it only in their arms' records).
     theirs = {old.get("encoder", {}).get("weights_sha256")} | {encoder_of(training, arm) for arm in training}
     same = encoder is None or theirs - {None} <= {encoder}
-    kept = {arm for arms in old["quality"].values() for arm in arms
-            if (arm == "encoder" and same) or (arm != "encoder" and (
-                encoder is None or encoder_of(training, arm) in (None, encoder)))}
-    dropped = {arm for arms in old["quality"].values() for arm in arms} - kept - {"encoder"}
+    there = {arm for arms in old["quality"].values() for arm in arms}
+    # The encoder's own row only from the same encoder; an arm when it read no user tokens or
+    # this run's encoder's.
+    kept = {arm for arm in there if (same if arm == "encoder" else
+                                     encoder is None or encoder_of(training, arm) in (None, encoder))}
+    dropped = there - kept - {"encoder"}
     if dropped:
         print(f"--carry-over: left out {', '.join(sorted(dropped))} (trained on another encoder)",
               flush=True)
@@ -429,7 +431,7 @@ def carry_over(r: dict, old: dict, path: str, cost: bool, encoder: str | None = 
         for arm, m in arms.items():
             if arm not in mine and arm in kept:
                 told = m.get("carried_over", note)
-                if not same and arm != "encoder":  # its older note may say "same encoder"
+                if not same:  # (so not the encoder's row) its older note may say "same encoder"
                     told += "; this run's encoder is another, and this arm reads no user tokens"
                 mine[arm] = m | {"carried_over": told}
     for arm, record in training.items():

@@ -68,36 +68,40 @@ class LoadedEncoder:
             flush()
         return np.concatenate(out) if out else np.zeros((0, self.model.cfg.out_dim), dtype=np.float32)
 
-    @torch.inference_mode()
-    def last_states(self, histories: list[list[Event]]) -> torch.Tensor:
-        """Each history's latest state [B, d_model] (float32): what the next-item head ranks from."""
+    def _ranking_batch(self, histories: list[list[Event]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The batch a ranking reads, on the model's device, the model in eval mode."""
         if any(not h for h in histories):
             raise ValueError("cannot rank for an empty history")
         self.model.eval()
-        device = next(self.model.parameters()).device
-        return self.model.states(*self.batch(histories, device), last_only=True)[:, -1].float()
+        return self.batch(histories, next(self.model.parameters()).device)
+
+    @torch.inference_mode()
+    def last_states(self, histories: list[list[Event]]) -> torch.Tensor:
+        """Each history's latest state [B, d_model] (float32): what the next-item head ranks from."""
+        return self.model.states(*self._ranking_batch(histories), last_only=True)[:, -1].float()
+
+    def catalogue(self) -> torch.Tensor:
+        """The candidate tower's output for every item, computed once (it depends on the weights
+        alone)."""
+        if self._catalogue is None:
+            self.model.eval()
+            with torch.inference_mode():
+                self._catalogue = self.model.heads.candidates()
+        return self._catalogue
 
     @torch.inference_mode()
     def item_scores(self, states: torch.Tensor) -> torch.Tensor:
         """Next-item scores over the catalogue [B, num_items] from latest states [B, d_model];
-        padding and OOV ids score -inf. The catalogue's embeddings are computed once."""
-        if self._catalogue is None:
-            self.model.eval()
-            self._catalogue = self.model.heads.candidates()
-        return self.model.heads.item_scores(states.to(self._catalogue.dtype), self._catalogue)
+        padding and OOV ids score -inf."""
+        catalogue = self.catalogue()
+        return self.model.heads.item_scores(states.to(catalogue.dtype), catalogue)
 
     @torch.inference_mode()
     def next_item_scores(self, histories: list[list[Event]]) -> torch.Tensor:
         """Each history's next-item scores over the catalogue [B, num_items] (float32), with the
         seen bias on the history's items when the encoder was trained with it: its raw scores
         leave the history's items where training's bias would have pushed them down."""
-        if self.model.heads.seen_bias is None:
-            return self.item_scores(self.last_states(histories)).float()
-        if any(not h for h in histories):
-            raise ValueError("cannot rank for an empty history")
-        self.model.eval()
-        device = next(self.model.parameters()).device
-        return self.model.next_item_scores(*self.batch(histories, device)).float()
+        return self.model.next_item_scores(*self._ranking_batch(histories), self.catalogue()).float()
 
     def user_tokens(self, histories: list[list[Event]], batch_size: int = 64) -> list[torch.Tensor]:
         """The tokens an LLM reads for each history: [K, out_dim] from the Perceiver (or

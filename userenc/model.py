@@ -104,14 +104,16 @@ class UserEncoder(nn.Module):
         return self.encoder(x, valid, pos, last_only, ids.get(TIME_KEY))
 
     @torch.inference_mode()
-    def next_item_scores(self, ids: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    def next_item_scores(self, ids: dict[str, torch.Tensor], valid: torch.Tensor,
+                         catalogue: torch.Tensor | None = None) -> torch.Tensor:
         """Each history's next-item scores over the catalogue [B, num_items] (left padding), the
-        seen bias, if trained, on the history's items."""
+        seen bias, if trained, on the history's items. `catalogue`: the candidate tower's output,
+        when the caller keeps it."""
         states = self.states(ids, valid, last_only=True)[:, -1]
         seen = None
         if self.heads.seen_bias is not None:
             seen = last_seen_index(ids[self.spec.item.name], self.heads.candidates.item.num_embeddings)
-        return self.heads.item_scores(states, seen=seen)
+        return self.heads.item_scores(states, catalogue, seen=seen)
 
     def user_tokens(self, states: torch.Tensor, valid: torch.Tensor,
                     ids: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
