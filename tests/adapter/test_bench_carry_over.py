@@ -68,3 +68,29 @@ def test_other_users_are_refused():
     mine = {"users": {"count": 5}, "training": {}, "cost": {}, "quality": {}}
     with pytest.raises(SystemExit, match="evaluated other users"):
         carry_over(mine, _earlier(), "old.json", True, "A")
+
+
+@pytest.mark.parametrize("made, asked", [("", "multi_seen_d128_year_bf16"),
+                                         ("multi_seen_d128_year_bf16", ""),
+                                         ("multi_seen_d128_year_bf16", "id_only_seen_bf16")])
+def test_encoder_of_another_row_is_refused(tmp_path: Path, made: str, asked: str) -> None:
+    """A work folder keeps its encoder between runs: asking for another row's encoder there must
+    stop before anything trains or is reused, naming both rows."""
+    from userllm_arms import ensure_encoder
+
+    out = tmp_path / "encoder"
+    state = tmp_path / "encoder.last"
+    state.mkdir()
+    (state / "manifest.json").write_text(f'{{"bench_row": "{made}"}}')
+    (state / "state.json").write_text('{"epoch": 99, "bad_epochs": 0}')  # finished: would be reused
+    with pytest.raises(SystemExit) as stop:
+        ensure_encoder({}, "movielens", out, epochs=1, holdout=1, max_len=16, seed=0, row=asked)
+    assert f"row {made or '(default)'}, not {asked or '(default)'}" in str(stop.value)
+    assert not out.exists()
+
+
+def test_unknown_row_is_refused(tmp_path: Path) -> None:
+    from userllm_arms import ensure_encoder
+
+    with pytest.raises(SystemExit, match="no row 'nope'"):
+        ensure_encoder({}, "movielens", tmp_path / "encoder", epochs=1, holdout=1, max_len=16, seed=0, row="nope")
