@@ -23,7 +23,8 @@
   id_only_seen_bf16: multi_seen_d128_year / id_only_seen under bf16 autocast;
   multi_seen_d128_year_len400_bf16: the first reading the last 400 events instead of 200;
   multi_seen_d128_year_drop3_bf16: the first with dropout 0.3; _fdrop1_bf16: with feature dropout 0.1;
-  _h4_bf16: with four attention heads.
+  _h4_bf16: with four attention heads; multi_seen_d128_words_bf16: with the title's words as an
+  item attribute (spec movielens_words).
 
 Full-corpus ranking on the leave-one-out test events (no sampled negatives), HR@10 by history
 length and on truncated histories (cold start: only the last 1-5 / 6-20 input events, every
@@ -108,6 +109,8 @@ MODELS = {
     "multi_seen_d128_year_fdrop1_bf16": ("movielens_year", {"seen_bias": True, "d_model": 128, "feature_dropout": 0.1}, {"bf16": True}),
     # ... and four attention heads of width 32 instead of two of 64 (heads for time, rating, genre)
     "multi_seen_d128_year_h4_bf16": ("movielens_year", {"seen_bias": True, "d_model": 128, "n_heads": 4}, {"bf16": True}),
+    # ... and the title's words as an item attribute (spec movielens_words)
+    "multi_seen_d128_words_bf16": ("movielens_words", {"seen_bias": True, "d_model": 128}, {"bf16": True}),
     # ... and three layers (the two-layer model's validation HR@10 plateaued after 18 of 27 epochs)
     "multi_seen_d128_l3_bf16": ("movielens", {"seen_bias": True, "d_model": 128, "n_layers": 3}, {"bf16": True}),
 }
