@@ -28,6 +28,8 @@ def test_builtin_specs_load():
     assert ml.item.name == "item" and ml.features[1].item_attribute and ml.features[3].boundaries  # gap gets default buckets
     assert [f.name for f in load_spec("movielens_id_only").features] == ["item"]
     assert [f.name for f in load_spec("movielens_year").features] == ["item", "genres", "year", "rating", "gap", "hour", "weekday"]
+    assert [f.name for f in load_spec("movielens_words").features] == [
+        "item", "genres", "year", "title_words", "rating", "gap", "hour", "weekday"]
     amazon = load_spec("amazon")
     assert [f.name for f in amazon.features] == ["item", "rating", "gap", "summary_words", "text_words"]
     assert [f.split for f in amazon.features[3:]] == ["words", "words"]
@@ -203,3 +205,22 @@ def test_pattern_takes_a_value_out_of_a_text_field():
     assert tok.encode(h)["year"].tolist() == [2, 2, 3, OOV_ID, OOV_ID]
     items = tok.vocabs["item"]
     assert [tok.item_attributes["year"][items.id(i), 0] for i in "12345"] == [2, 2, 3, PAD_ID, PAD_ID]
+
+
+def test_title_words_are_an_item_attribute_sequels_share():
+    # movielens_words: a title's words (kept when seen in >= 2 events) embed each candidate, so a
+    # sequel shares the words of its series; a word seen once is the OOV id, as in a history.
+    spec = load_spec("movielens_words")
+    words = next(f for f in spec.features if f.name == "title_words")
+    assert words.item_attribute and words.split == "words" and words.min_count == 2
+    h = [_ev("u", "1", 1, title="Star Wars: Episode IV - A New Hope (1977)", genres=["Sci-Fi"], rating=5),
+         _ev("u", "2", 2, title="Star Wars: Episode V - The Empire Strikes Back (1980)", genres=["Sci-Fi"], rating=5),
+         _ev("u", "3", 3, title="Heat (1995)", genres=["Action"], rating=4)]
+    tok = EventTokenizer.fit(spec, [h])
+    vocab = tok.vocabs["title_words"]
+    assert set(vocab.values) == {"star", "wars", "episode"}
+    table = tok.item_attributes["title_words"]
+    items = tok.vocabs["item"]
+    shared = {vocab.id(w) for w in ("star", "wars", "episode")}
+    assert set(table[items.id("1")]) == shared | {OOV_ID} == set(table[items.id("2")]) - {PAD_ID}
+    assert table[items.id("3")].tolist()[:3] == [OOV_ID, OOV_ID, PAD_ID]  # "heat", "1995": once
