@@ -431,7 +431,7 @@ def carry_over(r: dict, old: dict, path: str, cost: bool, encoder: str | None = 
         for arm, m in arms.items():
             if arm not in mine and arm in kept:
                 told = m.get("carried_over", note)
-                if not same:  # (so not the encoder's row) its older note may say "same encoder"
+                if not same and encoder_of(training, arm) is None:  # its older note may say "same encoder"
                     told += "; this run's encoder is another, and this arm reads no user tokens"
                 mine[arm] = m | {"carried_over": told}
     for arm, record in training.items():

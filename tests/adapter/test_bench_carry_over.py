@@ -62,6 +62,22 @@ def test_the_same_encoder_carries_everything_this_run_did_not_make():
     assert _run("A", cost=False)["cost"] == {}
 
 
+def test_an_arm_on_this_runs_encoder_is_not_called_tokenless():
+    """An earlier file mixing encoders (A for userllm, B for userllm-b): a run on B keeps
+    userllm-b with the plain note, and marks only the arms without user tokens as such."""
+    from userllm_vs_text import carry_over
+
+    old = _earlier()
+    old["training"]["userllm-b"] = {"encoder": {"weights_sha256": "B"}}
+    old["quality"]["50"]["userllm-b"] = {"genre_history": {"accuracy": 0.6}}
+    mine = {"users": old["users"], "training": {}, "cost": {}, "quality": {}}
+    carry_over(mine, old, "old.json", True, "B")
+    carried = mine["quality"]["50"]
+    assert set(carried) == {"userllm-b", "text-lora", "text-zeroshot", "none-lora"}
+    assert carried["userllm-b"]["carried_over"] == "carried over from old.json"
+    assert carried["none-lora"]["carried_over"].endswith("this arm reads no user tokens")
+
+
 def test_other_users_are_refused():
     from userllm_vs_text import carry_over
 
