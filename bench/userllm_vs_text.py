@@ -203,7 +203,8 @@ def run_ml1m(a, results: dict, save) -> None:
     split = task_split(hist, HOLDOUT)
     cat = Catalogue.from_histories(hist.values(), ranked_by=split.train.values())
     users = pick_users(split, max(a.ns), a.users, a.seed)
-    r["users"] = {"count": len(users), "rule": f">= {max(a.ns)} events before the held-out tail"}
+    r["users"] = {"count": len(users), "rule": f">= {max(a.ns)} events before the held-out tail",
+                  "ids": users}
     for spec in arms:
         if spec.prior and spec.name not in r.get("prior_tuning", {}):
             r.setdefault("prior_tuning", {})[spec.name] = tune_prior_weight(
@@ -410,9 +411,7 @@ def carry_over(r: dict, old: dict, path: str, cost: bool, encoder: str | None = 
     users that this run did not make, each marked with where it came from; refused when the
     user set differs. `encoder`: this run's encoder weights hash; arms (and cost rows) that read
     another encoder's user tokens are left out, since they measured a different encoder."""
-    if old.get("users") != r.get("users"):
-        raise SystemExit(f"--carry-over: {path} evaluated other users ({old.get('users')})")
-    note = f"carried over from {path}"
+    note = f"carried over from {path}" + users_note(old, r, path)
     training = old.get("training", {})
     # The encoder that run measured (older results name it only in their arms' records).
     theirs = {old.get("encoder", {}).get("weights_sha256")} | {encoder_of(training, arm) for arm in training}
@@ -443,6 +442,26 @@ def carry_over(r: dict, old: dict, path: str, cost: bool, encoder: str | None = 
     if cost and same:
         for n, row in old.get("cost", {}).items():
             r["cost"].setdefault(n, row | {"carried_over": row.get("carried_over", note)})
+
+
+def users_note(old: dict, r: dict, path: str) -> str:
+    """How the earlier run's users relate to this run's: the same ones (""), or the first of
+    this run's (a run with more users by the same rule and seed picks a longer list with the
+    same start); anything else is refused, since paired comparisons need the same users."""
+    theirs, mine = old.get("users", {}), r.get("users", {})
+
+    def count(users: dict) -> dict:  # count and rule: older results lack the ids
+        return {k: v for k, v in users.items() if k != "ids"}
+
+    if count(theirs) == count(mine) and theirs.get("ids", mine.get("ids")) == mine.get("ids"):
+        return ""
+    answered = {u for arms in old.get("quality", {}).values() for m in arms.values()
+                for task in m.values() if isinstance(task, dict) for u in task.get("users", [])}
+    first = mine.get("ids", [])[:theirs.get("count", 0)]
+    if (theirs.get("rule") == mine.get("rule") and theirs.get("count", 0) < len(mine.get("ids", []))
+            and set(theirs.get("ids", first)) == set(first) and answered <= set(first)):
+        return f" (its {theirs['count']} users are the first of this run's {mine['count']})"
+    raise SystemExit(f"--carry-over: {path} evaluated other users ({count(theirs)})")
 
 
 def main_arms(quality: dict) -> dict:

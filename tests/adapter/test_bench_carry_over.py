@@ -110,3 +110,43 @@ def test_unknown_row_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit, match="no row 'nope'"):
         ensure_encoder({}, "movielens", tmp_path / "encoder", epochs=1, holdout=1, max_len=16, seed=0, row="nope")
+
+
+def _with_users(ids: list[str], answered: list[str]) -> dict:
+    old = _earlier()
+    old["users"] = {"count": len(ids), "rule": ">= 500 events"}  # as older results record it
+    for arms in old["quality"].values():
+        for m in arms.values():
+            m["genre_history"]["users"] = answered
+    return old
+
+
+def test_a_longer_list_by_the_same_rule_carries_the_earlier_users():
+    """A run on 6 users whose first 4 are the earlier run's: the earlier arms come over, their
+    note says on which users, and paired comparisons pair them over those users."""
+    from userllm_vs_text import carry_over
+
+    ids = ["u1", "u2", "u3", "u4", "u5", "u6"]
+    mine = {"users": {"count": 6, "rule": ">= 500 events", "ids": ids}, "training": {},
+            "cost": {}, "quality": {}}
+    carry_over(mine, _with_users(ids[:4], ids[:2]), "old.json", True, "B")
+    assert set(mine["quality"]["50"]) == {"text-lora", "text-zeroshot", "none-lora"}
+    assert mine["quality"]["50"]["text-lora"]["carried_over"].startswith(
+        "carried over from old.json (its 4 users are the first of this run's 6)")
+
+
+@pytest.mark.parametrize("answered, rule, count", [
+    (["u1", "u9"], ">= 500 events", 4),  # an arm answered someone outside this run's first 4
+    (["u1"], ">= 50 events", 4),  # another rule: other users
+    (["u1"], ">= 500 events", 7),  # more users than this run has
+])
+def test_users_that_are_not_the_first_of_this_runs_are_refused(answered, rule, count):
+    from userllm_vs_text import carry_over
+
+    ids = ["u1", "u2", "u3", "u4", "u5", "u6"]
+    old = _with_users((ids + ["u7"])[:count], answered)
+    old["users"]["rule"] = rule
+    mine = {"users": {"count": 6, "rule": ">= 500 events", "ids": ids}, "training": {},
+            "cost": {}, "quality": {}}
+    with pytest.raises(SystemExit, match="evaluated other users"):
+        carry_over(mine, old, "old.json", True, "B")
