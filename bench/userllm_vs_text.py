@@ -411,7 +411,8 @@ def carry_over(r: dict, old: dict, path: str, cost: bool, encoder: str | None = 
     users that this run did not make, each marked with where it came from; refused when the
     user set differs. `encoder`: this run's encoder weights hash; arms (and cost rows) that read
     another encoder's user tokens are left out, since they measured a different encoder."""
-    note = f"carried over from {path}" + users_note(old, r, path)
+    on_users = users_note(old, r, path)
+    note = f"carried over from {path}{on_users}"
     training = old.get("training", {})
     # The encoder that run measured (older results name it only in their arms' records).
     theirs = {old.get("encoder", {}).get("weights_sha256")} | {encoder_of(training, arm) for arm in training}
@@ -429,9 +430,12 @@ def carry_over(r: dict, old: dict, path: str, cost: bool, encoder: str | None = 
         mine = r["quality"].setdefault(n, {})
         for arm, m in arms.items():
             if arm not in mine and arm in kept:
-                told = m.get("carried_over", note)
-                if not same and encoder_of(training, arm) is None:  # its older note may say "same encoder"
-                    told += "; this run's encoder is another, and this arm reads no user tokens"
+                # An arm the earlier run carried keeps its origin, plus what this run adds.
+                told = m["carried_over"] + (f", then from {path}{on_users}" if on_users else "") \
+                    if "carried_over" in m else note
+                tokenless = "; this run's encoder is another, and this arm reads no user tokens"
+                if not same and encoder_of(training, arm) is None and tokenless not in told:
+                    told += tokenless  # its older note may say "same encoder"
                 mine[arm] = m | {"carried_over": told}
     for arm, record in training.items():
         if arm in kept:

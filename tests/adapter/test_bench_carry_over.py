@@ -150,3 +150,22 @@ def test_users_that_are_not_the_first_of_this_runs_are_refused(answered, rule, c
             "cost": {}, "quality": {}}
     with pytest.raises(SystemExit, match="evaluated other users"):
         carry_over(mine, old, "old.json", True, "B")
+
+
+def test_an_arm_carried_twice_keeps_its_origin_and_says_each_thing_once():
+    """Carrying a file that itself carried an arm: the arm's first origin stays, the longer user
+    list is named, and "reads no user tokens" is not said twice."""
+    from userllm_vs_text import carry_over
+
+    ids = ["u1", "u2", "u3", "u4", "u5", "u6"]
+    old = _with_users(ids[:4], ids[:2])
+    first = "carried over from older.json; this run's encoder is another, and this arm reads no user tokens"
+    old["quality"]["50"]["text-lora"] = old["quality"]["50"]["text-lora"] | {"carried_over": first}
+    mine = {"users": {"count": 6, "rule": ">= 500 events", "ids": ids}, "training": {},
+            "cost": {}, "quality": {}}
+    carry_over(mine, old, "old.json", True, "B")
+    assert mine["quality"]["50"]["text-lora"]["carried_over"] == (
+        first + ", then from old.json (its 4 users are the first of this run's 6)")
+    assert mine["quality"]["50"]["none-lora"]["carried_over"] == (
+        "carried over from old.json (its 4 users are the first of this run's 6); this run's "
+        "encoder is another, and this arm reads no user tokens")
