@@ -408,9 +408,10 @@ def encoder_of(training: dict, arm: str) -> str | None:
 
 def carry_over(r: dict, old: dict, path: str, cost: bool, encoder: str | None = None) -> None:
     """Arms (and cost rows) of an earlier run's ML-1M part `old` (read from `path`) on the same
-    users that this run did not make, each marked with where it came from; refused when the
-    user set differs. `encoder`: this run's encoder weights hash; arms (and cost rows) that read
-    another encoder's user tokens are left out, since they measured a different encoder."""
+    users (or the first of this run's, see users_note) that this run did not make, each marked
+    with where it came from; refused for other users. `encoder`: this run's encoder weights
+    hash; arms (and cost rows) that read another encoder's user tokens are left out, since they
+    measured a different encoder."""
     on_users = users_note(old, r, path)
     note = f"carried over from {path}{on_users}"
     training = old.get("training", {})
