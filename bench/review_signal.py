@@ -24,7 +24,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,6 +32,7 @@ from userllm_compare import comparison_rows, comparisons  # noqa: E402
 from userllm_vs_text import pick_users  # noqa: E402
 
 from training.data import load_dataset  # noqa: E402
+from training.evaluate_adapter import review_rouge  # noqa: E402
 from training.tasks import Catalogue, held_out_examples, task_split  # noqa: E402
 
 LLM_ARMS = ("userllm", "text-lora", "none-lora", "text-zeroshot")
@@ -48,13 +48,12 @@ def top_words(titles: list[str], k: int = 3) -> str:
 
 def rules(split, exs) -> dict[str, list[str | list[str]]]:
     """Each rule's answer per example; an oracle's is the list of candidates it picks from."""
-    train_titles = [title(e) for h in split.train.values() for e in h if title(e)]
-    constant = Counter(t.lower() for t in train_titles).most_common(1)[0][0]
-    by_item: dict[str, list[tuple[str, str]]] = {}
+    by_item: dict[str, list[tuple[str, str]]] = {}  # item -> (user, title) of training reviews
     for user, h in split.train.items():
         for e in h:
-            if title(e):
-                by_item.setdefault(e.item_id, []).append((user, title(e)))
+            if t := title(e):
+                by_item.setdefault(e.item_id, []).append((user, t))
+    constant = Counter(t.lower() for pairs in by_item.values() for _, t in pairs).most_common(1)[0][0]
     out: dict[str, list] = {k: [] for k in ("constant", "item words", "own last", "own words",
                                             "own best (oracle)", "item best (oracle)")}
     for ex in exs:
@@ -70,17 +69,8 @@ def rules(split, exs) -> dict[str, list[str | list[str]]]:
 
 
 def score(exs, answers: list) -> dict:
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
-    r1, rl = [], []
-    for ex, answer in zip(exs, answers):
-        cands = answer if isinstance(answer, list) else [answer]
-        s = [scorer.score(ex.target, c) for c in cands]
-        r1.append(max(x["rouge1"].fmeasure for x in s))
-        rl.append(max(x["rougeL"].fmeasure for x in s))
-    return {"review": {"examples": len(exs), "rouge1": float(np.mean(r1)), "rougeL": float(np.mean(rl)),
-                       "users": [ex.user for ex in exs], "rouge1_each": r1, "rougeL_each": rl}}
+    """An answer per example, or an oracle's candidates, scored as the LLM arms are."""
+    return review_rouge(exs, [a if isinstance(a, list) else [a] for a in answers])
 
 
 def main() -> int:

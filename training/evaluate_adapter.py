@@ -168,32 +168,41 @@ def _trie(ex: Example, tries: dict, exclude_seen: bool, prior=None):
                      [values[column[title]] for _, title in kept], weight)
 
 
-def evaluate_review(arm: Arm, examples: list[Example], max_tokens: int = 24,
-                    batch_size: int = 16) -> dict[str, Any]:
+def review_rouge(exs: list[Example], candidates: list[list[str]]) -> dict[str, Any]:
+    """ROUGE-1 / ROUGE-L F1 (rouge-score, stemmed) of each example's best candidate against its
+    target (a model gives one candidate; an oracle picks among several), per example too, for
+    paired comparisons between arms on the same users."""
     from rouge_score import rouge_scorer
 
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    r1, rl = [], []
+    for ex, cands in zip(exs, candidates, strict=True):
+        scores = [scorer.score(ex.target, c) for c in cands]
+        r1.append(max(s["rouge1"].fmeasure for s in scores))
+        rl.append(max(s["rougeL"].fmeasure for s in scores))
+    return {"review": {"examples": len(exs), "rouge1": float(np.mean(r1)),
+                       "rougeL": float(np.mean(rl)), "users": [ex.user for ex in exs],
+                       "rouge1_each": r1, "rougeL_each": rl}}
+
+
+def evaluate_review(arm: Arm, examples: list[Example], max_tokens: int = 24,
+                    batch_size: int = 16) -> dict[str, Any]:
     from llm.engine.sampling_params import SamplingParams
 
     exs = [ex for ex in examples if ex.task == "review"]
     if not exs:
         return {}
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
     budget = arm.engine.max_model_len - max_tokens - 1
-    r1, rl, texts = [], [], []
+    texts = []
     for i in range(0, len(exs), batch_size):
         batch = exs[i:i + batch_size]
         prompts, users, _ = _inputs(arm, batch, budget)
         outs = arm.engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens),
                                    users)
-        for ex, o in zip(batch, outs):
-            s = scorer.score(ex.target, o.text.strip())
-            r1.append(s["rouge1"].fmeasure)
-            rl.append(s["rougeL"].fmeasure)
-            texts.append(o.text.strip())
-    # Per example too, for paired comparisons between arms on the same users.
-    return {"review": {"examples": len(exs), "rouge1": float(np.mean(r1)),
-                       "rougeL": float(np.mean(rl)), "predictions": texts,
-                       "users": [ex.user for ex in exs], "rouge1_each": r1, "rougeL_each": rl}}
+        texts += [o.text.strip() for o in outs]
+    out = review_rouge(exs, [[t] for t in texts])
+    out["review"]["predictions"] = texts
+    return out
 
 
 def evaluate(arm: Arm, examples: list[Example], catalogue: Catalogue, beam_width: int = 10,

@@ -121,14 +121,19 @@ def _with_users(ids: list[str], answered: list[str]) -> dict:
     return old
 
 
+def _six_users() -> tuple[list[str], dict]:
+    """This run: 6 users picked by the earlier run's rule (whose results keep the ids)."""
+    ids = ["u1", "u2", "u3", "u4", "u5", "u6"]
+    return ids, {"users": {"count": 6, "rule": ">= 500 events", "ids": ids}, "training": {},
+                 "cost": {}, "quality": {}}
+
+
 def test_a_longer_list_by_the_same_rule_carries_the_earlier_users():
     """A run on 6 users whose first 4 are the earlier run's: the earlier arms come over, their
     note says on which users, and paired comparisons pair them over those users."""
     from userllm_vs_text import carry_over
 
-    ids = ["u1", "u2", "u3", "u4", "u5", "u6"]
-    mine = {"users": {"count": 6, "rule": ">= 500 events", "ids": ids}, "training": {},
-            "cost": {}, "quality": {}}
+    ids, mine = _six_users()
     carry_over(mine, _with_users(ids[:4], ids[:2]), "old.json", True, "B")
     assert set(mine["quality"]["50"]) == {"text-lora", "text-zeroshot", "none-lora"}
     assert mine["quality"]["50"]["text-lora"]["carried_over"].startswith(
@@ -143,11 +148,9 @@ def test_a_longer_list_by_the_same_rule_carries_the_earlier_users():
 def test_users_that_are_not_the_first_of_this_runs_are_refused(answered, rule, count):
     from userllm_vs_text import carry_over
 
-    ids = ["u1", "u2", "u3", "u4", "u5", "u6"]
+    ids, mine = _six_users()
     old = _with_users((ids + ["u7"])[:count], answered)
     old["users"]["rule"] = rule
-    mine = {"users": {"count": 6, "rule": ">= 500 events", "ids": ids}, "training": {},
-            "cost": {}, "quality": {}}
     with pytest.raises(SystemExit, match="evaluated other users"):
         carry_over(mine, old, "old.json", True, "B")
 
@@ -157,12 +160,10 @@ def test_an_arm_carried_twice_keeps_its_origin_and_says_each_thing_once():
     list is named, and "reads no user tokens" is not said twice."""
     from userllm_vs_text import carry_over
 
-    ids = ["u1", "u2", "u3", "u4", "u5", "u6"]
+    ids, mine = _six_users()
     old = _with_users(ids[:4], ids[:2])
     first = "carried over from older.json; this run's encoder is another, and this arm reads no user tokens"
     old["quality"]["50"]["text-lora"] = old["quality"]["50"]["text-lora"] | {"carried_over": first}
-    mine = {"users": {"count": 6, "rule": ">= 500 events", "ids": ids}, "training": {},
-            "cost": {}, "quality": {}}
     carry_over(mine, old, "old.json", True, "B")
     assert mine["quality"]["50"]["text-lora"]["carried_over"] == (
         first + ", then from old.json (its 4 users are the first of this run's 6)")
