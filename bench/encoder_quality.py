@@ -18,7 +18,8 @@
 - multi_seen_d128_bf16: multi_seen with d_model 128, its forward under bf16 autocast
   (multi_seen_d128: the same in fp32, for CPUs without bf16 matrix units; multi_seen_d128_year:
   that with each movie's release year, from its title, as an item attribute, and _drop3 with
-  dropout 0.3, _item128 with item embeddings 128 wide; multi_seen_year: multi_seen with the release year, d_model 64);
+  dropout 0.3, _item128 with item embeddings 128 wide, _date with each event's calendar period
+  (spec movielens_year_date); multi_seen_year: multi_seen with the release year, d_model 64);
   multi_seen_d128_l3_bf16: the same with three layers; multi_seen_d128_year_bf16 /
   id_only_seen_bf16: multi_seen_d128_year / id_only_seen under bf16 autocast;
   multi_seen_d128_year_len400_bf16: the first reading the last 400 events instead of 200;
@@ -96,6 +97,9 @@ MODELS = {
     # ... with item embeddings 128 wide instead of 64 (input table and candidate tower: the
     # next-item softmax ranks in a space twice as wide; ~no slower, the catalogue product dominates)
     "multi_seen_d128_year_item128": ("movielens_year_item128", {"seen_bias": True, "d_model": 128}),
+    # ... with the calendar period of each event (weekly over ML-1M's busy months: what is
+    # popular drifts, and the history's last events say when the next one happens)
+    "multi_seen_d128_year_date": ("movielens_year_date", {"seen_bias": True, "d_model": 128}),
     # multi_seen with the release year at d_model 64 (where d_model 128 trains ~1.6x slower: fp32
     # on a CPU without bf16 dot products, 15 epochs in 14 minutes against ID-only's 24)
     "multi_seen_year": ("movielens_year", {"seen_bias": True}),

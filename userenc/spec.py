@@ -5,6 +5,7 @@ real values start at 2, for every kind.
 """
 from __future__ import annotations
 
+import datetime as dt
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -17,11 +18,23 @@ OOV_ID = 1
 FIRST_ID = 2
 
 KINDS = ("categorical", "multi_categorical", "numeric", "time")
-TIME_PARTS = ("hour", "weekday", "gap")
+TIME_PARTS = ("hour", "weekday", "gap", "date")
 SPLITS = ("", "words")
 DAY = 86_400
 # Log-spaced gaps in seconds: same moment, minutes, hours, a day, days, weeks, months, a year.
 DEFAULT_GAP_BOUNDARIES = [1, 60, 600, 3600, 6 * 3600, DAY, 3 * DAY, 7 * DAY, 30 * DAY, 90 * DAY, 365 * DAY]
+
+
+def _unix_seconds(boundary: Any) -> float:
+    """A date boundary: a TOML date (or date-time, UTC unless it says otherwise), or unix
+    seconds already (a spec saved with a checkpoint holds those)."""
+    if isinstance(boundary, dt.datetime):
+        return (boundary if boundary.tzinfo else boundary.replace(tzinfo=dt.timezone.utc)).timestamp()
+    if isinstance(boundary, dt.date):
+        return dt.datetime(boundary.year, boundary.month, boundary.day, tzinfo=dt.timezone.utc).timestamp()
+    if isinstance(boundary, (int, float)) and not isinstance(boundary, bool):
+        return float(boundary)
+    raise ValueError(f"date boundary {boundary!r} is not a date")
 
 
 @dataclass(slots=True)
@@ -41,9 +54,10 @@ class Feature:
     # categorical: a regular expression whose first group is the value, searched in the source
     # text (a movie's release year from "Heat (1995)"); no match: missing (the OOV id).
     pattern: str = ""
-    # numeric / time "gap": bucket boundaries (value < b[0] -> bucket 0, ...).
+    # numeric / time "gap" / time "date": bucket boundaries (value < b[0] -> bucket 0, ...).
+    # For "date" they are calendar dates (TOML dates, midnight UTC), kept as unix seconds.
     boundaries: list[float] = field(default_factory=list)
-    part: str = ""  # time: hour | weekday | gap
+    part: str = ""  # time: hour | weekday | gap | date (which period of the calendar the event is in)
     # Next-event prediction: this feature of the next event is a training target.
     target: bool = False
     loss_weight: float = 1.0
@@ -60,6 +74,10 @@ class Feature:
                 raise ValueError(f"feature {self.name!r}: time part must be one of {', '.join(TIME_PARTS)}")
             if self.part == "gap" and not self.boundaries:
                 self.boundaries = list(DEFAULT_GAP_BOUNDARIES)
+            if self.part == "date":
+                if not self.boundaries:
+                    raise ValueError(f"feature {self.name!r}: a date part needs boundaries (dates)")
+                self.boundaries = [_unix_seconds(b) for b in self.boundaries]
         if self.kind == "numeric" and not self.boundaries:
             raise ValueError(f"feature {self.name!r}: numeric features need bucket boundaries")
         if list(self.boundaries) != sorted(self.boundaries):
@@ -87,7 +105,7 @@ class Feature:
     @property
     def fixed_size(self) -> int:
         """Vocabulary size of kinds whose ids need no vocabulary (buckets, hours, weekdays)."""
-        if self.kind == "numeric" or (self.kind == "time" and self.part == "gap"):
+        if self.kind == "numeric" or (self.kind == "time" and self.part in ("gap", "date")):
             return FIRST_ID + len(self.boundaries) + 1
         if self.kind == "time":
             return FIRST_ID + (24 if self.part == "hour" else 7)

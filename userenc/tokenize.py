@@ -157,6 +157,8 @@ class EventTokenizer:
             return FIRST_ID + (e.timestamp // 3600) % 24
         if f.part == "weekday":
             return FIRST_ID + (e.timestamp // 86_400 + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+        if f.part == "date":
+            return FIRST_ID + bisect.bisect_right(f.boundaries, e.timestamp)
         if t == 0:
             return OOV_ID  # no previous event: the gap is unknown
         return FIRST_ID + bisect.bisect_right(f.boundaries, e.timestamp - history[t - 1].timestamp)

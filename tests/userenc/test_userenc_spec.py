@@ -28,6 +28,8 @@ def test_builtin_specs_load():
     assert ml.item.name == "item" and ml.features[1].item_attribute and ml.features[3].boundaries  # gap gets default buckets
     assert [f.name for f in load_spec("movielens_id_only").features] == ["item"]
     assert [f.name for f in load_spec("movielens_year").features] == ["item", "genres", "year", "rating", "gap", "hour", "weekday"]
+    assert [f.name for f in load_spec("movielens_year_date").features][-1] == "period"
+    assert load_spec("movielens_year_item128").item.dim == 128
     assert [f.name for f in load_spec("movielens_words").features] == [
         "item", "genres", "year", "title_words", "rating", "gap", "hour", "weekday"]
     amazon = load_spec("amazon")
@@ -59,6 +61,10 @@ def test_spec_from_toml_file(tmp_path):
         (ITEM + '[[feature]]\nname = "r"\nkind = "numeric"\n', "numeric features need bucket boundaries"),
         (ITEM + '[[feature]]\nname = "r"\nkind = "numeric"\nboundaries = [3, 1]\n', "boundaries must be increasing"),
         (ITEM + '[[feature]]\nname = "t"\nkind = "time"\npart = "minute"\n', "time part must be one of"),
+        (ITEM + '[[feature]]\nname = "d"\nkind = "time"\npart = "date"\n', "a date part needs boundaries"),
+        (ITEM + '[[feature]]\nname = "d"\nkind = "time"\npart = "date"\nboundaries = ["soon"]\n', "is not a date"),
+        (ITEM + '[[feature]]\nname = "d"\nkind = "time"\npart = "date"\nboundaries = [2001-01-01, 2000-01-01]\n',
+         "boundaries must be increasing"),
         (ITEM + "dim = 0\n", "out of range"),
         (ITEM + ITEM, "feature names must be unique"),
         ('name = "empty"\n', "at least one [[feature]]"),
@@ -224,3 +230,24 @@ def test_title_words_are_an_item_attribute_sequels_share():
     shared = {vocab.id(w) for w in ("star", "wars", "episode")}
     assert set(table[items.id("1")]) == shared | {OOV_ID} == set(table[items.id("2")]) - {PAD_ID}
     assert table[items.id("3")].tolist()[:3] == [OOV_ID, OOV_ID, PAD_ID]  # "heat", "1995": once
+
+
+def test_date_part_buckets_events_by_calendar_period(tmp_path):
+    # TOML dates are midnight UTC: an event a second before a boundary is in the bucket before
+    # it, one at the boundary in the bucket after; the spec saved with a checkpoint (unix
+    # seconds) loads to the same buckets.
+    path = tmp_path / "dated.toml"
+    path.write_text(ITEM + '[[feature]]\nname = "period"\nkind = "time"\npart = "date"\n'
+                    "boundaries = [2000-11-01, 2000-12-01, 2001-01-01T12:00:00Z]\n")
+    spec = load_spec(path)
+    period = spec.features[1]
+    nov = int(datetime(2000, 11, 1, tzinfo=timezone.utc).timestamp())
+    assert period.boundaries[0] == nov and period.fixed_size == 2 + 4
+    noon = int(datetime(2001, 1, 1, 12, tzinfo=timezone.utc).timestamp())
+    times = [nov - 1, nov, nov + 29 * DAY, noon - 1, noon, noon + 900 * DAY]
+    h = [_ev("u", str(i), t) for i, t in enumerate(times)]
+    tok = EventTokenizer.fit(spec, [h])
+    assert tok.encode(h)["period"].tolist() == [2, 3, 3, 4, 5, 5]  # the first event has one too: no gap
+    again = FeatureSpec.from_dict(spec.to_dict())
+    assert again.features[1].boundaries == period.boundaries
+    assert EventTokenizer.fit(again, [h]).encode(h)["period"].tolist() == [2, 3, 3, 4, 5, 5]
