@@ -84,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--future-window", dest="future_window", type=_positive(int), default=d_enc.future_window, help="W: events ahead the future objectives predict")
     p.add_argument("--crop-prob", dest="crop_prob", type=float, default=d_train.crop_prob, help="crop augmentation: each epoch, this share of the training windows starts at a random later event (0-1)")
     p.add_argument("--bf16", action="store_true", help="forward pass under bf16 autocast (faster with bf16 hardware: GPUs, CPUs with AVX512-BF16/AMX)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (faster steps after a compile of tens of seconds; needs a C++ compiler on CPU)")
     p.add_argument("--holdout", type=_positive(int), default=d_train.holdout, help="events of each user's tail never trained on (1 = leave-one-out; USER-LLM's future-genre task needs 10)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

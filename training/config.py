@@ -32,6 +32,10 @@ class TrainConfig:
     # The forward pass under bf16 autocast (matrix products in bf16, losses and weights fp32):
     # faster where the hardware has bf16 dot products (GPUs; CPUs with AVX512-BF16 or AMX).
     bf16: bool = False
+    # torch.compile the training step (forward and backward; dynamic shapes, so batches of any
+    # length reuse one graph): fuses the many small elementwise ops and the catalogue softmax.
+    # The first batches pay the compile (tens of seconds; cached on disk across runs).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.crop_prob < 1.0:

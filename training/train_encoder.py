@@ -103,6 +103,19 @@ def native_bf16(device: torch.device) -> bool:
     return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def compiled_step(loss_module: torch.nn.Module) -> Callable[..., Any]:
+    """`loss_module` under torch.compile with dynamic shapes, so windows of any length share
+    one graph (a few recompiles at most, for 0/1-sized and boolean-guarded cases). Capturing
+    scalar and data-dependent-shape ops keeps the padding mask and the valid-position
+    selection inside the graph instead of splitting it there."""
+    compiled = torch.compile(loss_module, dynamic=True)
+
+    def step(ids: dict[str, torch.Tensor], valid: torch.Tensor) -> Any:
+        with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+            return compiled(ids, valid)
+    return step
+
+
 def _batches(lengths: "list[int] | np.ndarray", batch_size: int, rng: np.random.Generator) -> list[list[int]]:
     """Shuffled batches (window indices) of similar lengths (less padding): shuffle, sort within
     chunks of 50 batches."""
@@ -171,6 +184,7 @@ def train_encoder(
     schedule = CosineSchedule(total_steps, max(1, min(int(tcfg.warmup_frac * total_steps), steps_per_epoch)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     wrapped = dist.wrap(model)
+    step_loss = compiled_step(wrapped) if tcfg.compile else wrapped
     if tcfg.bf16 and not native_bf16(device) and dist.rank() == 0:
         # Still honoured (the numerics are what was asked for), but the operator should know.
         print("warning: bf16 autocast on a CPU without bf16 dot products (AVX512-BF16/AMX) runs "
@@ -224,7 +238,7 @@ def train_encoder(
             # the global batch's targets makes that average the global batch's mean.
             share = world * targets / max(1, global_targets)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
-                loss, _ = wrapped(ids, valid)
+                loss, _ = step_loss(ids, valid)
             loss = loss * share
             opt.zero_grad(set_to_none=True)
             loss.backward()

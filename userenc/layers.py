@@ -17,16 +17,18 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, base: float = 10_000.0) -> torch.Tensor:
-    """Rotations as unit complex numbers [B, 1, T, head_dim/2] for integer positions [B, T]."""
+    """Rotations [B, 1, T, head_dim/2, 2] (cos, sin) for integer positions [B, T]. Real pairs,
+    not complex numbers: torch.compile's inductor cannot fuse complex ops."""
     inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv
-    return torch.polar(torch.ones_like(angles), angles)[:, None]
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)[:, None]
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate feature pairs (2i, 2i+1) of x [B, H, T, head_dim]: one complex multiply."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
+    """Rotate feature pairs (2i, 2i+1) of x [B, H, T, head_dim] by the angles in `rot`."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    a, b, cos, sin = pairs[..., 0], pairs[..., 1], rot[..., 0], rot[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
 
 
 def causal_mask(valid: torch.Tensor) -> torch.Tensor:
