@@ -162,20 +162,48 @@ class FeatureSpec:
         return FeatureSpec(f"{self.name}[{','.join(names)}]", kept)
 
 
-def load_spec(path_or_name: str | Path) -> FeatureSpec:
-    """A TOML file, or the name of a built-in spec (movielens, movielens_id_only, amazon, generic)."""
+def _read_spec_table(path_or_name: str | Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The TOML table of a spec file or built-in spec, with `extends` resolved: the base spec's
+    features, each [[feature]] table here either updating the base feature of its name (only
+    the keys it gives) or, for a new name, appended after them. A relative base path is read
+    next to the extending file; a built-in spec extends built-in names."""
     path = Path(path_or_name)
     if path.suffix != ".toml" and not path.exists():
         builtin = resources.files("userenc") / "specs" / f"{path_or_name}.toml"
         if not builtin.is_file():
             raise FileNotFoundError(f"no spec file {path_or_name} and no built-in spec of that name")
-        text = builtin.read_text(encoding="utf-8")
+        text, folder = builtin.read_text(encoding="utf-8"), None
     else:
         if not path.is_file():
             raise FileNotFoundError(f"no spec file {path}")
-        text = path.read_text(encoding="utf-8")
+        text, folder = path.read_text(encoding="utf-8"), path.parent
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path_or_name}: invalid TOML: {err}") from None
-    return FeatureSpec.from_dict(data)
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str) or not base_name:
+        raise ValueError(f"{path_or_name}: extends must name a spec")
+    here = str(path_or_name)
+    if here in chain or len(chain) >= 8:
+        raise ValueError(f"{path_or_name}: extends loops or nests too deep ({' -> '.join((*chain, here))})")
+    base_path = folder / base_name if folder is not None and base_name.endswith(".toml") else base_name
+    base = _read_spec_table(base_path, (*chain, here))
+    features = [dict(entry) for entry in base.get("feature", [])]
+    for entry in data.get("feature", []):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ValueError(f"{path_or_name}: each [[feature]] entry must be a table with a name")
+        same = next((f for f in features if f.get("name") == entry["name"]), None)
+        if same is not None:
+            same.update(entry)
+        else:
+            features.append(dict(entry))
+    return data | {"feature": features}
+
+
+def load_spec(path_or_name: str | Path) -> FeatureSpec:
+    """A TOML file, or the name of a built-in spec (movielens, movielens_id_only, amazon, generic).
+    A spec may start from another (`extends = "movielens_year"`, see _read_spec_table)."""
+    return FeatureSpec.from_dict(_read_spec_table(path_or_name))

@@ -71,6 +71,9 @@ def test_spec_from_toml_file(tmp_path):
         (ITEM + '[[feature]]\nname = "y"\nkind = "categorical"\npattern = "("\n', "pattern is not a regular expression"),
         (ITEM + '[[feature]]\nname = "y"\nkind = "categorical"\npattern = "19"\n', "pattern needs a group"),
         (ITEM + '[[feature]]\nname = "y"\nkind = "numeric"\nboundaries = [1]\npattern = "(1)"\n', "a pattern needs a categorical"),
+        ('extends = 3\n' + ITEM, "extends must name a spec"),
+        ('extends = "bad.toml"\n' + ITEM, "extends loops"),
+        ('extends = "movielens"\n[[feature]]\nname = "gap"\nkind = "numeric"\nboundaries = []\n', "numeric features need bucket boundaries"),
     ],
 )
 def test_bad_spec_gives_clear_value_error(tmp_path, text, message):
@@ -79,6 +82,29 @@ def test_bad_spec_gives_clear_value_error(tmp_path, text, message):
     with pytest.raises(ValueError) as err:
         load_spec(path)
     assert message in str(err.value)
+
+
+def test_spec_extends_another_by_feature_name(tmp_path):
+    """`extends`: the base's features in order; a table naming one of them changes only the keys
+    it gives; a new name is appended. The built-in variants are movielens_year plus one change."""
+    year = load_spec("movielens_year").to_dict()["feature"]
+    item128 = load_spec("movielens_year_item128")
+    assert item128.name == "movielens_year_item128"
+    assert item128.to_dict()["feature"] == [f | {"dim": 128} if f["name"] == "item" else f for f in year]
+    date = load_spec("movielens_year_date").to_dict()["feature"]
+    assert date[:-1] == year and date[-1]["name"] == "period" and len(date[-1]["boundaries"]) == 46
+
+    (tmp_path / "base.toml").write_text('name = "base"\n' + ITEM + '[[feature]]\nname = "stars"\nkind = "numeric"\n'
+                                        'source = "rating"\nboundaries = [2.5, 4.5]\ndim = 4\n')
+    (tmp_path / "child.toml").write_text('name = "child"\nextends = "base.toml"\n[[feature]]\nname = "stars"\ndim = 6\n'
+                                         '[[feature]]\nname = "hour"\nkind = "time"\npart = "hour"\n')
+    child = load_spec(tmp_path / "child.toml")
+    assert child.name == "child" and [f.name for f in child.features] == ["item", "stars", "hour"]
+    assert child.features[1].dim == 6 and child.features[1].boundaries == [2.5, 4.5] and child.features[1].source == "rating"
+    assert FeatureSpec.from_dict(child.to_dict()) == child  # a checkpoint saves the resolved spec
+    (tmp_path / "orphan.toml").write_text('extends = "no_such_spec"\n' + ITEM)
+    with pytest.raises(FileNotFoundError, match="no built-in spec"):
+        load_spec(tmp_path / "orphan.toml")
 
 
 def test_missing_spec_file():
