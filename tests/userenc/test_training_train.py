@@ -222,38 +222,16 @@ def test_device_windows_batches_equal_left_padding_with_and_without_crops(sample
             assert torch.equal(ids[key], want_ids[key]), key
 
 
-def test_compiled_step_matches_eager_and_trains_like_it(tmp_path):
-    """TrainConfig.compile: the torch.compile'd training step gives the eager loss and gradients
-    on padded and unpadded batches of different lengths (one graph for both, dynamic shapes),
-    and a compiled run (with crops, so windows change length every epoch) follows the eager
-    run's losses (dropout off, so both draw the same batches and nothing random)."""
-    from training.distributed import wrap
-    from training.train_encoder import compiled_step
-    from userenc_helpers import TINY_VOCAB, make_model, random_ids, tiny_spec
-
-    spec = tiny_spec()
-    model = make_model(spec, TINY_VOCAB, seen_bias=True).train()
-    eager, compiled = wrap(model), compiled_step(wrap(model))
-    g = torch.Generator().manual_seed(0)
-    for length in (7, 12):
-        ids = random_ids(spec, TINY_VOCAB, 3, length, g)
-        valid = torch.ones(3, length, dtype=torch.bool)
-        valid[0, : length // 2] = False  # left padding in one window
-        results = []
-        for step in (eager, compiled):
-            model.zero_grad(set_to_none=True)
-            loss, _ = step(ids, valid)
-            loss.backward()
-            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        (loss_e, grads_e), (loss_c, grads_c) = results
-        assert torch.allclose(loss_c, loss_e, rtol=1e-5, atol=1e-6) and grads_c.keys() == grads_e.keys()
-        for name in grads_e:
-            assert torch.allclose(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6), name
-
+def test_compiled_training_follows_the_eager_run(tmp_path):
+    """TrainConfig.compile: a run with the training step under torch.compile follows the eager
+    run's losses epoch by epoch (dropout off, so both draw the same batches and nothing random;
+    crops on, so windows change length every epoch and padded batches go through the one
+    dynamic-shape graph), and its manifest says it was compiled."""
     ds = _small(tmp_path)
     cfg = EncoderConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0, max_len=16, out_dim=8, seen_bias=True)
     runs = {c: train_encoder(ds.histories, ds.spec, cfg, _tcfg(epochs=3, crop_prob=0.5, compile=c), tmp_path / f"run{c}", progress=False)
             for c in (False, True)}
     eager_losses, compiled_losses = ([row["train_loss"] for row in runs[c].history] for c in (False, True))
     assert np.allclose(compiled_losses, eager_losses, rtol=1e-3), (eager_losses, compiled_losses)
+    assert compiled_losses[-1] < 0.9 * compiled_losses[0], compiled_losses
     assert load_checkpoint(tmp_path / "runTrue").manifest["train_config"]["compile"] is True
