@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import SHARED, markdown_table, write_results  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.evaluate import evaluate, model_scorer, truncated_cases  # noqa: E402
-from userenc.checkpoint import load_checkpoint  # noqa: E402
 from training.split import leave_one_out  # noqa: E402
+from userenc.checkpoint import load_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("--most", type=int, default=5)
     ap.add_argument("--name", default="cold_start_context")
     args = ap.parse_args()
-    if not 1 <= args.fewest <= args.most:
-        print("bad --fewest/--most", file=sys.stderr)
+    if not 1 <= args.fewest <= args.most or args.holdout < 1:
+        print("bad --fewest/--most/--holdout", file=sys.stderr)
         sys.exit(2)
     histories = load_dataset(args.data, "movielens", "movielens").histories
     split = leave_one_out(histories, args.holdout)

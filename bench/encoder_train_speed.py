@@ -38,16 +38,22 @@ MODELS = {
 }
 
 
-def step_times(histories: dict, model_name: str, bf16: bool, compile_step: bool, steps: int, warmup: int) -> dict:
+def training_windows(histories: dict, model_name: str) -> tuple[EncoderConfig, EventTokenizer, DeviceWindows]:
+    """The model's config, tokenizer and padded training windows, as train_encoder builds them
+    (leave-one-out split, vocabularies from the training part): built once, shared by every variant."""
     spec_name, overrides = MODELS[model_name]
     spec, cfg = load_spec(spec_name), EncoderConfig(**overrides)
     split = leave_one_out(histories, 1)
     tokenizer = EventTokenizer.fit(spec, split.train.values())
     cfg.vocab_sizes = {f.name: tokenizer.vocab_size(f) for f in spec.features}
-    torch.manual_seed(0)
-    model = UserEncoder(spec, cfg, tokenizer.item_attributes).train()
     encoded = [w for user in sorted(split.train) for w in windows(tokenizer.encode(split.train[user]), cfg.max_len)]
-    data = DeviceWindows.build(encoded, spec, cfg.max_len, torch.device("cpu"))
+    return cfg, tokenizer, DeviceWindows.build(encoded, spec, cfg.max_len, torch.device("cpu"))
+
+
+def step_times(model_name: str, cfg: EncoderConfig, tokenizer: EventTokenizer, data: DeviceWindows,
+               bf16: bool, compile_step: bool, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)  # the same initial weights for every variant
+    model = UserEncoder(tokenizer.spec, cfg, tokenizer.item_attributes).train()
     batches = _batches(data.lengths, 32, np.random.default_rng(0))[: warmup + steps]
     loss_module = wrap(model)
     step = compiled_step(loss_module) if compile_step else loss_module
@@ -89,9 +95,10 @@ def main() -> None:
         histories = dict(list(histories.items())[: args.users])
     results = []
     for name in names:
+        cfg, tokenizer, data = training_windows(histories, name)
         for bf16 in (False, True):
             for compile_step in (False, True):
-                results.append(step_times(histories, name, bf16, compile_step, args.steps, args.warmup))
+                results.append(step_times(name, cfg, tokenizer, data, bf16, compile_step, args.steps, args.warmup))
                 print(results[-1], flush=True)
     rows = []
     for r in results:

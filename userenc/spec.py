@@ -162,6 +162,15 @@ class FeatureSpec:
         return FeatureSpec(f"{self.name}[{','.join(names)}]", kept)
 
 
+def _feature_tables(data: dict[str, Any], where: str | Path) -> list[dict[str, Any]]:
+    """The [[feature]] tables of a spec about to be merged, each a table with a name (the key
+    the merge goes by); none is fine for a spec that only changes its base's name."""
+    tables = data.get("feature", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) and "name" in t for t in tables):
+        raise ValueError(f"{where}: each [[feature]] entry must be a table with a name")
+    return tables
+
+
 def _read_spec_table(path_or_name: str | Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """The TOML table of a spec file or built-in spec, with `extends` resolved: the base spec's
     features, each [[feature]] table here either updating the base feature of its name (only
@@ -190,12 +199,9 @@ def _read_spec_table(path_or_name: str | Path, chain: tuple[str, ...] = ()) -> d
     if here in chain or len(chain) >= 8:
         raise ValueError(f"{path_or_name}: extends loops or nests too deep ({' -> '.join((*chain, here))})")
     base_path = folder / base_name if folder is not None and base_name.endswith(".toml") else base_name
-    base = _read_spec_table(base_path, (*chain, here))
-    features = [dict(entry) for entry in base.get("feature", [])]
-    for entry in data.get("feature", []):
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise ValueError(f"{path_or_name}: each [[feature]] entry must be a table with a name")
-        same = next((f for f in features if f.get("name") == entry["name"]), None)
+    features = [dict(entry) for entry in _feature_tables(_read_spec_table(base_path, (*chain, here)), base_name)]
+    for entry in _feature_tables(data, path_or_name):
+        same = next((f for f in features if f["name"] == entry["name"]), None)
         if same is not None:
             same.update(entry)
         else:

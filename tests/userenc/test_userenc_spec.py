@@ -73,6 +73,8 @@ def test_spec_from_toml_file(tmp_path):
         (ITEM + '[[feature]]\nname = "y"\nkind = "numeric"\nboundaries = [1]\npattern = "(1)"\n', "a pattern needs a categorical"),
         ('extends = 3\n' + ITEM, "extends must name a spec"),
         ('extends = "bad.toml"\n' + ITEM, "extends loops"),
+        ('extends = "movielens"\nfeature = 3\n', "each [[feature]] entry must be a table with a name"),
+        ('extends = "movielens"\n[[feature]]\ndim = 4\n', "each [[feature]] entry must be a table with a name"),
         ('extends = "movielens"\n[[feature]]\nname = "gap"\nkind = "numeric"\nboundaries = []\n', "numeric features need bucket boundaries"),
     ],
 )
