@@ -88,7 +88,8 @@ def evaluate(
     for i in range(0, len(users), batch_size):
         chunk = [cases[u] for u in users[i : i + batch_size]]
         histories = [h for h, _ in chunk]
-        encoded = [tokenizer.encode(h) for h in histories]
+        # The target's time is the request time: what a "next_gap" feature reads (others don't).
+        encoded = [tokenizer.encode(h, now=t.timestamp) for h, t in chunk]
         targets = torch.tensor([item_vocab.id(t.item_id) for _, t in chunk], dtype=torch.long)
         scores = score(histories, encoded)
         ranks_all.append(rank_targets(scores, targets, None))

@@ -18,7 +18,7 @@ OOV_ID = 1
 FIRST_ID = 2
 
 KINDS = ("categorical", "multi_categorical", "numeric", "time")
-TIME_PARTS = ("hour", "weekday", "gap", "date")
+TIME_PARTS = ("hour", "weekday", "gap", "next_gap", "date")
 SPLITS = ("", "words")
 DAY = 86_400
 # Log-spaced gaps in seconds: same moment, minutes, hours, a day, days, weeks, months, a year.
@@ -57,7 +57,9 @@ class Feature:
     # numeric / time "gap" / time "date": bucket boundaries (value < b[0] -> bucket 0, ...).
     # For "date" they are calendar dates (TOML dates, midnight UTC), kept as unix seconds.
     boundaries: list[float] = field(default_factory=list)
-    part: str = ""  # time: hour | weekday | gap | date (which period of the calendar the event is in)
+    # time: hour | weekday | gap (since the previous event) | next_gap (until the next event, or
+    # for the last one until the request: known when a recommendation is asked, as "now") | date
+    part: str = ""
     # Next-event prediction: this feature of the next event is a training target.
     target: bool = False
     loss_weight: float = 1.0
@@ -72,7 +74,7 @@ class Feature:
         if self.kind == "time":
             if self.part not in TIME_PARTS:
                 raise ValueError(f"feature {self.name!r}: time part must be one of {', '.join(TIME_PARTS)}")
-            if self.part == "gap" and not self.boundaries:
+            if self.part in ("gap", "next_gap") and not self.boundaries:
                 self.boundaries = list(DEFAULT_GAP_BOUNDARIES)
             if self.part == "date":
                 if not self.boundaries:
@@ -105,7 +107,7 @@ class Feature:
     @property
     def fixed_size(self) -> int:
         """Vocabulary size of kinds whose ids need no vocabulary (buckets, hours, weekdays)."""
-        if self.kind == "numeric" or (self.kind == "time" and self.part in ("gap", "date")):
+        if self.kind == "numeric" or (self.kind == "time" and self.part in ("gap", "next_gap", "date")):
             return FIRST_ID + len(self.boundaries) + 1
         if self.kind == "time":
             return FIRST_ID + (24 if self.part == "hour" else 7)

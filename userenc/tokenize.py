@@ -125,9 +125,11 @@ class EventTokenizer:
         return len(self.vocabs[feature.name]) if feature.name in self.vocabs else feature.fixed_size
 
     # --- encoding ---------------------------------------------------------------------------
-    def encode(self, history: list[Event]) -> dict[str, np.ndarray]:
+    def encode(self, history: list[Event], now: int | None = None) -> dict[str, np.ndarray]:
         """One history (timestamp order) -> {feature: int64 [T] or [T, max_values]}, and the
-        events' unix times under TIME_KEY (int64 [T]: what relative-time attention biases read)."""
+        events' unix times under TIME_KEY (int64 [T]: what relative-time attention biases read).
+        `now`: when the next event is asked for (a recommendation's request time, an evaluation
+        target's timestamp); only a "next_gap" feature reads it, for the last event."""
         n = len(history)
         out: dict[str, np.ndarray] = {TIME_KEY: np.fromiter((e.timestamp for e in history), dtype=np.int64, count=n)}
         for f in self.spec.features:
@@ -138,11 +140,11 @@ class EventTokenizer:
                     ids = [vocab.id(v) for v in _as_list(_values(e, f), f.split)[: f.max_values]] or [OOV_ID]
                     arr[t, : len(ids)] = ids
             else:
-                arr = np.fromiter((self._scalar_id(f, history, t) for t in range(n)), dtype=np.int64, count=n)
+                arr = np.fromiter((self._scalar_id(f, history, t, now) for t in range(n)), dtype=np.int64, count=n)
             out[f.name] = arr
         return out
 
-    def _scalar_id(self, f: Feature, history: list[Event], t: int) -> int:
+    def _scalar_id(self, f: Feature, history: list[Event], t: int, now: int | None = None) -> int:
         e = history[t]
         if f.kind == "categorical":
             raw = _values(e, f)
@@ -159,6 +161,11 @@ class EventTokenizer:
             return FIRST_ID + (e.timestamp // 86_400 + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
         if f.part == "date":
             return FIRST_ID + bisect.bisect_right(f.boundaries, e.timestamp)
+        if f.part == "next_gap":
+            following = history[t + 1].timestamp if t + 1 < len(history) else now
+            if following is None:
+                return OOV_ID  # the last event, and no request time given
+            return FIRST_ID + bisect.bisect_right(f.boundaries, max(0, following - e.timestamp))
         if t == 0:
             return OOV_ID  # no previous event: the gap is unknown
         return FIRST_ID + bisect.bisect_right(f.boundaries, e.timestamp - history[t - 1].timestamp)

@@ -279,3 +279,39 @@ def test_date_part_buckets_events_by_calendar_period(tmp_path):
     again = FeatureSpec.from_dict(spec.to_dict())
     assert again.features[1].boundaries == period.boundaries
     assert EventTokenizer.fit(again, [h]).encode(h)["period"].tolist() == [2, 3, 3, 4, 5, 5]
+
+
+def test_next_gap_part_reads_the_following_event_or_the_request_time(tmp_path):
+    # Each event's next_gap is the gap feature of the event after it; the last event's is the
+    # gap to `now` (the request) and unknown without one. The evaluation hands the target's time.
+    path = tmp_path / "next.toml"
+    path.write_text(ITEM + '[[feature]]\nname = "gap"\nkind = "time"\npart = "gap"\n'
+                    '[[feature]]\nname = "next_gap"\nkind = "time"\npart = "next_gap"\n')
+    spec = load_spec(path)
+    assert spec.features[2].boundaries == spec.features[1].boundaries and spec.features[2].fixed_size == 14
+    h = [_ev("u", str(i), t) for i, t in enumerate([1000, 1000, 1030, 8200, 8200 + 40 * DAY])]
+    tok = EventTokenizer.fit(spec, [h])
+    plain, asked = tok.encode(h), tok.encode(h, now=h[-1].timestamp + 2 * DAY)
+    assert plain["next_gap"][:-1].tolist() == plain["gap"][1:].tolist()
+    assert plain["next_gap"][-1] == OOV_ID
+    assert asked["next_gap"][-1] == tok.encode(h + [_ev("u", "9", h[-1].timestamp + 2 * DAY)])["gap"][-1]
+    assert (asked["next_gap"][:-1] == plain["next_gap"][:-1]).all() and (asked["gap"] == plain["gap"]).all()
+    assert tok.encode(h[:1], now=999)["next_gap"].tolist() == [2]  # a clock behind the event: gap 0
+
+
+def test_evaluation_hands_the_target_time_as_the_request_time():
+    from training.evaluate import evaluate
+
+    spec = load_spec("movielens_year_date_next")
+    h = [Event(f"e{i}", "u", str(i), 978_300_000 + 60 * i, {"rating": 4, "genres": ["Drama"], "title": "Heat (1995)"})
+         for i in range(4)]
+    tok = EventTokenizer.fit(spec, [h])
+    seen = []
+
+    def scorer(histories, encoded):
+        seen.extend(int(e["next_gap"][-1]) for e in encoded)
+        import torch
+        return torch.zeros(len(histories), len(tok.vocabs["item"]))
+
+    evaluate(scorer, tok, {"u": (h[:3], h[3])})
+    assert seen == [int(tok.encode(h)["gap"][-1])]  # 60 s, as the gap of the target itself
