@@ -24,8 +24,7 @@ from bench.common import RESULTS, SHARED, markdown_table, write_results  # noqa:
 from training.data import load_dataset  # noqa: E402
 from training.device_windows import DeviceWindows  # noqa: E402
 from training.distributed import wrap  # noqa: E402
-from training.split import leave_one_out, windows  # noqa: E402
-from training.train_encoder import _batches, compiled_step, native_bf16  # noqa: E402
+from training.train_encoder import _batches, compiled_step, native_bf16, training_data  # noqa: E402
 from userenc.config import EncoderConfig  # noqa: E402
 from userenc.model import UserEncoder  # noqa: E402
 from userenc.spec import load_spec  # noqa: E402
@@ -42,12 +41,9 @@ def training_windows(histories: dict, model_name: str) -> tuple[EncoderConfig, E
     """The model's config, tokenizer and padded training windows, as train_encoder builds them
     (leave-one-out split, vocabularies from the training part): built once, shared by every variant."""
     spec_name, overrides = MODELS[model_name]
-    spec, cfg = load_spec(spec_name), EncoderConfig(**overrides)
-    split = leave_one_out(histories, 1)
-    tokenizer = EventTokenizer.fit(spec, split.train.values())
-    cfg.vocab_sizes = {f.name: tokenizer.vocab_size(f) for f in spec.features}
-    encoded = [w for user in sorted(split.train) for w in windows(tokenizer.encode(split.train[user]), cfg.max_len)]
-    return cfg, tokenizer, DeviceWindows.build(encoded, spec, cfg.max_len, torch.device("cpu"))
+    cfg = EncoderConfig(**overrides)
+    _, tokenizer, data = training_data(histories, load_spec(spec_name), cfg, 1, torch.device("cpu"))
+    return cfg, tokenizer, data
 
 
 def step_times(model_name: str, cfg: EncoderConfig, tokenizer: EventTokenizer, data: DeviceWindows,

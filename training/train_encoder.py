@@ -116,6 +116,17 @@ def compiled_step(loss_module: torch.nn.Module) -> Callable[..., Any]:
     return step
 
 
+def training_data(histories: dict[str, list[Event]], spec: FeatureSpec, cfg: EncoderConfig, holdout: int,
+                  device: torch.device) -> tuple[Split, EventTokenizer, DeviceWindows]:
+    """The split, the tokenizer (vocabularies from the training part only; sets cfg.vocab_sizes)
+    and every training window padded on `device`: what a run trains on, also for benches."""
+    split = leave_one_out(histories, holdout)
+    tokenizer = EventTokenizer.fit(spec, split.train.values())
+    cfg.vocab_sizes = {f.name: tokenizer.vocab_size(f) for f in spec.features}
+    items = [w for user in sorted(split.train) for w in windows(tokenizer.encode(split.train[user]), cfg.max_len)]
+    return split, tokenizer, DeviceWindows.build(items, spec, cfg.max_len, device)
+
+
 def _batches(lengths: "list[int] | np.ndarray", batch_size: int, rng: np.random.Generator) -> list[list[int]]:
     """Shuffled batches (window indices) of similar lengths (less padding): shuffle, sort within
     chunks of 50 batches."""
@@ -165,16 +176,10 @@ def train_encoder(
     `files` (e.g. the erasure section and keyed user list) go into every checkpoint written."""
     out = Path(out)
     seed_everything(tcfg.seed)
-    split: Split = leave_one_out(histories, tcfg.holdout)
-    tokenizer = EventTokenizer.fit(spec, split.train.values())  # vocabularies from training only
-    cfg.vocab_sizes = {f.name: tokenizer.vocab_size(f) for f in spec.features}
-    model = UserEncoder(spec, cfg, tokenizer.item_attributes)
     device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    split, tokenizer, data = training_data(histories, spec, cfg, tcfg.holdout, device)
+    model = UserEncoder(spec, cfg, tokenizer.item_attributes)
     model.to(device)
-
-    items = [w for user in sorted(split.train) for w in windows(tokenizer.encode(split.train[user]), cfg.max_len)]
-    data = DeviceWindows.build(items, spec, cfg.max_len, device)
-    del items
     world, global_batch = dist.world_size(), tcfg.batch_size * dist.world_size()
     steps_per_epoch = math.ceil(len(data) / global_batch)
     total_steps = steps_per_epoch * tcfg.epochs
