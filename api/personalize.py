@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from training.prompts import SYSTEM
 from userenc.checkpoint import LoadedEncoder
 from userenc.cold_start import SOURCE_ENCODER, Ranked, popular_items
 from userenc.events import Event
+from userenc.spec import FIRST_ID
 
 
 @dataclass(slots=True)
@@ -160,32 +162,52 @@ def sealed_per_history(store, external_id: str, name: str, fingerprint: bytes,
     return arrays, False
 
 
-def recommend(encoder: LoadedEncoder, history: list[Event], k: int) -> list[tuple[str, float]]:
+def recommend(encoder: LoadedEncoder, history: list[Event], k: int, now: int | None = None
+              ) -> list[tuple[str, float]]:
     """The encoder's top-k next items for this history, items it already holds left out:
-    [(item id, score)], best first. Empty for an empty history."""
+    [(item id, score)], best first. Empty for an empty history. `now`: the request time (unix
+    seconds; default the clock), read by an encoder with a request-gap feature."""
     if not history or k < 1:
         return []
-    state, seen = _rank_inputs(encoder, history)
-    return _top_unseen(encoder, torch.from_numpy(state[0]), seen[0], k)
+    return _top_unseen(encoder, _state_now(encoder, _rank_inputs(encoder, history), now), k)
 
 
-def ranked_for(encoder: LoadedEncoder, history: list[Event], k: int) -> Ranked:
+def ranked_for(encoder: LoadedEncoder, history: list[Event], k: int, now: int | None = None) -> Ranked:
     """recommend(), or for a history without events the popularity fallback; `.source` says
     which ranked the items."""
     if not history:
         return popular_items(encoder.tokenizer, k)
-    return Ranked(recommend(encoder, history, k), SOURCE_ENCODER)
+    return Ranked(recommend(encoder, history, k, now), SOURCE_ENCODER)
 
 
 def _rank_inputs(encoder: LoadedEncoder, history: list[Event]) -> list[np.ndarray]:
-    """[the history's latest state [1, d_model], its items' vocabulary ids [1, n]]."""
+    """[the history's latest state [1, d_model], its items' vocabulary ids [1, n]]; for an
+    encoder that reads the time until the request, the state for every bucket of it
+    [buckets, d_model] and the last event's time [1, 1] (to pick the bucket at request time: the
+    cache then holds at any later time, and the time is sealed with it)."""
     vocab = encoder.tokenizer.vocabs[encoder.tokenizer.spec.item.name]
     seen = np.array(sorted({vocab.id(e.item_id) for e in history}), dtype=np.int32)
-    return [encoder.last_states([history]).numpy(), seen[None]]
+    if encoder.request_gap is None:
+        return [encoder.last_states([history]).numpy(), seen[None]]
+    last = np.array([[history[-1].timestamp]], dtype=np.int64)
+    assert 0 <= last[0, 0] < 2**31, "event times fit the cache's int32"
+    return [encoder.last_states_per_request_gap(history).numpy(), seen[None], last.astype(np.int32)]
 
 
-def _top_unseen(encoder: LoadedEncoder, state: torch.Tensor, seen: np.ndarray, k: int
+def _state_now(encoder: LoadedEncoder, inputs: list[np.ndarray], now: int | None
+               ) -> tuple[torch.Tensor, np.ndarray]:
+    """(the state to rank from at request time `now`, the seen item ids)."""
+    states, seen = inputs[0], inputs[1][0]
+    row = 0
+    if encoder.request_gap is not None:
+        assert len(inputs) == 3 and states.shape[0] == encoder.request_gap.fixed_size - FIRST_ID, "one state per bucket"
+        row = encoder.request_gap_row(int(inputs[2][0, 0]), int(time.time()) if now is None else now)
+    return torch.from_numpy(states[row]), seen
+
+
+def _top_unseen(encoder: LoadedEncoder, state_seen: tuple[torch.Tensor, np.ndarray], k: int
                 ) -> list[tuple[str, float]]:
+    state, seen = state_seen
     scores = encoder.item_scores(state[None])[0].clone()
     scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
     top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
@@ -194,23 +216,26 @@ def _top_unseen(encoder: LoadedEncoder, state: torch.Tensor, seen: np.ndarray, k
 
 
 def cached_recommend(store, encoder: LoadedEncoder, version: str, external_id: str, k: int,
-                     history: Callable[[], list[Event]], answers: RecentAnswers | None = None
-                     ) -> tuple[list[tuple[str, float]] | None, bool]:  # noqa: ANN001
+                     history: Callable[[], list[Event]], answers: RecentAnswers | None = None,
+                     now: int | None = None) -> tuple[list[tuple[str, float]] | None, bool]:  # noqa: ANN001
     """recommend() with the history's latest state and seen items sealed in the store per
     encoder `version`, keyed by the store's history digest (no payload is opened to check it):
     a repeated read ranks the catalogue with one small matrix product, and only a changed
     history is read (`history()`) and encoded again. (items, cache hit); (None, False) for a
     user without events. `answers`: this process's recent answers, consulted after the digest
-    (so a changed or erased history never meets an old answer)."""
+    (so a changed or erased history never meets an old answer); not for an encoder that reads
+    the request time `now`, whose answers change with it (its sealed states do not)."""
     assert k >= 1, "k is at least 1"
+    if encoder.request_gap is not None:
+        answers = None
     digest = store.history_digest(external_id)
     if digest is None:
         return None, False
     if answers is not None and (items := answers.get(external_id, digest, k)) is not None:
         return items, True
-    (state, seen), hit = sealed_per_history(store, external_id, f"rank-state-{version}", digest,
-                                            lambda: _rank_inputs(encoder, history()))
-    items = _top_unseen(encoder, torch.from_numpy(state[0]), seen[0], k)
+    inputs, hit = sealed_per_history(store, external_id, f"rank-state-{version}", digest,
+                                     lambda: _rank_inputs(encoder, history()))
+    items = _top_unseen(encoder, _state_now(encoder, inputs, now), k)
     if answers is not None:
         answers.put(external_id, digest, k, items)
     return items, hit

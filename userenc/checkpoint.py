@@ -5,6 +5,7 @@ checkpoint. The manifest is written by whoever trains (it knows the data and use
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from safetensors.torch import load_model, save_file, save_model
 from userenc.config import EncoderConfig
 from userenc.events import Event
 from userenc.model import UserEncoder
+from userenc.spec import FIRST_ID, Feature
 from userenc.tokenize import EventTokenizer, left_pad_tensors
 
 
@@ -41,10 +43,44 @@ class LoadedEncoder:
         digest = hashlib.sha256((self.path / "model.safetensors").read_bytes()).hexdigest()
         return f"{self.path.name[:40]}-{digest[:12]}"
 
-    def batch(self, histories: list[list[Event]], device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Tokenize, left-truncate to max_len and left-pad a batch of histories."""
-        encoded = [self.tokenizer.encode(h) for h in histories]
+    def batch(self, histories: list[list[Event]], device: str | torch.device = "cpu", now: int | None = None
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Tokenize, left-truncate to max_len and left-pad a batch of histories (`now`: the
+        request time, for an encoder that reads it: see request_gap)."""
+        encoded = [self.tokenizer.encode(h, now=now) for h in histories]
         return left_pad_tensors(encoded, self.tokenizer.spec, self.model.cfg.max_len, device)
+
+    @property
+    def request_gap(self) -> Feature | None:
+        """The spec's "next_gap" feature, when the encoder reads the time until the request
+        (rankings then depend on `now`; embeddings and user tokens are asked without it)."""
+        return next((f for f in self.tokenizer.spec.features if f.kind == "time" and f.part == "next_gap"), None)
+
+    @torch.inference_mode()
+    def last_states_per_request_gap(self, history: list[Event]) -> torch.Tensor:
+        """[buckets, d_model]: the history's latest state for each bucket of the time until the
+        request (row b: bucket id FIRST_ID + b), in one batch, so a cache of them answers at any
+        later time; `request_gap_row` picks the row for a request time."""
+        feature = self.request_gap
+        assert feature is not None, "this encoder does not read the request time"
+        if not history:
+            raise ValueError("cannot rank for an empty history")
+        encoded = self.tokenizer.encode(history)
+        rows = []
+        for bucket in range(FIRST_ID, feature.fixed_size):
+            row = dict(encoded)
+            row[feature.name] = encoded[feature.name].copy()
+            row[feature.name][-1] = bucket
+            rows.append(row)
+        self.model.eval()
+        ids, valid = left_pad_tensors(rows, self.tokenizer.spec, self.model.cfg.max_len, next(self.model.parameters()).device)
+        return self.model.states(ids, valid, last_only=True)[:, -1].float()
+
+    def request_gap_row(self, last_event_time: int, now: int) -> int:
+        """The row of last_states_per_request_gap for a request at `now`."""
+        feature = self.request_gap
+        assert feature is not None, "this encoder does not read the request time"
+        return bisect.bisect_right(feature.boundaries, max(0, now - last_event_time))
 
     def embed(self, histories: Iterable[list[Event]], batch_size: int = 256, bf16: bool = False) -> np.ndarray:
         """[N, out_dim] user embeddings (float32), in input order. `bf16` runs the matrix products
@@ -68,17 +104,18 @@ class LoadedEncoder:
             flush()
         return np.concatenate(out) if out else np.zeros((0, self.model.cfg.out_dim), dtype=np.float32)
 
-    def _ranking_batch(self, histories: list[list[Event]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _ranking_batch(self, histories: list[list[Event]], now: int | None = None
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The batch a ranking reads, on the model's device, the model in eval mode."""
         if any(not h for h in histories):
             raise ValueError("cannot rank for an empty history")
         self.model.eval()
-        return self.batch(histories, next(self.model.parameters()).device)
+        return self.batch(histories, next(self.model.parameters()).device, now)
 
     @torch.inference_mode()
-    def last_states(self, histories: list[list[Event]]) -> torch.Tensor:
+    def last_states(self, histories: list[list[Event]], now: int | None = None) -> torch.Tensor:
         """Each history's latest state [B, d_model] (float32): what the next-item head ranks from."""
-        return self.model.states(*self._ranking_batch(histories), last_only=True)[:, -1].float()
+        return self.model.states(*self._ranking_batch(histories, now), last_only=True)[:, -1].float()
 
     def catalogue(self) -> torch.Tensor:
         """The candidate tower's output for every item, computed once (it depends on the weights
@@ -97,11 +134,11 @@ class LoadedEncoder:
         return self.model.heads.item_scores(states.to(catalogue.dtype), catalogue)
 
     @torch.inference_mode()
-    def next_item_scores(self, histories: list[list[Event]]) -> torch.Tensor:
+    def next_item_scores(self, histories: list[list[Event]], now: int | None = None) -> torch.Tensor:
         """Each history's next-item scores over the catalogue [B, num_items] (float32), with the
         seen bias on the history's items when the encoder was trained with it: its raw scores
         leave the history's items where training's bias would have pushed them down."""
-        return self.model.next_item_scores(*self._ranking_batch(histories), self.catalogue()).float()
+        return self.model.next_item_scores(*self._ranking_batch(histories, now), self.catalogue()).float()
 
     def user_tokens(self, histories: list[list[Event]], batch_size: int = 64) -> list[torch.Tensor]:
         """The tokens an LLM reads for each history: [K, out_dim] from the Perceiver (or
