@@ -40,7 +40,7 @@ def main() -> None:
     histories = load_dataset(args.data, "movielens", "movielens").histories
     split = leave_one_out(histories, args.holdout)
     short = truncated_cases(split.test, args.fewest, args.most)
-    full_by_last = {history[-1].event_id: history for history, _ in split.test.values()}
+    full_by_last = {history[-1].event_id: (history, target) for history, target in split.test.values()}
     results = []
     for path in args.checkpoints:
         try:
@@ -51,7 +51,8 @@ def main() -> None:
         alone = model_scorer(loaded.model, loaded.tokenizer)
 
         def in_context(cut: list, encoded: list[dict[str, np.ndarray]], tokenizer=loaded.tokenizer, score=alone) -> torch.Tensor:
-            rows = [{k: v[-len(h):] for k, v in tokenizer.encode(full_by_last[h[-1].event_id]).items()} for h in cut]
+            rows = [{k: v[-len(h):] for k, v in tokenizer.encode(full, now=target.timestamp).items()}
+                    for h in cut for full, target in [full_by_last[h[-1].event_id]]]
             return score(cut, rows)
 
         with torch.no_grad():

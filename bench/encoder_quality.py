@@ -128,7 +128,8 @@ MODELS = {
     # 14 minutes), patience stops it at a high learning rate; this one anneals to the end
     "multi_seen_d128_year_date_nostop_bf16_compiled": ("movielens_year_date", {"seen_bias": True, "d_model": 128}, {"patience": 10_000, "bf16": True, "compile": True}),
     # ... with the time until the next event as an input (spec movielens_year_date_next: for the
-    # last event the gap to the request, here the test event's time; what a live service knows)
+    # last event the gap to the request, here the test event's time; what a live service knows;
+    # but on ML-1M its same-second bucket reads the page stamps: bench/request_time.py)
     "multi_seen_d128_year_date_next_nostop_bf16_compiled": ("movielens_year_date_next", {"seen_bias": True, "d_model": 128}, {"patience": 10_000, "bf16": True, "compile": True}),
     # ... with that time no finer than a minute (movielens_year_date_next60): ML-1M stamps a page
     # of ratings with one second, and a same-second "request" would say the target was on that page
