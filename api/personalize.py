@@ -189,9 +189,9 @@ def _rank_inputs(encoder: LoadedEncoder, history: list[Event]) -> list[np.ndarra
     seen = np.array(sorted({vocab.id(e.item_id) for e in history}), dtype=np.int32)
     if encoder.request_gap is None:
         return [encoder.last_states([history]).numpy(), seen[None]]
-    last = np.array([[history[-1].timestamp]], dtype=np.int64)
-    assert 0 <= last[0, 0] < 2**31, "event times fit the cache's int32"
-    return [encoder.last_states_per_request_gap(history).numpy(), seen[None], last.astype(np.int32)]
+    # The cache holds int32: the time as (high, low) halves, so any int64 time round-trips.
+    high, low = divmod(history[-1].timestamp, 2**31)
+    return [encoder.last_states_per_request_gap(history).numpy(), seen[None], np.array([[high, low]], dtype=np.int64)]
 
 
 def _state_now(encoder: LoadedEncoder, inputs: list[np.ndarray], now: int | None
@@ -201,7 +201,8 @@ def _state_now(encoder: LoadedEncoder, inputs: list[np.ndarray], now: int | None
     row = 0
     if encoder.request_gap is not None:
         assert len(inputs) == 3 and states.shape[0] == encoder.request_gap.fixed_size - FIRST_ID, "one state per bucket"
-        row = encoder.request_gap_row(int(inputs[2][0, 0]), int(time.time()) if now is None else now)
+        last = int(inputs[2][0, 0]) * 2**31 + int(inputs[2][0, 1])
+        row = encoder.request_gap_row(last, int(time.time()) if now is None else now)
     return torch.from_numpy(states[row]), seen
 
 

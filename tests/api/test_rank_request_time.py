@@ -61,3 +61,11 @@ def test_rankings_follow_the_request_time_and_the_cache_answers_at_any_time(tiny
             scores = encoder.next_item_scores([history], now=now)[0]
             assert torch.allclose(torch.tensor([s for _, s in got]),
                                   torch.stack([scores[encoder.tokenizer.vocabs["item"].id(i)] for i, _ in got]), atol=1e-4)
+
+        # Times past int32 (the cache's integers) round-trip: the bucket is the one of the time.
+        from api.personalize import _rank_inputs, _state_now
+        from userenc.events import Event
+
+        far = [Event(e.event_id, e.user_id, e.item_id, e.timestamp + 2**32, e.fields) for e in history]
+        state, _ = _state_now(encoder, _rank_inputs(encoder, far), far[-1].timestamp + 40 * DAY)
+        assert torch.allclose(state, encoder.last_states([far], now=far[-1].timestamp + 40 * DAY)[0], atol=1e-5)
