@@ -5,7 +5,6 @@ checkpoint. The manifest is written by whoever trains (it knows the data and use
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import os
@@ -24,7 +23,7 @@ from userenc.config import EncoderConfig
 from userenc.events import Event
 from userenc.model import UserEncoder
 from userenc.spec import FIRST_ID, Feature
-from userenc.tokenize import EventTokenizer, left_pad_tensors
+from userenc.tokenize import EventTokenizer, gap_id, left_pad_tensors
 
 
 @dataclass(slots=True)
@@ -80,7 +79,7 @@ class LoadedEncoder:
         """The row of last_states_per_request_gap for a request at `now`."""
         feature = self.request_gap
         assert feature is not None, "this encoder does not read the request time"
-        return bisect.bisect_right(feature.boundaries, max(0, now - last_event_time))
+        return gap_id(feature, now - last_event_time) - FIRST_ID
 
     def embed(self, histories: Iterable[list[Event]], batch_size: int = 256, bf16: bool = False) -> np.ndarray:
         """[N, out_dim] user embeddings (float32), in input order. `bf16` runs the matrix products

@@ -42,6 +42,12 @@ def _values(event: Event, feature: Feature) -> Any:
 _WORD = re.compile(r"[a-z0-9']+")
 
 
+def gap_id(feature: Feature, seconds: int) -> int:
+    """The id of a "gap" / "next_gap" time feature for a gap of `seconds` (a clock behind the
+    event counts as no gap)."""
+    return FIRST_ID + bisect.bisect_right(feature.boundaries, max(0, seconds))
+
+
 def _as_list(value: Any, split: str = "") -> list[str]:
     if value is None:
         return []
@@ -165,10 +171,10 @@ class EventTokenizer:
             following = history[t + 1].timestamp if t + 1 < len(history) else now
             if following is None:
                 return OOV_ID  # the last event, and no request time given
-            return FIRST_ID + bisect.bisect_right(f.boundaries, max(0, following - e.timestamp))
+            return gap_id(f, following - e.timestamp)
         if t == 0:
             return OOV_ID  # no previous event: the gap is unknown
-        return FIRST_ID + bisect.bisect_right(f.boundaries, e.timestamp - history[t - 1].timestamp)
+        return gap_id(f, e.timestamp - history[t - 1].timestamp)
 
     # --- persistence ------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
