@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--valid-examples", dest="valid_examples", type=_positive(int), default=t.valid_examples)
     p.add_argument("--eval-every", dest="eval_every", type=int, default=t.eval_every, help="validate every N steps (0: each epoch)")
     p.add_argument("--max-minutes", dest="max_minutes", type=float, default=t.max_minutes, help="time budget; the schedule is fitted to it")
+    p.add_argument("--bf16", action="store_true", help="training forward under bf16 autocast (faster with bf16 hardware: GPUs, CPUs with AVX512-BF16/AMX; validation stays fp32)")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--resume", action="store_true", help="continue from <out>.last")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")

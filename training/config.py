@@ -65,6 +65,9 @@ class AdapterTrainConfig:
     # With item hints: next-movie training examples only where the hints hold the answer
     # (training/hint_examples.py).
     hinted_next_movie: bool = True
+    # The training forward under bf16 autocast (the frozen LLM's products included; weights,
+    # losses and validation stay fp32, as the engine serves). Fast only with bf16 dot products.
+    bf16: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from training.train_encoder import (
     CosineSchedule,
     _restore_state,
     _training_state,
+    native_bf16,
     recover_run,
     seed_everything,
 )
@@ -207,6 +209,10 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
             model, device_ids=[dist.local_rank()] if device.type == "cuda" else None,
             find_unused_parameters=True)
 
+    if tcfg.bf16 and not native_bf16(device) and dist.rank() == 0:
+        print("warning: bf16 autocast on a CPU without bf16 dot products (AVX512-BF16/AMX) runs "
+              "several times slower than fp32", file=sys.stderr, flush=True)
+
     state_dir = out.with_name(out.name + ".last")
     recover_run(out, state_dir)
     meta: dict[str, Any] = {"step": 0, "best_loss": math.inf, "history": [], "seconds": 0.0,
@@ -272,7 +278,8 @@ def train_adapter(histories: dict[str, list[Event]], model_path: str | Path,
             model.train()
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * schedule(meta["step"])
-            loss = _loss(model, [items[i] for i in batch], s2, device, wrapped)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
+                loss = _loss(model, [items[i] for i in batch], s2, device, wrapped)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)

@@ -104,3 +104,27 @@ def test_resume_ends_where_a_straight_run_ends(tmp_path, monkeypatch, tiny_llm, 
         b = load_file(str(tmp_path / "cut.last" / name))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_bf16_autocast_trains_like_fp32_and_saves_fp32(tmp_path, tiny_llm, tiny_encoder, sample_histories):
+    """--bf16: the training forward under bf16 autocast (the frozen LLM's products included)
+    lowers the loss as fp32 does; the saved weights and the validation stay fp32."""
+    from safetensors.torch import load_file
+
+    from training.train_adapter import train_adapter
+
+    acfg = AdapterConfig(arm="userllm", strategy="proj", tasks=TASKS, cross_every_n=2,
+                         num_user_tokens=2)
+    runs = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        tcfg = AdapterTrainConfig(epochs=2, validate_first=True, bf16=bf16, **TRAIN)
+        runs[bf16] = train_adapter(sample_histories, tiny_llm, tiny_encoder, acfg, tcfg,
+                                   tmp_path / f"bf16_{bf16}", progress=False)
+    first = runs[False].history[0]["valid_loss"]["all"]
+    assert runs[True].history[0]["valid_loss"]["all"] == first  # the same start, validated in fp32
+    for run in runs.values():
+        assert run.best_loss < 0.8 * first, (first, run.best_loss)
+    assert abs(runs[True].best_loss - runs[False].best_loss) < 0.1 * runs[False].best_loss
+    saved = load_file(str(tmp_path / "bf16_True" / "llm.safetensors"))
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())

@@ -69,3 +69,50 @@ def test_rankings_follow_the_request_time_and_the_cache_answers_at_any_time(tiny
         far = [Event(e.event_id, e.user_id, e.item_id, e.timestamp + 2**32, e.fields) for e in history]
         state, _ = _state_now(encoder, _rank_inputs(encoder, far), far[-1].timestamp + 40 * DAY)
         assert torch.allclose(state, encoder.last_states([far], now=far[-1].timestamp + 40 * DAY)[0], atol=1e-5)
+
+
+def test_the_rest_route_ranks_at_the_clock_and_a_new_event_moves_the_time(tiny_models, sqlite_backend, serve, tmp_path):
+    """Serving what evaluation measures: through REST, a request-time encoder ranks at the
+    service's clock, and an event posted since counts from its own time."""
+    import time
+
+    import httpx
+
+    from api.personalize import recommend
+    from api_helpers import make_keys, settings_for
+    from store import Store
+    from userenc.events import Event
+    from userenc.spec import DAY
+
+    _, home, data_url, keys_url = sqlite_backend
+    histories = tiny_models["histories"]
+    u = sorted(histories)[0]
+    encoder = _request_time_encoder(tmp_path, histories)
+    # The user's last event two days ago, the one posted later half an hour ago: each sits in
+    # the middle of a bucket of the time until the request, so a slow test cannot cross one.
+    shift = int(time.time()) - 2 * DAY - histories[u][-1].timestamp
+    history = [Event(e.event_id, e.user_id, e.item_id, e.timestamp + shift, e.fields) for e in histories[u]]
+    with Store.open(home, data_url, keys_url) as store:
+        store.ingest(history)
+    keys = make_keys(sqlite_backend)
+    server = serve(settings_for(sqlite_backend, encoder=tmp_path / "enc"))
+    api = httpx.Client(base_url=server.url, timeout=60, headers={"X-API-Key": keys["all"]})
+
+    def served() -> list[str]:
+        before = int(time.time())
+        r = api.get(f"/v1/users/{u}/recommendations", params={"k": 5})
+        assert r.status_code == 200, r.text
+        assert encoder.request_gap_row(history[-1].timestamp, before) == \
+            encoder.request_gap_row(history[-1].timestamp, int(time.time()))
+        return [i["item_id"] for i in r.json()["items"]]
+
+    first = served()
+    assert first == [i for i, _ in recommend(encoder, history, 5, now=int(time.time()))]
+    assert first != [i for i, _ in recommend(encoder, history, 5, now=history[-1].timestamp + 30)]
+    seen = {e.item_id for e in history}
+    new_item = next(i for e in histories.values() for i in (x.item_id for x in e) if i not in seen)
+    new = Event(f"{u}-live", u, new_item, int(time.time()) - 1800, dict(history[-1].fields))
+    r = api.post("/v1/events", json={"events": [new.to_dict()]})
+    assert r.status_code == 200 and r.json()["inserted"] == 1, r.text
+    history.append(new)
+    assert served() == [i for i, _ in recommend(encoder, history, 5, now=int(time.time()))]
