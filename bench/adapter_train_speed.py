@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, SHARED, markdown_table, write_results  # noqa: E402
+from bench.common import RESULTS, SHARED, bar_chart, markdown_table, write_results  # noqa: E402
 from training.adapter_data import encode_examples, length_batches  # noqa: E402
 from training.config import AdapterConfig, AdapterTrainConfig, TrainConfig  # noqa: E402
 from training.data import load_dataset  # noqa: E402
@@ -146,21 +146,9 @@ def main() -> None:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = [f"{r['arm']}\n{'bf16' if r['bf16'] else 'fp32'}" for r in results]
-    ax.bar(range(len(results)), [r["examples_per_min"] for r in results],
-           color=["C1" if r["bf16"] else "C0" for r in results])
-    ax.set_xticks(range(len(results)), labels, fontsize=8)
-    ax.set_ylabel("training examples per minute")
-    ax.set_title("Adapter training throughput, fp32 vs bf16 autocast")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    bar_chart(path, [f"{r['arm']}\n{'bf16' if r['bf16'] else 'fp32'}" for r in results],
+              [r["examples_per_min"] for r in results], [r["bf16"] for r in results],
+              "training examples per minute", "Adapter training throughput, fp32 vs bf16 autocast")
 
 
 if __name__ == "__main__":

@@ -56,3 +56,21 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def bar_chart(path: Path, labels: list[str], values: list[float], highlight: list[bool], ylabel: str,
+              title: str, fontsize: int = 8) -> None:
+    """One bar per variant (highlighted ones in a second colour), saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(values)), 4))
+    ax.bar(range(len(values)), values, color=["C1" if h else "C0" for h in highlight])
+    ax.set_xticks(range(len(values)), labels, fontsize=fontsize)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

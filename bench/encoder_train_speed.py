@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, SHARED, markdown_table, write_results  # noqa: E402
+from bench.common import RESULTS, SHARED, bar_chart, markdown_table, write_results  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.device_windows import DeviceWindows  # noqa: E402
 from training.distributed import wrap  # noqa: E402
@@ -115,20 +115,9 @@ def main() -> None:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{r['model']}\n{'bf16' if r['bf16'] else 'fp32'} {'compiled' if r['compile'] else 'eager'}" for r in results]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(results)), 4))
-    ax.bar(range(len(results)), [r["step_ms_mean"] for r in results], color=["C1" if r["compile"] else "C0" for r in results])
-    ax.set_xticks(range(len(results)), labels, fontsize=6)
-    ax.set_ylabel("ms per training step (mean)")
-    ax.set_title("Encoder training step, eager vs torch.compile")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    bar_chart(path, labels, [r["step_ms_mean"] for r in results], [r["compile"] for r in results],
+              "ms per training step (mean)", "Encoder training step, eager vs torch.compile", fontsize=6)
 
 
 if __name__ == "__main__":
