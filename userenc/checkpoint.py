@@ -42,11 +42,10 @@ class LoadedEncoder:
         digest = hashlib.sha256((self.path / "model.safetensors").read_bytes()).hexdigest()
         return f"{self.path.name[:40]}-{digest[:12]}"
 
-    def batch(self, histories: list[list[Event]], device: str | torch.device = "cpu", now: int | None = None
-              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Tokenize, left-truncate to max_len and left-pad a batch of histories (`now`: the
-        request time, for an encoder that reads it: see request_gap)."""
-        encoded = [self.tokenizer.encode(h, now=now) for h in histories]
+    def batch(self, histories: list[list[Event]], device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Tokenize, left-truncate to max_len and left-pad a batch of histories (an encoder that
+        reads the request time gets it unknown here: see request_gap)."""
+        encoded = [self.tokenizer.encode(h) for h in histories]
         return left_pad_tensors(encoded, self.tokenizer.spec, self.model.cfg.max_len, device)
 
     @property
@@ -71,9 +70,7 @@ class LoadedEncoder:
             row[feature.name] = encoded[feature.name].copy()
             row[feature.name][-1] = bucket
             rows.append(row)
-        self.model.eval()
-        ids, valid = left_pad_tensors(rows, self.tokenizer.spec, self.model.cfg.max_len, next(self.model.parameters()).device)
-        return self.model.states(ids, valid, last_only=True)[:, -1].float()
+        return self.model.states(*self._ranking_tensors(rows), last_only=True)[:, -1].float()
 
     def request_gap_row(self, last_event_time: int, now: int) -> int:
         """The row of last_states_per_request_gap for a request at `now`."""
@@ -108,8 +105,12 @@ class LoadedEncoder:
         """The batch a ranking reads, on the model's device, the model in eval mode."""
         if any(not h for h in histories):
             raise ValueError("cannot rank for an empty history")
+        return self._ranking_tensors([self.tokenizer.encode(h, now=now) for h in histories])
+
+    def _ranking_tensors(self, encoded: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Tokenized histories left-padded on the model's device, the model in eval mode."""
         self.model.eval()
-        return self.batch(histories, next(self.model.parameters()).device, now)
+        return left_pad_tensors(encoded, self.tokenizer.spec, self.model.cfg.max_len, next(self.model.parameters()).device)
 
     @torch.inference_mode()
     def last_states(self, histories: list[list[Event]], now: int | None = None) -> torch.Tensor:

@@ -30,6 +30,12 @@ def _request_time_encoder(tmp_path, histories):
     return load_checkpoint(save_checkpoint(tmp_path / "enc", UserEncoder(spec, cfg, tok.item_attributes), tok, {}))
 
 
+def _shifted(history, seconds: int):
+    from userenc.events import Event
+
+    return [Event(e.event_id, e.user_id, e.item_id, e.timestamp + seconds, e.fields) for e in history]
+
+
 def test_rankings_follow_the_request_time_and_the_cache_answers_at_any_time(tiny_models, sqlite_backend, tmp_path):
     from api.personalize import cached_recommend, recommend
     from store import Store
@@ -64,9 +70,8 @@ def test_rankings_follow_the_request_time_and_the_cache_answers_at_any_time(tiny
 
         # Times past int32 (the cache's integers) round-trip: the bucket is the one of the time.
         from api.personalize import _rank_inputs, _state_now
-        from userenc.events import Event
 
-        far = [Event(e.event_id, e.user_id, e.item_id, e.timestamp + 2**32, e.fields) for e in history]
+        far = _shifted(history, 2**32)
         state, _ = _state_now(encoder, _rank_inputs(encoder, far), far[-1].timestamp + 40 * DAY)
         assert torch.allclose(state, encoder.last_states([far], now=far[-1].timestamp + 40 * DAY)[0], atol=1e-5)
 
@@ -91,7 +96,7 @@ def test_the_rest_route_ranks_at_the_clock_and_a_new_event_moves_the_time(tiny_m
     # The user's last event two days ago, the one posted later half an hour ago: each sits in
     # the middle of a bucket of the time until the request, so a slow test cannot cross one.
     shift = int(time.time()) - 2 * DAY - histories[u][-1].timestamp
-    history = [Event(e.event_id, e.user_id, e.item_id, e.timestamp + shift, e.fields) for e in histories[u]]
+    history = _shifted(histories[u], shift)
     with Store.open(home, data_url, keys_url) as store:
         store.ingest(history)
     keys = make_keys(sqlite_backend)
