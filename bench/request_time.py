@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SHARED, markdown_table, write_results  # noqa: E402
+from bench.common import RESULTS, SHARED, markdown_table, write_results  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.evaluate import evaluate, model_scorer  # noqa: E402
 from training.split import leave_one_out  # noqa: E402
@@ -124,7 +124,32 @@ def main() -> None:
            f"its baseline):\n\n{markdown_table(['time until the test event', 'users'] + sub, bucket_rows)}\n")
     write_results(args.name, {"data": args.data, "holdout": args.holdout, "seed": args.seed,
                               "checkpoints": args.checkpoints, "baselines": args.baselines}, {"checkpoints": results}, md)
+    plot(results, RESULTS / f"{args.name}.png")
     print(md)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """HR@10 by bucket of the time until the test event, each checkpoint beside its baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = range(len(BUCKET_NAMES))
+    for i, r in enumerate(results):
+        for key, style, label in (("by_gap", "-o", f"#{i} next_gap"), ("baseline_by_gap", "--x", f"#{i} time-blind")):
+            if key in r:
+                ax.plot(x, [r[key].get(name, {}).get("hr@10", float("nan")) for name in BUCKET_NAMES], style,
+                        color=f"C{i}", label=label)
+    ax.set_xticks(x, BUCKET_NAMES, fontsize=7)
+    ax.set_xlabel("time from the last input event to the test event")
+    ax.set_ylabel("HR@10")
+    ax.set_title("HR@10 by the time until the request")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
